@@ -1,0 +1,109 @@
+//! Configuration: how an image is opened, and how a new one is laid out.
+
+/// When writes become durable.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum CacheMode {
+    /// Writes are durable after the next [`Request::Flush`](crate::Request::Flush).
+    #[default]
+    WriteBack,
+    /// Every write is durable when it completes (concurrent writes share one flush).
+    WriteThrough,
+}
+
+/// Bounds on concurrency and request size; every pool is sized from these at open.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Limits {
+    /// Requests in flight at once; more get [`SubmitError::Busy`](crate::SubmitError::Busy).
+    pub max_requests: usize,
+    /// Largest request length in bytes.
+    pub max_request_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_requests: 64, max_request_bytes: 1 << 30 }
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct ImageConfig {
+    /// Refuse every write; the file is never modified.
+    pub read_only: bool,
+    /// Durability of writes.
+    pub cache_mode: CacheMode,
+    /// L2 cache budget in bytes; `None` = QEMU's default (cover the whole image, at most
+    /// 32 MiB).
+    pub l2_cache_bytes: Option<u64>,
+    /// Refcount cache budget in bytes; `None` = four clusters, like QEMU.
+    pub refcount_cache_bytes: Option<u64>,
+    /// Concurrency and size limits.
+    pub limits: Limits,
+    /// The host file's length in bytes when it was opened (the runtime knows it; the core
+    /// places new clusters from it).
+    pub file_len: u64,
+    /// Open images using features this engine cannot do I/O with (backing files,
+    /// encryption, ...) for their metadata only; every data request then fails with
+    /// [`RequestError::Unsupported`](crate::RequestError::Unsupported). Implies read-only.
+    pub inspect_only: bool,
+}
+
+impl ImageConfig {
+    /// A writable, write-back configuration for a file of `file_len` bytes.
+    pub fn new(file_len: u64) -> Self {
+        Self {
+            read_only: false,
+            cache_mode: CacheMode::WriteBack,
+            l2_cache_bytes: None,
+            refcount_cache_bytes: None,
+            limits: Limits::default(),
+            file_len,
+            inspect_only: false,
+        }
+    }
+}
+
+/// Host preallocation at create (and grow) time, as qemu-img's `preallocation=`.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Preallocation {
+    /// Allocate nothing.
+    #[default]
+    Off,
+    /// Allocate L2 tables and map every cluster; data stays sparse.
+    Metadata,
+    /// Like `Metadata`, and allocate host space with `fallocate`.
+    Falloc,
+    /// Like `Metadata`, and write zeroes to every data cluster.
+    Full,
+}
+
+/// How to lay out a new image, as qemu-img's `-o` options.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (rounded up to 512 like qemu-img).
+    pub size: u64,
+    /// `cluster_size`: a power of two, 512..=2 MiB.
+    pub cluster_size: u32,
+    /// `compat`: 2 (0.10) or 3 (1.1).
+    pub version: u32,
+    /// `refcount_bits`: 1, 2, 4, 8, 16, 32 or 64 (16 only with version 2).
+    pub refcount_bits: u32,
+    /// `lazy_refcounts` (version 3 only).
+    pub lazy_refcounts: bool,
+    /// `preallocation`.
+    pub preallocation: Preallocation,
+}
+
+impl CreateOptions {
+    /// qemu-img's defaults: v3, 64 KiB clusters, 16-bit refcounts.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+        }
+    }
+}

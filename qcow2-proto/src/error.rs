@@ -1,0 +1,386 @@
+//! Typed, small, allocation-free errors. Messages say what is wrong with which structure at
+//! which offset; where QEMU has a message for the same fault, ours says the same thing.
+
+use crate::io::IoError;
+
+/// A metadata structure, for error messages and corruption reports.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+#[non_exhaustive]
+pub enum Structure {
+    /// The header (cluster 0).
+    Header,
+    /// A header extension.
+    HeaderExtension,
+    /// The active L1 table.
+    L1Table,
+    /// An L2 table.
+    L2Table,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The snapshot table.
+    SnapshotTable,
+    /// A data cluster.
+    DataCluster,
+    /// A compressed cluster.
+    CompressedCluster,
+    /// The bitmap directory.
+    BitmapDirectory,
+}
+
+impl std::fmt::Display for Structure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Header => "header",
+            Self::HeaderExtension => "header extension",
+            Self::L1Table => "L1 table",
+            Self::L2Table => "L2 table",
+            Self::RefcountTable => "refcount table",
+            Self::RefcountBlock => "refcount block",
+            Self::SnapshotTable => "snapshot table",
+            Self::DataCluster => "data cluster",
+            Self::CompressedCluster => "compressed cluster",
+            Self::BitmapDirectory => "bitmap directory",
+        })
+    }
+}
+
+/// Why a structure is considered corrupt.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CorruptReason {
+    /// An offset that must be cluster aligned is not.
+    #[error("offset is not cluster aligned")]
+    Unaligned,
+    /// An entry points at host offset 0 (the header).
+    #[error("points at the image header")]
+    PointsAtHeader,
+    /// An entry points into other metadata.
+    #[error("overlaps with {0}")]
+    Overlap(Structure),
+    /// Reserved bits are set.
+    #[error("reserved bits are set")]
+    ReservedBits,
+    /// A zero flag in a version 2 image.
+    #[error("zero cluster entry found in pre-v3 image")]
+    ZeroFlagInV2,
+    /// An offset beyond what the format can address.
+    #[error("offset beyond the addressable range")]
+    OffsetTooLarge,
+    /// A referenced cluster has refcount 0, or a refcount would overflow.
+    #[error("refcount does not match its references")]
+    Refcount,
+    /// The image's corrupt bit is set.
+    #[error("the image is marked corrupt")]
+    MarkedCorrupt,
+}
+
+/// A corruption found at run time.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("{structure} at host offset {offset:#x} is corrupt: {reason}")]
+pub struct Corruption {
+    /// The damaged structure.
+    pub structure: Structure,
+    /// Its host offset (or the offending entry's value).
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: CorruptReason,
+}
+
+/// A feature of the format this engine does not support (yet).
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+#[non_exhaustive]
+pub enum Feature {
+    /// A backing file.
+    BackingFile,
+    /// An external data file.
+    ExternalDataFile,
+    /// Extended L2 entries (subclusters).
+    ExtendedL2,
+    /// The zstd compression type.
+    ZstdCompression,
+    /// zlib-compressed clusters.
+    CompressedClusters,
+    /// Encryption (AES or LUKS).
+    Encryption,
+    /// Refcount rebuild of a dirty image opened writable (lazy refcounts after a crash).
+    DirtyImageRepair,
+    /// Resizing a version 2 image that has internal snapshots.
+    ResizeV2WithSnapshots,
+    /// Shrinking an image that has internal snapshots.
+    ShrinkWithSnapshots,
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::BackingFile => "backing files",
+            Self::ExternalDataFile => "external data files",
+            Self::ExtendedL2 => "extended L2 entries (subclusters)",
+            Self::ZstdCompression => "zstd compression type",
+            Self::CompressedClusters => "compressed clusters",
+            Self::Encryption => "encryption",
+            Self::DirtyImageRepair => {
+                "opening a dirty image (lazy refcounts, not closed cleanly) read/write; \
+                 run `qcow2 check -r all` or open read-only"
+            }
+            Self::ResizeV2WithSnapshots => "resizing a v2 image which has snapshots",
+            Self::ShrinkWithSnapshots => "shrinking an image which has internal snapshots",
+        })
+    }
+}
+
+/// Which header table a limit or offset error is about.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Table {
+    /// The active L1 table.
+    ActiveL1,
+    /// The refcount table.
+    Refcount,
+    /// The snapshot table.
+    Snapshot,
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ActiveL1 => "Active L1 table",
+            Self::Refcount => "Reference count table",
+            Self::Snapshot => "Snapshot table",
+        })
+    }
+}
+
+/// The header or one of its extensions cannot be accepted.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// The file is shorter than a header.
+    #[error("Image is too short to hold a qcow2 header ({0} bytes)")]
+    Truncated(u64),
+    /// Wrong magic.
+    #[error("Image is not in qcow2 format")]
+    BadMagic,
+    /// Version other than 2 or 3.
+    #[error("Unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+    /// cluster_bits outside 9..=21.
+    #[error("Unsupported cluster size: 2^{0}")]
+    ClusterBits(u32),
+    /// v3 header_length below 104.
+    #[error("qcow2 header too short")]
+    HeaderTooShort,
+    /// header_length beyond the cluster.
+    #[error("qcow2 header exceeds cluster size")]
+    HeaderExceedsCluster,
+    /// backing_file_offset beyond the cluster.
+    #[error("Invalid backing file offset")]
+    BackingFileOffset,
+    /// Backing name longer than 1023 bytes or past cluster 0.
+    #[error("Backing file name too long")]
+    BackingFileNameTooLong,
+    /// An extension runs past the end of its area.
+    #[error("Header extension too large (type {ext_type:#010x} at byte {offset})")]
+    ExtensionTooLarge {
+        /// The extension's type.
+        ext_type: u32,
+        /// Its byte offset in cluster 0.
+        offset: u64,
+    },
+    /// A known extension has an impossible length or content.
+    #[error("Invalid header extension {ext_type:#010x} at byte {offset}")]
+    InvalidExtension {
+        /// The extension's type.
+        ext_type: u32,
+        /// Its byte offset in cluster 0.
+        offset: u64,
+    },
+    /// Compression type field and incompatible bit disagree, or the type is unknown.
+    #[error("Compression type incompatible feature bit must be set")]
+    CompressionBitMissing,
+    /// Compression bit set with zlib.
+    #[error("Compression type incompatible feature bit must not be set")]
+    CompressionBitSet,
+    /// Unknown compression type.
+    #[error("unknown compression type: {0}")]
+    UnknownCompressionType(u8),
+    /// refcount_order above 6.
+    #[error("Reference count entry width too large; may not exceed 64 bits")]
+    RefcountOrder(u32),
+    /// crypt_method other than 0, 1, 2.
+    #[error("Unsupported encryption method {0}")]
+    EncryptionMethod(u32),
+    /// A table is larger than QEMU's limit.
+    #[error("{0} too large")]
+    TableTooLarge(Table),
+    /// A table's offset is unaligned or beyond `i64::MAX`.
+    #[error("{0} offset invalid")]
+    TableOffset(Table),
+    /// The refcount table has no clusters.
+    #[error("Image does not contain a reference count table")]
+    NoRefcountTable,
+    /// The L1 table cannot map the virtual size.
+    #[error("L1 table is too small")]
+    L1TooSmall,
+    /// The virtual size cannot be mapped at all with this geometry.
+    #[error("Image size too large for this cluster size")]
+    SizeTooLarge,
+    /// Unknown incompatible feature bits; the names come from the feature-name table when
+    /// the image has one.
+    #[error("Unsupported qcow2 feature(s): {}", FeatureNames(self))]
+    UnknownIncompatible {
+        /// The unknown bits.
+        bits: u64,
+        /// Their names from the image's feature-name table (index = bit), when present.
+        names: crate::format::FeatureNameSet,
+    },
+    /// The external data file bit without a data file name.
+    #[error("'data-file' is required for this image")]
+    DataFileRequired,
+    /// The raw-data autoclear bit without a data file.
+    #[error("data-file-raw requires a data file")]
+    RawDataWithoutDataFile,
+    /// Too many snapshots, extra data too large, or a snapshot entry that does not parse.
+    #[error("Snapshot table entry {0} is invalid")]
+    SnapshotEntry(u32),
+}
+
+struct FeatureNames<'a>(&'a FormatError);
+
+impl std::fmt::Display for FeatureNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let FormatError::UnknownIncompatible { bits, names } = self.0 else { return Ok(()) };
+        let mut unnamed = 0u64;
+        let mut first = true;
+        for bit in 0..64 {
+            if bits & (1 << bit) == 0 {
+                continue;
+            }
+            match names.name(bit) {
+                Some(name) => {
+                    if !first {
+                        f.write_str(", ")?;
+                    }
+                    first = false;
+                    f.write_str(name)?;
+                }
+                None => unnamed |= 1 << bit,
+            }
+        }
+        if unnamed != 0 {
+            if !first {
+                f.write_str(", ")?;
+            }
+            write!(f, "Unknown incompatible feature: {unnamed:x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Opening (or creating) an image failed.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The header or a table description is invalid.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The image needs a feature this engine does not support.
+    #[error("Unsupported feature: {0}")]
+    Unsupported(Feature),
+    /// The image's corrupt bit is set and a writable open was asked for.
+    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
+    CorruptReadWrite,
+    /// Reading or writing the file failed.
+    #[error("I/O error while opening: {0}")]
+    Io(IoError),
+    /// Metadata read during open is inconsistent.
+    #[error(transparent)]
+    Corrupt(Corruption),
+    /// Creation options are invalid.
+    #[error(transparent)]
+    Create(#[from] CreateError),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+}
+
+/// Creation options that cannot be honoured.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// Cluster size not a power of two in 512..=2 MiB.
+    #[error("Cluster size must be a power of two between 512 and 2048k")]
+    ClusterSize,
+    /// refcount_bits not a power of two up to 64.
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountBits,
+    /// compat=0.10 asks for something only v3 has.
+    #[error("{0} requires compat=1.1 or later")]
+    NeedsV3(&'static str),
+    /// The virtual size needs more L1 than allowed.
+    #[error("The image size is too large for file format 'qcow2' (try using a larger cluster size)")]
+    SizeTooLarge,
+}
+
+/// A request failed.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// An I/O error.
+    #[error("I/O error: {0}")]
+    Io(IoError),
+    /// The file system is full.
+    #[error("No space left on device")]
+    NoSpace,
+    /// Metadata is corrupt; the image is now read-only.
+    #[error(transparent)]
+    Corrupt(Corruption),
+    /// The image is open read-only.
+    #[error("The image is opened read-only")]
+    ReadOnly,
+    /// The request needs a feature this engine does not support yet.
+    #[error("Unsupported feature: {0}")]
+    Unsupported(Feature),
+    /// An earlier metadata write or flush failed; reopen the image.
+    #[error("The image stopped after an earlier metadata I/O error; reopen it")]
+    Poisoned,
+    /// The request reaches past the end of the image.
+    #[error("Request at {offset:#x}+{len:#x} is beyond the end of the image ({size:#x} bytes)")]
+    OutOfRange {
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// Shrinking would drop allocated data and the request did not consent.
+    #[error("Shrinking would discard allocated data at guest offset {0:#x}; use --shrink to consent")]
+    ShrinkDropsData(u64),
+    /// A size or table would exceed the format's limits.
+    #[error("{0} too large")]
+    TooLarge(Table),
+    /// A resize to a size that is not a multiple of 512.
+    #[error("The new size must be a multiple of 512")]
+    UnalignedSize,
+    /// The engine is closed.
+    #[error("The image is closed")]
+    Closed,
+}
+
+/// A request was refused before it started.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// Too many requests in flight; submit again after a [`Event::Done`](crate::Event::Done).
+    #[error("too many requests in flight")]
+    Busy,
+    /// The engine is still opening or failed to open.
+    #[error("the image is not open")]
+    NotOpen,
+    /// The request was refused outright.
+    #[error(transparent)]
+    Refused(#[from] RequestError),
+}

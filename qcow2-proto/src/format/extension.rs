@@ -1,0 +1,229 @@
+//! Header extensions, stored in cluster 0 right after the fixed header.
+//!
+//! ```text
+//! offset size field                     (docs/interop/qcow2.txt, "Header extensions")
+//!      0    4 type                      0 = end of the list
+//!      4    4 length                    of the data
+//!      8    n data                      padded with zeroes to a multiple of 8
+//! ```
+//!
+//! The list ends at type 0, at `backing_file_offset` when set, or at the end of cluster 0.
+//! Unknown extensions are left where they are: the engine patches header fields in place and
+//! never rewrites the extension area, so they survive every update.
+
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::error::FormatError;
+
+/// End of the extension list.
+pub const END: u32 = 0;
+/// Backing file format name.
+pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Feature name table.
+pub const FEATURE_NAMES: u32 = 0x6803_f857;
+/// Persistent bitmaps.
+pub const BITMAPS: u32 = 0x2385_2875;
+/// Full disk encryption header pointer.
+pub const FDE: u32 = 0x0537_be77;
+/// External data file name.
+pub const DATA_FILE: u32 = 0x4441_5441;
+
+/// The 8-byte head of every extension.
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawExtensionHeader {
+    pub ext_type: U32,
+    pub len: U32,
+}
+
+/// One entry of the feature name table (48 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawFeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: [u8; 46],
+}
+
+/// The bitmaps extension payload (24 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawBitmapsExt {
+    pub nb_bitmaps: U32,
+    pub reserved: U32,
+    pub directory_size: U64,
+    pub directory_offset: U64,
+}
+
+/// The FDE pointer payload (16 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawFdeExt {
+    pub offset: U64,
+    pub length: U64,
+}
+
+const _: () = assert!(size_of::<RawFeatureName>() == 48);
+const _: () = assert!(size_of::<RawBitmapsExt>() == 24);
+
+/// Up to four named incompatible feature bits, kept inline so errors stay `Copy`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct FeatureNameSet {
+    entries: [(u8, u8, [u8; 46]); 4],
+    count: u8,
+}
+
+impl Default for FeatureNameSet {
+    fn default() -> Self {
+        Self { entries: [(0, 0, [0; 46]); 4], count: 0 }
+    }
+}
+
+impl FeatureNameSet {
+    fn push(&mut self, bit: u8, name: &[u8; 46]) {
+        if (self.count as usize) < self.entries.len() {
+            let len = name.iter().position(|&b| b == 0).unwrap_or(46) as u8;
+            self.entries[self.count as usize] = (bit, len, *name);
+            self.count += 1;
+        }
+    }
+
+    /// The name of incompatible bit `bit`, if the image's table names it.
+    pub fn name(&self, bit: u32) -> Option<&str> {
+        self.entries[..self.count as usize]
+            .iter()
+            .find(|(b, _, _)| u32::from(*b) == bit)
+            .and_then(|(_, len, name)| std::str::from_utf8(&name[..*len as usize]).ok())
+    }
+}
+
+/// Byte range of an extension's data within cluster 0.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct ExtRange {
+    /// Start of the data.
+    pub start: usize,
+    /// Length of the data.
+    pub len: usize,
+}
+
+/// The extensions found in cluster 0.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct Extensions {
+    pub backing_format: Option<ExtRange>,
+    pub feature_names: Option<ExtRange>,
+    pub data_file: Option<ExtRange>,
+    pub bitmaps: Option<RawBitmapsExtValue>,
+    pub fde: Option<(u64, u64)>,
+    /// Where the end marker sits (new extensions could go here).
+    pub end_offset: usize,
+}
+
+/// The bitmaps extension, decoded.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct RawBitmapsExtValue {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+impl Extensions {
+    /// Walks the extension list of `cluster0` from `start` up to `end`.
+    pub fn parse(cluster0: &[u8], start: usize, end: usize) -> Result<Self, FormatError> {
+        let mut ext = Self::default();
+        let mut off = start;
+        let end = end.min(cluster0.len());
+        loop {
+            if off + 8 > end {
+                // No room for an end marker: the list simply ends here.
+                ext.end_offset = off.min(end);
+                return Ok(ext);
+            }
+            let (head, _) = RawExtensionHeader::read_from_prefix(&cluster0[off..])
+                .map_err(|_| FormatError::ExtensionTooLarge { ext_type: 0, offset: off as u64 })?;
+            let ext_type = head.ext_type.get();
+            let len = head.len.get() as usize;
+            if ext_type == END {
+                ext.end_offset = off;
+                return Ok(ext);
+            }
+            let data = off + 8;
+            if len > end - data {
+                return Err(FormatError::ExtensionTooLarge { ext_type, offset: off as u64 });
+            }
+            let range = ExtRange { start: data, len };
+            let bytes = &cluster0[data..data + len];
+            let invalid = FormatError::InvalidExtension { ext_type, offset: off as u64 };
+            match ext_type {
+                BACKING_FORMAT => {
+                    if len >= 16 {
+                        return Err(invalid);
+                    }
+                    ext.backing_format = Some(range);
+                }
+                FEATURE_NAMES => ext.feature_names = Some(range),
+                DATA_FILE => ext.data_file = Some(range),
+                BITMAPS => {
+                    let Ok((raw, _)) = RawBitmapsExt::read_from_prefix(bytes) else {
+                        return Err(invalid);
+                    };
+                    if len != 24 {
+                        return Err(invalid);
+                    }
+                    ext.bitmaps = Some(RawBitmapsExtValue {
+                        nb_bitmaps: raw.nb_bitmaps.get(),
+                        directory_size: raw.directory_size.get(),
+                        directory_offset: raw.directory_offset.get(),
+                    });
+                }
+                FDE => {
+                    let Ok((raw, _)) = RawFdeExt::read_from_prefix(bytes) else {
+                        return Err(invalid);
+                    };
+                    if len != 16 {
+                        return Err(invalid);
+                    }
+                    ext.fde = Some((raw.offset.get(), raw.length.get()));
+                }
+                _ => {}
+            }
+            off = data + len.next_multiple_of(8);
+        }
+    }
+
+    /// The names of the incompatible bits in `bits`, from the feature name table.
+    pub fn incompatible_names(&self, cluster0: &[u8], bits: u64) -> FeatureNameSet {
+        let mut set = FeatureNameSet::default();
+        let Some(r) = self.feature_names else { return set };
+        for chunk in cluster0[r.start..r.start + r.len].chunks_exact(48) {
+            let Ok(entry) = RawFeatureName::read_from_bytes(chunk) else { continue };
+            if entry.kind == 0 && entry.bit < 64 && bits & (1 << entry.bit) != 0 {
+                set.push(entry.bit, &entry.name);
+            }
+        }
+        set
+    }
+}
+
+/// The feature name table QEMU writes, for new images.
+pub fn default_feature_names() -> Vec<RawFeatureName> {
+    let entries: [(u8, u8, &str); 8] = [
+        (0, 0, "dirty bit"),
+        (0, 1, "corrupt bit"),
+        (0, 2, "external data file"),
+        (0, 3, "compression type"),
+        (0, 4, "extended L2 entries"),
+        (1, 0, "lazy refcounts"),
+        (2, 0, "bitmaps"),
+        (2, 1, "raw external data"),
+    ];
+    entries
+        .iter()
+        .map(|&(kind, bit, name)| {
+            let mut n = [0u8; 46];
+            n[..name.len()].copy_from_slice(name.as_bytes());
+            RawFeatureName { kind, bit, name: n }
+        })
+        .collect()
+}

@@ -1,0 +1,223 @@
+//! I/O operations the core asks a runtime to perform, and the buffers they carry.
+//!
+//! Contract (see the crate doc): every [`IoOp`] returned by
+//! [`Image::poll_io`](crate::Image::poll_io) may be started at once, concurrently with every
+//! other outstanding op, in any order. Outstanding ops never share a guest span or an owned
+//! buffer. Every op goes back to the core through
+//! [`Image::complete`](crate::Image::complete), with the buffers it carried, whether it
+//! succeeded or not.
+
+use arrayvec::ArrayVec;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::request::ReqId;
+
+/// Identifies one outstanding I/O operation.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct OpId(pub(crate) u32);
+
+impl OpId {
+    /// The raw value, for runtimes that need a `u64` token (io_uring's `user_data`).
+    pub fn as_u64(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+/// Which file an op targets. The runtime opened each of them.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+#[non_exhaustive]
+pub enum Target {
+    /// The qcow2 image file itself.
+    Image,
+}
+
+/// What to do at [`IoOp::offset`].
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum IoKind {
+    /// Read into the segments, in order, from `offset`. A read past the end of the file
+    /// fills the rest of the segments with zeroes and reports the bytes actually read.
+    Read,
+    /// Write the segments, in order, at `offset` (a vectored write).
+    Write,
+    /// Make every completed write to the target durable (`fdatasync`).
+    Flush,
+    /// Set the target's length to `offset`.
+    SetLen,
+    /// Deallocate `len` bytes at `offset` (punch a hole, keep the size); reads return zeroes.
+    PunchHole {
+        /// Bytes to deallocate.
+        len: u64,
+    },
+    /// Make `len` bytes at `offset` read as zero, allocating them (`fallocate` zero range,
+    /// or plain zero writes where that is missing). May extend the file.
+    WriteZeroes {
+        /// Bytes to zero.
+        len: u64,
+    },
+    /// Allocate `len` bytes at `offset` without changing contents (`fallocate` mode 0).
+    Allocate {
+        /// Bytes to allocate.
+        len: u64,
+    },
+    /// Fill the guest segments with zeroes. Touches no file.
+    ZeroFill,
+}
+
+/// Size of one [`Page`]; core buffers are aligned to it.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One 4 KiB aligned block of memory; [`IoBuf`]s are made of these.
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout)]
+#[repr(C, align(4096))]
+pub struct Page([u8; PAGE_SIZE]);
+
+/// An owned, 4 KiB aligned buffer with a stable address, allocated by the core.
+///
+/// A runtime may pass it to the kernel (O_DIRECT, io_uring registered buffers); it hands
+/// it back inside the op when the op completes.
+#[derive(Debug)]
+pub struct IoBuf {
+    pages: Box<[Page]>,
+    len: usize,
+}
+
+impl IoBuf {
+    /// A zero-filled buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let pages = vec![Page([0; PAGE_SIZE]); len.div_ceil(PAGE_SIZE).max(1)].into_boxed_slice();
+        Self { pages, len }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the buffer can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.pages.len() * PAGE_SIZE
+    }
+
+    /// Changes the length within the capacity (new bytes keep whatever they held).
+    ///
+    /// # Panics
+    /// If `len` exceeds [`capacity`](Self::capacity).
+    pub fn resize(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "IoBuf::resize beyond capacity");
+        self.len = len;
+    }
+
+    /// The contents.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.pages.as_bytes()[..self.len]
+    }
+
+    /// The contents, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.pages.as_mut_bytes()[..self.len]
+    }
+}
+
+/// One piece of an op's memory.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Segment {
+    /// `len` bytes of the guest buffer of request `req`, starting `start` bytes into it.
+    Guest {
+        /// The request whose buffer this is.
+        req: ReqId,
+        /// Byte offset into that request's buffer.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// A buffer owned by the core (metadata or copy-on-write staging).
+    Buf(IoBuf),
+    /// `len` zero bytes (for writes; a read into it discards the data).
+    Zeroes(usize),
+}
+
+impl Segment {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Guest { len, .. } | Self::Zeroes(len) => *len,
+            Self::Buf(b) => b.len(),
+        }
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The inline segment list of an op: head, body, tail at most.
+pub type Segments = ArrayVec<Segment, 3>;
+
+/// One I/O operation to perform.
+#[derive(Debug)]
+pub struct IoOp {
+    /// Identity, for [`Image::complete`](crate::Image::complete).
+    pub id: OpId,
+    /// The file to act on.
+    pub target: Target,
+    /// What to do.
+    pub kind: IoKind,
+    /// Host byte offset in the target (or the new length, for [`IoKind::SetLen`]).
+    pub offset: u64,
+    /// The memory the op reads into or writes from, in file order.
+    pub segments: Segments,
+}
+
+impl IoOp {
+    /// Total bytes covered by the segments.
+    pub fn len(&self) -> u64 {
+        self.segments.iter().map(|s| s.len() as u64).sum()
+    }
+
+    /// Whether the segments cover no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A failed I/O, as a small copyable value.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct IoError {
+    /// The kind of failure.
+    pub kind: std::io::ErrorKind,
+    /// The OS error code, when there is one.
+    pub raw_os_error: Option<i32>,
+}
+
+impl IoError {
+    /// `ENOSPC`, the one OS error the core treats apart.
+    pub const ENOSPC: i32 = 28;
+
+    /// Whether this is an out-of-space failure.
+    pub fn is_no_space(&self) -> bool {
+        self.raw_os_error == Some(Self::ENOSPC) || self.kind == std::io::ErrorKind::StorageFull
+    }
+}
+
+impl From<&std::io::Error> for IoError {
+    fn from(e: &std::io::Error) -> Self {
+        Self { kind: e.kind(), raw_os_error: e.raw_os_error() }
+    }
+}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.raw_os_error {
+            Some(code) => write!(f, "{} (os error {code})", self.kind),
+            None => write!(f, "{}", self.kind),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! A sans-IO qcow2 engine.
+//!
+//! `qcow2-proto` is a deterministic state machine: it never performs I/O, reads a clock,
+//! spawns a thread or awaits. Guest requests go in, I/O operations with explicit flush
+//! barriers come out, completions go back in. Runtimes (`qcow2-sync`, and later async and
+//! io_uring ones) open the files and execute the ops.
+//!
+//! # The contract
+//!
+//! * [`Image::open`] (or [`Image::create`]) returns an engine whose first [`Image::poll_io`]
+//!   calls ask for the header; opening ends with [`Event::Opened`] or [`Event::OpenFailed`].
+//! * **In:** [`Image::submit`] a [`Request`] (`Busy` is backpressure: pools never grow);
+//!   [`Image::complete`] each op with its result, handing back the op itself and so every
+//!   owned buffer it carried, whether it succeeded or not.
+//! * **Out:** [`Image::poll_io`] yields ops that may all be issued at once, concurrently, in
+//!   any order: ordering is enforced by withholding ops, never by asking the runtime to
+//!   sequence them. [`Image::poll_event`] yields finished requests, open results and
+//!   poisoning.
+//! * After every `submit` and `complete`, drain both `poll_io` and `poll_event`.
+//! * Guest data is never copied: ops name spans of the request's buffer
+//!   ([`Segment::Guest`]); outstanding ops never share a span or an owned buffer.
+//! * Fail-stop: a failed metadata write or flush poisons the engine: in-flight requests fail,
+//!   new ones are refused, reopening is the way out. A failed data write fails only its
+//!   request.
+//! * Crash safety: refcounts before references, references dropped before refcounts,
+//!   data before mappings, tables before pointers (rules A-D of DESIGN.md), enforced by the
+//!   order in which cached metadata is written back; a guest flush costs two `fdatasync`s in
+//!   steady state.
+//!
+//! # Example: a complete (tiny) runtime over an in-memory file
+//!
+//! ```
+//! use qcow2_proto::{CreateOptions, Event, Image, ImageConfig, IoKind, IoOp, Request, Segment};
+//!
+//! // The "disk": a Vec. A real runtime does pread/pwrite/fdatasync here.
+//! fn run(op: &mut IoOp, disk: &mut Vec<u8>, guest: &mut [u8]) -> usize {
+//!     let mut pos = op.offset as usize;
+//!     match op.kind {
+//!         IoKind::Read | IoKind::Write | IoKind::ZeroFill => {
+//!             for seg in op.segments.iter_mut() {
+//!                 let len = seg.len();
+//!                 if op.kind == IoKind::Write && disk.len() < pos + len {
+//!                     disk.resize(pos + len, 0);
+//!                 }
+//!                 let from_disk = |d: &Vec<u8>, p: usize, out: &mut [u8]| {
+//!                     for (i, b) in out.iter_mut().enumerate() {
+//!                         *b = d.get(p + i).copied().unwrap_or(0);
+//!                     }
+//!                 };
+//!                 match (op.kind, seg) {
+//!                     (IoKind::ZeroFill, Segment::Guest { start, len, .. }) => guest[*start..*start + *len].fill(0),
+//!                     (IoKind::Read, Segment::Guest { start, len, .. }) => from_disk(disk, pos, &mut guest[*start..*start + *len]),
+//!                     (IoKind::Read, Segment::Buf(b)) => from_disk(disk, pos, b.as_mut_slice()),
+//!                     (IoKind::Write, Segment::Guest { start, len, .. }) => disk[pos..pos + *len].copy_from_slice(&guest[*start..*start + *len]),
+//!                     (IoKind::Write, Segment::Buf(b)) => disk[pos..pos + b.len()].copy_from_slice(b.as_slice()),
+//!                     (IoKind::Write, Segment::Zeroes(n)) => disk[pos..pos + *n].fill(0),
+//!                     _ => {}
+//!                 }
+//!                 pos += len;
+//!             }
+//!         }
+//!         IoKind::SetLen => disk.resize(op.offset as usize, 0),
+//!         _ => {} // flush, hole punching: nothing to do in memory
+//!     }
+//!     op.len() as usize
+//! }
+//!
+//! // Drive the engine until `req` (or opening, for `None`) finishes.
+//! fn drive(img: &mut Image, disk: &mut Vec<u8>, guest: &mut [u8]) -> Event {
+//!     loop {
+//!         while let Some(mut op) = img.poll_io() {
+//!             let n = run(&mut op, disk, guest);
+//!             img.complete(op, Ok(n));
+//!         }
+//!         if let Some(ev) = img.poll_event() {
+//!             return ev;
+//!         }
+//!     }
+//! }
+//!
+//! let mut disk = Vec::new();
+//! let mut img = Image::create(ImageConfig::new(0), CreateOptions::new(1 << 20));
+//! assert!(matches!(drive(&mut img, &mut disk, &mut []), Event::Opened(_)));
+//!
+//! let mut data = vec![0xab; 4096];
+//! img.submit(Request::Write { offset: 8192, len: 4096 }).unwrap();
+//! assert!(matches!(drive(&mut img, &mut disk, &mut data), Event::Done { result: Ok(_), .. }));
+//! img.submit(Request::Flush).unwrap();
+//! drive(&mut img, &mut disk, &mut []);
+//!
+//! let mut back = vec![0; 4096];
+//! img.submit(Request::Read { offset: 8192, len: 4096 }).unwrap();
+//! drive(&mut img, &mut disk, &mut back);
+//! assert_eq!(back, data);
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod check;
+mod config;
+pub mod create;
+mod engine;
+mod error;
+mod event;
+pub mod format;
+mod info;
+mod io;
+mod request;
+
+pub use check::{CheckReport, Repair};
+pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation};
+pub use engine::Image;
+pub use error::{
+    CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError, RequestError, Structure,
+    SubmitError, Table,
+};
+pub use event::Event;
+pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};
+pub use io::{IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments, Target, PAGE_SIZE};
+pub use request::{Allocation, BlockStatus, Outcome, ReqId, Request};

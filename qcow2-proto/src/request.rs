@@ -1,0 +1,122 @@
+//! Guest requests and image operations going into the core, and what they finish with.
+
+use crate::check::{CheckReport, Repair};
+
+/// Identifies one submitted request until its [`Event::Done`](crate::Event::Done).
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct ReqId(pub(crate) u32);
+
+impl ReqId {
+    /// The raw value (an index into the core's request slab, below
+    /// [`Limits::max_requests`](crate::Limits::max_requests)).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A request. Guest data never travels in it: the runtime keeps the guest buffer and ops name
+/// spans of it ([`Segment::Guest`](crate::Segment::Guest)).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Read `len` guest bytes at `offset` into the request's buffer.
+    Read {
+        /// Guest byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Write `len` guest bytes at `offset` from the request's buffer.
+    Write {
+        /// Guest byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Make `len` guest bytes at `offset` read as zero. With `unmap`, host clusters may be
+    /// released; without it, allocation is kept.
+    WriteZeroes {
+        /// Guest byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Whether host space may be released.
+        unmap: bool,
+    },
+    /// Discard `len` guest bytes at `offset` (whole clusters inside the range; they read as
+    /// zero afterwards on v3 images).
+    Discard {
+        /// Guest byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Make every write completed before this request durable.
+    Flush,
+    /// Change the virtual size. Shrinking drops data past the new end only with `shrink`.
+    Resize {
+        /// New virtual size in bytes.
+        size: u64,
+        /// Consent to drop allocated data past the new end.
+        shrink: bool,
+    },
+    /// Where the guest range starting at `offset` is stored: the answer covers the first
+    /// extent of at most `len` bytes with one [`BlockStatus`].
+    BlockStatus {
+        /// Guest byte offset.
+        offset: u64,
+        /// Longest extent to describe.
+        len: u64,
+    },
+    /// Check the image's metadata, repairing what `repair` allows. Runs alone: the core waits
+    /// for other requests to finish and writes back its caches first.
+    Check {
+        /// What to repair, if anything.
+        repair: Option<Repair>,
+    },
+    /// Write back everything and mark the image clean; the engine accepts nothing after.
+    Close,
+}
+
+/// What a guest range is, as [`Request::BlockStatus`] reports it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Allocation {
+    /// Not allocated in this image (reads as zero here; would fall through to a backing file).
+    Unallocated,
+    /// Reads as zero from a zero flag; `host` is a preallocated host offset, if any.
+    Zero {
+        /// The preallocated host offset.
+        host: Option<u64>,
+    },
+    /// Stored uncompressed at host offset `host`.
+    Data {
+        /// Host byte offset of the extent's first byte.
+        host: u64,
+    },
+    /// Stored compressed.
+    Compressed,
+}
+
+/// One extent of a guest range.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct BlockStatus {
+    /// Guest offset of the extent.
+    pub offset: u64,
+    /// Length of the extent in bytes (at least 1, at most the asked length).
+    pub len: u64,
+    /// What the extent is.
+    pub allocation: Allocation,
+}
+
+/// The successful result of a request.
+#[derive(Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The request completed; nothing to report.
+    Done,
+    /// The answer to [`Request::BlockStatus`].
+    Status(BlockStatus),
+    /// The answer to [`Request::Check`].
+    Check(Box<CheckReport>),
+}

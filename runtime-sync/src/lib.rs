@@ -1,0 +1,363 @@
+//! A blocking runtime for the [`qcow2_proto`] engine.
+//!
+//! Each call submits one request, then executes the engine's ops one after another with
+//! positional reads and writes, `fdatasync` and `fallocate`, until the request is done. All
+//! format logic lives in the engine; this crate only moves bytes.
+//!
+//! ```
+//! use qcow2_sync::{CreateOptions, Image, OpenOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.qcow2");
+//! let mut img = Image::create(&path, &CreateOptions::new(64 << 20), &OpenOptions::default())?;
+//! img.write_at(b"hello, qcow2", 1 << 20)?;
+//! img.flush()?;
+//! drop(img);
+//!
+//! let mut img = Image::open(&path, &OpenOptions::default())?;
+//! let mut buf = [0u8; 12];
+//! img.read_at(&mut buf, 1 << 20)?;
+//! assert_eq!(&buf, b"hello, qcow2");
+//! assert_eq!(img.len(), 64 << 20);
+//! # Ok::<(), qcow2_sync::Error>(())
+//! ```
+
+mod exec;
+mod file;
+mod io_adapter;
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+pub use file::HostFile;
+pub use io_adapter::ImageIo;
+pub use qcow2_proto::{
+    Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError, Preallocation, Repair,
+    RequestError,
+};
+use qcow2_proto::{CacheMode, Event, ImageConfig, Outcome, Request, SubmitError};
+
+use exec::Guest;
+
+/// QEMU's cache modes.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Cache {
+    /// Host page cache; writes durable on flush.
+    #[default]
+    WriteBack,
+    /// Host page cache; every write durable before it completes.
+    WriteThrough,
+    /// O_DIRECT; writes durable on flush.
+    None,
+    /// O_DIRECT; every write durable before it completes.
+    DirectSync,
+    /// Host page cache; flushes are ignored (for scratch images).
+    Unsafe,
+}
+
+impl Cache {
+    /// Parses qemu's spelling (`writeback`, `writethrough`, `none`, `directsync`, `unsafe`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "writeback" => Self::WriteBack,
+            "writethrough" => Self::WriteThrough,
+            "none" | "off" => Self::None,
+            "directsync" => Self::DirectSync,
+            "unsafe" => Self::Unsafe,
+            _ => return None,
+        })
+    }
+
+    fn direct(self) -> bool {
+        matches!(self, Self::None | Self::DirectSync)
+    }
+
+    fn mode(self) -> CacheMode {
+        match self {
+            Self::WriteThrough | Self::DirectSync => CacheMode::WriteThrough,
+            _ => CacheMode::WriteBack,
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct OpenOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Cache mode.
+    pub cache: Cache,
+    /// L2 cache budget in bytes (default: QEMU's).
+    pub l2_cache_bytes: Option<u64>,
+    /// Refcount cache budget in bytes (default: QEMU's).
+    pub refcount_cache_bytes: Option<u64>,
+    /// Open images that use features this engine cannot do I/O with (backing files,
+    /// encryption, ...) for their metadata only (`info`); every data request then fails
+    /// with `Unsupported`.
+    pub inspect_only: bool,
+}
+
+impl OpenOptions {
+    /// Read-only options.
+    pub fn read_only() -> Self {
+        Self { read_only: true, ..Self::default() }
+    }
+}
+
+/// Errors of this runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Opening or creating the file failed.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The engine refused the image.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// A request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The engine stopped producing work before finishing a request (a bug).
+    #[error("internal error: the engine stalled")]
+    Stalled,
+}
+
+impl From<SubmitError> for Error {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Refused(r) => Self::Request(r),
+            _ => Self::Stalled,
+        }
+    }
+}
+
+/// A qcow2 image opened with the blocking runtime.
+#[derive(Debug)]
+pub struct Image<F: HostFile = File> {
+    engine: qcow2_proto::Image,
+    file: F,
+    exec: exec::Executor,
+    info: ImageInfo,
+    closed: bool,
+}
+
+fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<File, Error> {
+    let mut o = FsOpenOptions::new();
+    o.read(true).write(write);
+    if create {
+        o.create(true).truncate(true);
+    }
+    if cache.direct() {
+        o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+    }
+    o.open(path).map_err(|source| Error::File { path: path.to_owned(), source })
+}
+
+impl Image<File> {
+    /// Opens the image at `path`.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let file = open_file(path, !options.read_only, false, options.cache)?;
+        Self::from_file(file, options)
+    }
+
+    /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.
+    pub fn create(path: impl AsRef<Path>, create: &CreateOptions, options: &OpenOptions) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let file = open_file(path, true, true, options.cache)?;
+        Self::create_in(file, create, options)
+    }
+}
+
+impl<F: HostFile> Image<F> {
+    fn config(file: &F, options: &OpenOptions) -> Result<ImageConfig, Error> {
+        let len = file.len().map_err(|source| Error::File { path: "<image>".into(), source })?;
+        let mut config = ImageConfig::new(len);
+        config.read_only = options.read_only;
+        config.cache_mode = options.cache.mode();
+        config.l2_cache_bytes = options.l2_cache_bytes;
+        config.refcount_cache_bytes = options.refcount_cache_bytes;
+        config.inspect_only = options.inspect_only;
+        Ok(config)
+    }
+
+    /// Opens an image in an already opened host file.
+    pub fn from_file(file: F, options: &OpenOptions) -> Result<Self, Error> {
+        let engine = qcow2_proto::Image::open(Self::config(&file, options)?);
+        Self::finish_open(engine, file, options)
+    }
+
+    /// Formats an (empty) host file as a new image and opens it.
+    pub fn create_in(file: F, create: &CreateOptions, options: &OpenOptions) -> Result<Self, Error> {
+        let engine = qcow2_proto::Image::create(Self::config(&file, options)?, *create);
+        Self::finish_open(engine, file, options)
+    }
+
+    fn finish_open(engine: qcow2_proto::Image, file: F, options: &OpenOptions) -> Result<Self, Error> {
+        let mut exec = exec::Executor::new(options.cache.direct(), options.cache == Cache::Unsafe);
+        let mut engine = engine;
+        loop {
+            let mut progressed = false;
+            while let Some(mut op) = engine.poll_io() {
+                progressed = true;
+                let r = exec.run(&file, &mut op, &mut Guest::None);
+                engine.complete(op, r);
+            }
+            while let Some(ev) = engine.poll_event() {
+                progressed = true;
+                match ev {
+                    Event::Opened(info) => {
+                        return Ok(Self { engine, file, exec, info: *info, closed: false });
+                    }
+                    Event::OpenFailed(e) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            if !progressed {
+                return Err(Error::Stalled);
+            }
+        }
+    }
+
+    fn run(&mut self, req: Request, mut guest: Guest<'_>) -> Result<Outcome, Error> {
+        let id = self.engine.submit(req)?;
+        loop {
+            let mut progressed = false;
+            while let Some(mut op) = self.engine.poll_io() {
+                progressed = true;
+                let r = self.exec.run(&self.file, &mut op, &mut guest);
+                self.engine.complete(op, r);
+            }
+            while let Some(ev) = self.engine.poll_event() {
+                progressed = true;
+                if let Event::Done { req, result } = ev {
+                    if req == id {
+                        return result.map_err(Error::Request);
+                    }
+                }
+            }
+            if !progressed {
+                return Err(Error::Stalled);
+            }
+        }
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset`.
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        self.run(Request::Read { offset, len }, Guest::Read(buf)).map(drop)
+    }
+
+    /// Writes `buf` at guest `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        self.run(Request::Write { offset, len }, Guest::Write(buf)).map(drop)
+    }
+
+    /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
+        self.run(Request::WriteZeroes { offset, len, unmap }, Guest::None).map(drop)
+    }
+
+    /// Discards whole clusters inside the range.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Error> {
+        self.run(Request::Discard { offset, len }, Guest::None).map(drop)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.run(Request::Flush, Guest::None).map(drop)
+    }
+
+    /// Changes the virtual size; `shrink` consents to dropping data past the new end.
+    pub fn resize(&mut self, size: u64, shrink: bool) -> Result<(), Error> {
+        self.run(Request::Resize { size, shrink }, Guest::None)?;
+        self.info.size = size;
+        Ok(())
+    }
+
+    /// Describes the first extent of the guest range at `offset` (at most `len` bytes).
+    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<BlockStatus, Error> {
+        match self.run(Request::BlockStatus { offset, len }, Guest::None)? {
+            Outcome::Status(s) => Ok(s),
+            _ => Err(Error::Stalled),
+        }
+    }
+
+    /// Checks the metadata, repairing what `repair` allows.
+    pub fn check(&mut self, repair: Option<Repair>) -> Result<CheckReport, Error> {
+        match self.run(Request::Check { repair }, Guest::None)? {
+            Outcome::Check(report) => Ok(*report),
+            _ => Err(Error::Stalled),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn len(&self) -> u64 {
+        self.info.size
+    }
+
+    /// Whether the virtual size is zero.
+    pub fn is_empty(&self) -> bool {
+        self.info.size == 0
+    }
+
+    /// What the image is.
+    pub fn info(&self) -> &ImageInfo {
+        &self.info
+    }
+
+    /// The host file.
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// Bytes copied through aligned bounce buffers for O_DIRECT so far.
+    pub fn bounced_bytes(&self) -> u64 {
+        self.exec.bounced
+    }
+
+    /// fdatasync calls issued so far.
+    pub fn flush_count(&self) -> u64 {
+        self.exec.syncs
+    }
+
+    /// A `Read + Write + Seek` view of the guest disk.
+    pub fn io(&mut self) -> ImageIo<'_, F> {
+        ImageIo::new(self)
+    }
+
+    /// Writes everything back, marks the image clean and closes it.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if self.info.read_only {
+            return Ok(());
+        }
+        self.run(Request::Close, Guest::None).map(drop)
+    }
+}
+
+impl<F: HostFile> Drop for Image<F> {
+    fn drop(&mut self) {
+        let _ = self.close_inner();
+    }
+}
