@@ -34,7 +34,7 @@ fn write_zero_buffers(f: &File, mut offset: u64, len: u64) -> io::Result<()> {
     let end = offset + len;
     while offset < end {
         let n = (end - offset).min(zeroes.len() as u64) as usize;
-        f.write_all_at(&zeroes[..n], offset)?;
+        FileExt::write_all_at(f, &zeroes[..n], offset)?;
         offset += n as u64;
     }
     Ok(())
