@@ -1,38 +1,750 @@
-//! The engine (stub while the real one is written).
+//! The engine: open, caches, allocation, request tasks and write-back, tied together.
+//!
+//! Everything runs inside [`Image::submit`] and [`Image::complete`]: each input makes some
+//! tasks runnable, [`Image::pump`] steps them until every one is blocked (waiting for an op,
+//! a cache load, an allocation or a write-back cycle), and the ops they produced wait in
+//! `ready` for [`Image::poll_io`].
+//!
+//! Invariants:
+//! 1. A task's `Done` is emitted only when none of its ops is outstanding, so the runtime
+//!    may release the guest buffer at `Done`.
+//! 2. Refcount increments happen in the cache before any entry referencing the cluster is
+//!    changed; decrements are queued (`pending_frees`) and applied only after a write-back
+//!    cycle made the dropping entry durable (rules A and B).
+//! 3. L2 entries are linked only after the data write completed (rule C); write-back writes
+//!    refblocks, syncs, then L2 slices and refcount-table entries, syncs, then L1 entries,
+//!    syncs, then the header, syncs (rules A, C, D).
+//! 4. While a cycle takes its copies (`window`), no reference-creating change is made, so a
+//!    cycle never writes a reference whose target it did not make durable first.
 
-use crate::{CreateOptions, Event, ImageConfig, ImageInfo, IoError, IoOp, ReqId, Request, SubmitError};
+mod alloc;
+mod cache;
+mod open;
+mod resize;
+mod tasks;
+mod writeback;
 
-/// The qcow2 engine.
+use std::collections::VecDeque;
+
+use arrayvec::ArrayVec;
+
+use crate::check::Repair;
+use crate::config::{CacheMode, CreateOptions, ImageConfig, Preallocation};
+use crate::error::{CorruptReason, Corruption, Feature, RequestError, Structure, SubmitError};
+use crate::event::Event;
+use crate::format::header::{incompat, Header};
+use crate::format::{Geometry, Layout};
+use crate::info::ImageInfo;
+use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
+use crate::request::{BlockStatus, Outcome, ReqId, Request};
+
+use cache::Cache;
+
+/// Bytes of L1 and refcount-table written back at once (one sector: O_DIRECT-friendly).
+const TABLE_CHUNK: usize = 512;
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Phase {
+    Opening,
+    Open,
+    Failed,
+    Closed,
+}
+
+/// Why an op was issued, so its completion goes to the right place.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Purpose {
+    Open,
+    /// Guest read, zero-fill or in-place write of task `task`.
+    Guest { task: u32, write: bool },
+    /// The data write of allocation `alloc`.
+    AllocWrite { alloc: u32 },
+    /// Copy-on-write read (part 0 = head, 1 = tail) for allocation `alloc`.
+    CowRead { alloc: u32, part: u8 },
+    /// Read of a shared L2 table being copied for allocation `alloc`.
+    TableRead { alloc: u32 },
+    /// Write of a new (zeroed or copied) L2 table for allocation `alloc`.
+    TableWrite { alloc: u32 },
+    /// Cache load into slot `slot` (refcount cache when `rb`).
+    Load { rb: bool, slot: u32 },
+    /// A write-back metadata write (buffer returned to the cache pool when `pool`).
+    Writeback { pool: Pool },
+    /// A write-back fdatasync.
+    Sync,
+    /// An op owned by a multi-step task (resize, preallocation).
+    TaskIo { task: u32 },
+}
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Pool {
+    None,
+    L2,
+    Rb,
+}
+
+#[derive(Debug)]
+struct OpSlot {
+    purpose: Purpose,
+    /// Issue sequence number of data ops (for "no reuse while I/O targets it").
+    seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Kind {
+    Read,
+    Write,
+    Zeroes { unmap: bool },
+    Discard,
+    Flush,
+    Resize { size: u64, shrink: bool },
+    Status,
+    Check { repair: Option<Repair> },
+    Close,
+    Prealloc(Preallocation),
+}
+
+impl Kind {
+    fn exclusive(self) -> bool {
+        matches!(self, Self::Resize { .. } | Self::Check { .. } | Self::Close | Self::Prealloc(_))
+    }
+
+    fn writes(self) -> bool {
+        !matches!(self, Self::Read | Self::Status | Self::Flush | Self::Check { repair: None })
+    }
+}
+
+#[derive(Debug)]
+struct Task {
+    req: ReqId,
+    seq: u64,
+    kind: Kind,
+    /// Guest offset of byte 0 of the request's buffer.
+    origin: u64,
+    /// Next guest byte to handle.
+    pos: u64,
+    end: u64,
+    inflight: u32,
+    error: Option<RequestError>,
+    /// The data allocation this task waits on (at most one at a time).
+    alloc: Option<u32>,
+    /// Finished once `cycles_done` reaches this.
+    wait_cycle: Option<u64>,
+    /// Sub-state of multi-step tasks.
+    sub: u8,
+    /// Scratch value of multi-step tasks.
+    aux: u64,
+    status: Option<BlockStatus>,
+    /// Whether the task changed guest-visible data (write-through flushes after it).
+    wrote: bool,
+}
+
+/// What the body of a write piece comes from.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Body {
+    Guest,
+    Zeroes,
+}
+
+#[derive(Debug)]
+enum AllocWhat {
+    /// `count` guest clusters from `guest_cluster`, COW head/tail around the body.
+    Data {
+        guest_cluster: u64,
+        head: u64,
+        body_start: usize,
+        body_len: usize,
+        body: Body,
+        tail: u64,
+        staged: [Option<IoBuf>; 2],
+        cow_pending: u8,
+        /// Preallocation: link without a data write.
+        prealloc: bool,
+    },
+    /// A new L2 table for L1 index `l1_index`, copied from `old` when non-zero.
+    L2Table { l1_index: u64, old: u64 },
+}
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum AllocState {
+    Io,
+    Ready,
+    Failed(RequestError),
+}
+
+#[derive(Debug)]
+struct Alloc {
+    task: u32,
+    what: AllocWhat,
+    host: u64,
+    count: u64,
+    state: AllocState,
+}
+
+/// A refcount decrement waiting for the entry that dropped the reference to be durable.
+#[derive(Debug, Clone, Copy)]
+struct Free {
+    host: u64,
+    /// Contiguous clusters from `host`.
+    count: u64,
+    /// Releasable once `cycles_done > tag`.
+    tag: u64,
+    /// Data ops issued before this sequence number must have completed.
+    op_seq: u64,
+}
+
+/// The qcow2 engine: a sans-IO state machine (see the crate documentation).
 #[derive(Debug)]
 pub struct Image {
-    _config: ImageConfig,
+    config: ImageConfig,
+    phase: Phase,
+    open: open::OpenState,
+    create: Option<CreateOptions>,
+
+    layout: Option<Layout>,
+    hdr: Header,
+    geo: Geometry,
+    header_buf: IoBuf,
+    info: Option<ImageInfo>,
+    read_only: bool,
+    l1: Vec<u64>,
+    l1_dirty: Vec<bool>,
+    reftable: Vec<u64>,
+    rt_dirty: Vec<bool>,
+    rt_relocated: bool,
+    header_dirty: bool,
+    l2: Cache,
+    rb: Cache,
+    next_free: u64,
+    free_list: Vec<u64>,
+    pending_frees: VecDeque<Free>,
+    staging: Vec<IoBuf>,
+
+    tasks: Vec<Option<Task>>,
+    task_free: Vec<u32>,
+    task_seq: u64,
+    runnable: VecDeque<u32>,
+    parked: Vec<u32>,
+    allocs: Vec<Option<Alloc>>,
+    alloc_free: Vec<u32>,
+
+    ops: Vec<Option<OpSlot>>,
+    op_free: Vec<u32>,
+    op_seq: u64,
+    ready: VecDeque<IoOp>,
+    events: VecDeque<Event>,
+
+    cycle: Option<writeback::Cycle>,
+    cycles_started: u64,
+    cycles_done: u64,
+    cycle_wanted: bool,
+    window: bool,
+    unsynced_data: bool,
+    poisoned: Option<RequestError>,
+}
+
+/// Outcome of trying to make progress on something that may have to wait.
+#[derive(Debug)]
+enum Block {
+    /// Wait; a later wake-up retries.
+    Park,
+    /// Give up with this error.
+    Fail(RequestError),
+}
+
+impl From<RequestError> for Block {
+    fn from(e: RequestError) -> Self {
+        Self::Fail(e)
+    }
 }
 
 impl Image {
-    /// Starts opening an image.
+    fn empty(config: ImageConfig) -> Self {
+        let max_requests = config.limits.max_requests.max(1);
+        let op_cap = max_requests * 8 + 256;
+        Self {
+            config,
+            phase: Phase::Opening,
+            open: open::OpenState::default(),
+            create: None,
+            layout: None,
+            hdr: Header::default(),
+            geo: Geometry::new(16, 4),
+            header_buf: IoBuf::zeroed(0),
+            info: None,
+            read_only: config.read_only || config.inspect_only,
+            l1: Vec::new(),
+            l1_dirty: Vec::new(),
+            reftable: Vec::new(),
+            rt_dirty: Vec::new(),
+            rt_relocated: false,
+            header_dirty: false,
+            l2: Cache::new(512, 2),
+            rb: Cache::new(512, 2),
+            next_free: 1,
+            free_list: Vec::with_capacity(4096),
+            pending_frees: VecDeque::with_capacity(1024),
+            staging: Vec::new(),
+            tasks: (0..max_requests).map(|_| None).collect(),
+            task_free: (0..max_requests as u32).rev().collect(),
+            task_seq: 0,
+            runnable: VecDeque::with_capacity(max_requests),
+            parked: Vec::with_capacity(max_requests),
+            allocs: (0..max_requests * 2).map(|_| None).collect(),
+            alloc_free: (0..(max_requests * 2) as u32).rev().collect(),
+            ops: (0..op_cap).map(|_| None).collect(),
+            op_free: (0..op_cap as u32).rev().collect(),
+            op_seq: 0,
+            ready: VecDeque::with_capacity(op_cap),
+            events: VecDeque::with_capacity(max_requests + 4),
+            cycle: None,
+            cycles_started: 0,
+            cycles_done: 0,
+            cycle_wanted: false,
+            window: false,
+            unsynced_data: false,
+            poisoned: None,
+        }
+    }
+
+    /// Starts opening the image described by `config`. No I/O happens here: the first
+    /// [`poll_io`](Self::poll_io) asks for the header. Opening ends with
+    /// [`Event::Opened`] or [`Event::OpenFailed`].
     pub fn open(config: ImageConfig) -> Self {
-        Self { _config: config }
+        let mut img = Self::empty(config);
+        img.pump();
+        img
     }
-    /// Starts creating an image.
-    pub fn create(config: ImageConfig, _opts: CreateOptions) -> Self {
-        Self { _config: config }
+
+    /// Starts formatting an empty file as a new image with `options`, then opens it (and
+    /// preallocates, if asked). Ends like [`open`](Self::open).
+    pub fn create(config: ImageConfig, options: CreateOptions) -> Self {
+        let mut img = Self::empty(ImageConfig { read_only: false, inspect_only: false, ..config });
+        img.read_only = false;
+        img.create = Some(options);
+        img.pump();
+        img
     }
-    /// Submits a request.
-    pub fn submit(&mut self, _req: Request) -> Result<ReqId, SubmitError> {
-        Err(SubmitError::NotOpen)
-    }
-    /// Completes an op.
-    pub fn complete(&mut self, _op: IoOp, _result: Result<usize, IoError>) {}
-    /// Next op.
-    pub fn poll_io(&mut self) -> Option<IoOp> {
-        None
-    }
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        None
-    }
-    /// Info.
+
+    /// The image's facts, once opened.
     pub fn info(&self) -> Option<&ImageInfo> {
+        self.info.as_ref()
+    }
+
+    /// Whether no request is in flight and nothing waits to be written back.
+    pub fn is_idle(&self) -> bool {
+        self.tasks.iter().all(Option::is_none) && self.cycle.is_none() && self.ready.is_empty()
+    }
+
+    /// Submits a request. Guest data stays with the caller: ops name spans of the request's
+    /// buffer, which must stay valid until the request's [`Event::Done`].
+    ///
+    /// After it, drain [`poll_io`](Self::poll_io) and [`poll_event`](Self::poll_event).
+    pub fn submit(&mut self, request: Request) -> Result<ReqId, SubmitError> {
+        match self.phase {
+            Phase::Opening | Phase::Failed => return Err(SubmitError::NotOpen),
+            Phase::Closed => return Err(RequestError::Closed.into()),
+            Phase::Open => {}
+        }
+        let size = self.hdr.size;
+        let (kind, offset, len) = match request {
+            Request::Read { offset, len } => (Kind::Read, offset, len),
+            Request::Write { offset, len } => (Kind::Write, offset, len),
+            Request::WriteZeroes { offset, len, unmap } => (Kind::Zeroes { unmap }, offset, len),
+            Request::Discard { offset, len } => (Kind::Discard, offset, len),
+            Request::Flush => (Kind::Flush, 0, 0),
+            Request::Resize { size, shrink } => (Kind::Resize { size, shrink }, 0, 0),
+            Request::BlockStatus { offset, len } => (Kind::Status, offset, len),
+            Request::Check { repair } => (Kind::Check { repair }, 0, 0),
+            Request::Close => (Kind::Close, 0, 0),
+        };
+        if let Some(e) = self.poisoned {
+            if kind.writes() || kind == Kind::Flush {
+                return Err(e.into());
+            }
+        }
+        if let Some(f) = self.layout.as_ref().and_then(|l| l.unsupported) {
+            if !matches!(kind, Kind::Close | Kind::Flush) {
+                return Err(RequestError::Unsupported(f).into());
+            }
+        }
+        if self.read_only && kind.writes() && kind != Kind::Close {
+            return Err(RequestError::ReadOnly.into());
+        }
+        if matches!(kind, Kind::Read | Kind::Write | Kind::Zeroes { .. } | Kind::Discard | Kind::Status) {
+            let out = RequestError::OutOfRange { offset, len, size };
+            if offset.checked_add(len).is_none_or(|e| e > size) {
+                return Err(out.into());
+            }
+            if len > self.config.limits.max_request_bytes && matches!(kind, Kind::Read | Kind::Write) {
+                return Err(out.into());
+            }
+        }
+        let Some(t) = self.task_free.pop() else { return Err(SubmitError::Busy) };
+        self.task_seq += 1;
+        let req = ReqId(t);
+        self.tasks[t as usize] = Some(Task {
+            req,
+            seq: self.task_seq,
+            kind,
+            origin: offset,
+            pos: offset,
+            end: offset + len,
+            inflight: 0,
+            error: None,
+            alloc: None,
+            wait_cycle: None,
+            sub: 0,
+            aux: 0,
+            status: None,
+            wrote: false,
+        });
+        self.runnable.push_back(t);
+        self.pump();
+        Ok(req)
+    }
+
+    /// The next op to perform, if any. Every op returned may be started at once,
+    /// concurrently with all other outstanding ops, in any order.
+    ///
+    /// Call after [`open`](Self::open), [`create`](Self::create), [`submit`](Self::submit) and
+    /// [`complete`](Self::complete), until it returns `None`.
+    pub fn poll_io(&mut self) -> Option<IoOp> {
+        self.ready.pop_front()
+    }
+
+    /// The next event, if any. Call after the same inputs as [`poll_io`](Self::poll_io).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Feeds back a finished op: the op itself (with every buffer it carried) and its result,
+    /// the bytes transferred or the error. Reads past the end of the file must come back
+    /// zero-filled.
+    pub fn complete(&mut self, op: IoOp, result: Result<usize, IoError>) {
+        let Some(slot) = self.ops.get_mut(op.id.0 as usize).and_then(Option::take) else {
+            debug_assert!(false, "completion of an unknown op {:?}", op.id);
+            return;
+        };
+        self.op_free.push(op.id.0);
+        let result = result.map(|_| ());
+        match slot.purpose {
+            Purpose::Open => self.open_complete(op, result),
+            Purpose::Guest { task, write } => {
+                if write && result.is_ok() {
+                    self.unsynced_data = true;
+                }
+                self.task_io_done(task, result.map_err(io_error));
+            }
+            Purpose::AllocWrite { alloc } => self.alloc_write_done(alloc, op, result),
+            Purpose::CowRead { alloc, part } => self.cow_read_done(alloc, part, op, result),
+            Purpose::TableRead { alloc } => self.table_read_done(alloc, op, result),
+            Purpose::TableWrite { alloc } => self.table_write_done(alloc, op, result),
+            Purpose::Load { rb, slot } => self.load_done(rb, slot, op, result),
+            Purpose::Writeback { pool } => self.writeback_done(pool, op, result),
+            Purpose::Sync => self.sync_done(result),
+            Purpose::TaskIo { task } => {
+                self.recycle(op);
+                self.task_io_done(task, result.map_err(io_error));
+            }
+        }
+        self.wake_all();
+        self.pump();
+    }
+
+    // ---- ops ----
+
+    fn op_room(&self, n: usize) -> bool {
+        self.op_free.len() >= n
+    }
+
+    fn issue(&mut self, purpose: Purpose, kind: IoKind, offset: u64, segments: Segments) {
+        let id = self.op_free.pop().expect("callers check op_room first");
+        let data = matches!(purpose, Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. });
+        self.op_seq += 1;
+        self.ops[id as usize] = Some(OpSlot { purpose, seq: if data { self.op_seq } else { u64::MAX } });
+        self.ready.push_back(IoOp { id: OpId(id), target: Target::Image, kind, offset, segments });
+    }
+
+    fn issue_buf(&mut self, purpose: Purpose, kind: IoKind, offset: u64, buf: IoBuf) {
+        let mut segs = ArrayVec::new();
+        segs.push(Segment::Buf(buf));
+        self.issue(purpose, kind, offset, segs);
+    }
+
+    fn issue_bare(&mut self, purpose: Purpose, kind: IoKind, offset: u64) {
+        self.issue(purpose, kind, offset, ArrayVec::new());
+    }
+
+    /// The oldest data op still outstanding, by issue sequence.
+    fn oldest_data_op(&self) -> u64 {
+        self.ops.iter().flatten().map(|s| s.seq).min().unwrap_or(u64::MAX)
+    }
+
+    /// Returns staging buffers carried by a finished op to the pool.
+    fn recycle(&mut self, op: IoOp) {
+        for seg in op.segments {
+            if let Segment::Buf(b) = seg {
+                self.put_staging(b);
+            }
+        }
+    }
+
+    fn staging_buf(&mut self, len: usize) -> IoBuf {
+        let cs = self.geo.cluster_size() as usize;
+        let mut b = match self.staging.pop() {
+            Some(b) if b.capacity() >= len => b,
+            _ => IoBuf::zeroed(len.max(cs)),
+        };
+        b.resize(len);
+        b
+    }
+
+    fn put_staging(&mut self, b: IoBuf) {
+        if b.capacity() >= self.geo.cluster_size() as usize && self.staging.len() < 64 {
+            self.staging.push(b);
+        }
+    }
+
+    // ---- scheduling ----
+
+    fn wake_all(&mut self) {
+        self.runnable.extend(self.parked.drain(..));
+    }
+
+    /// Steps runnable tasks and the write-back cycle until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            if self.phase == Phase::Opening {
+                self.open_pump();
+                if self.phase == Phase::Opening {
+                    return;
+                }
+            }
+            let mut moved = false;
+            while let Some(t) = self.runnable.pop_front() {
+                if self.tasks[t as usize].is_none() {
+                    continue;
+                }
+                moved = true;
+                if !self.step(t) {
+                    self.parked.push(t);
+                }
+            }
+            let cycles = self.cycles_done;
+            self.wb_pump();
+            if self.cycles_done != cycles {
+                self.wake_all();
+                moved = true;
+            }
+            if !moved || self.runnable.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Steps task `t`; false when it has to wait.
+    fn step(&mut self, t: u32) -> bool {
+        let task = self.tasks[t as usize].as_ref().expect("stepped tasks exist");
+        let (kind, seq) = (task.kind, task.seq);
+        // Exclusive operations wait for every older task; younger tasks wait for them.
+        let older_busy = self.tasks.iter().flatten().any(|o| o.seq < seq);
+        let exclusive_before = self.tasks.iter().flatten().any(|o| o.seq < seq && o.kind.exclusive());
+        if exclusive_before || (kind.exclusive() && older_busy) {
+            return false;
+        }
+        if let Some(e) = self.poisoned {
+            let task = self.tasks[t as usize].as_mut().expect("stepped tasks exist");
+            if task.error.is_none() && task.kind != Kind::Read && task.kind != Kind::Status {
+                task.error = Some(e);
+            }
+        }
+        let finished = match kind {
+            Kind::Read => self.step_read(t),
+            Kind::Write | Kind::Zeroes { .. } => self.step_write(t),
+            Kind::Discard => self.step_discard(t),
+            Kind::Status => self.step_status(t),
+            Kind::Flush => self.step_flush(t),
+            Kind::Close => self.step_close(t),
+            Kind::Resize { .. } => self.step_resize(t),
+            Kind::Prealloc(_) => self.step_prealloc(t),
+            Kind::Check { repair } => self.step_check(t, repair),
+        };
+        if finished {
+            self.finish(t);
+        }
+        finished
+    }
+
+    /// Completes task `t` (all its ops are back).
+    fn finish(&mut self, t: u32) {
+        let task = self.tasks[t as usize].take().expect("finished tasks exist");
+        self.task_free.push(t);
+        let result = match task.error {
+            Some(e) => Err(e),
+            None => Ok(match task.status {
+                Some(s) => Outcome::Status(s),
+                None => Outcome::Done,
+            }),
+        };
+        if task.kind == Kind::Close && result.is_ok() {
+            self.phase = Phase::Closed;
+        }
+        if let Kind::Prealloc(_) = task.kind {
+            self.open_prealloc_done(result.err());
+            self.wake_all();
+            return;
+        }
+        self.events.push_back(Event::Done { req: task.req, result });
+        self.wake_all();
+    }
+
+    fn task(&mut self, t: u32) -> &mut Task {
+        self.tasks[t as usize].as_mut().expect("live task")
+    }
+
+    fn task_io_done(&mut self, t: u32, result: Result<(), RequestError>) {
+        let task = self.task(t);
+        task.inflight -= 1;
+        if let Err(e) = result {
+            task.error.get_or_insert(e);
+        }
+        self.runnable.push_back(t);
+    }
+
+    /// Waits for a write-back cycle that starts after now; true once it is done.
+    fn wait_for_cycle(&mut self, t: u32) -> bool {
+        let started = self.cycles_started;
+        let task = self.task(t);
+        let target = *task.wait_cycle.get_or_insert(started + 1);
+        if self.poisoned.is_some() {
+            return true;
+        }
+        if self.cycles_done >= target {
+            return true;
+        }
+        self.cycle_wanted = true;
+        false
+    }
+
+    fn step_flush(&mut self, t: u32) -> bool {
+        self.wait_for_cycle(t)
+    }
+
+    fn step_close(&mut self, t: u32) -> bool {
+        if self.read_only || self.poisoned.is_some() {
+            return true;
+        }
+        loop {
+            if !self.wait_for_cycle(t) {
+                return false;
+            }
+            if !self.has_dirty_state() {
+                return true;
+            }
+            self.task(t).wait_cycle = None;
+        }
+    }
+
+    fn has_dirty_state(&self) -> bool {
+        self.l2.any_dirty()
+            || self.rb.any_dirty()
+            || self.l1_dirty.iter().any(|&d| d)
+            || self.rt_dirty.iter().any(|&d| d)
+            || self.rt_relocated
+            || self.header_dirty
+            || !self.pending_frees.is_empty()
+            || self.unsynced_data
+    }
+
+    fn step_check(&mut self, t: u32, repair: Option<Repair>) -> bool {
+        let _ = repair;
+        self.task(t).error = Some(RequestError::Unsupported(Feature::DirtyImageRepair));
+        true
+    }
+
+    // ---- failures ----
+
+    /// Fail-stop after a failed metadata write or flush.
+    fn poison(&mut self, e: IoError) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let err = if e.is_no_space() { RequestError::NoSpace } else { RequestError::Io(e) };
+        self.poisoned = Some(RequestError::Poisoned);
+        self.cycle = None;
+        self.window = false;
+        self.events.push_back(Event::Poisoned(err));
+        for task in self.tasks.iter_mut().flatten() {
+            if task.kind != Kind::Read && task.kind != Kind::Status {
+                task.error.get_or_insert(err);
+            }
+        }
+        self.wake_all();
+    }
+
+    /// Reports corruption found at run time: on a writable image the corrupt bit is set and
+    /// further writes are refused.
+    fn corrupt(&mut self, structure: Structure, offset: u64, reason: CorruptReason) -> RequestError {
+        let c = Corruption { structure, offset, reason };
+        if !self.read_only && self.hdr.version >= 3 {
+            self.hdr.incompatible_features |= incompat::CORRUPT;
+            self.hdr.encode(self.header_buf.as_mut_slice());
+            self.header_dirty = true;
+            self.cycle_wanted = true;
+        }
+        self.read_only = true;
+        RequestError::Corrupt(c)
+    }
+
+    /// Checks that a host cluster taken from an L2 entry may hold data.
+    fn check_data_cluster(&mut self, host: u64) -> Result<(), RequestError> {
+        let reason = if !self.geo.aligned(host) {
+            Some(CorruptReason::Unaligned)
+        } else if host < self.geo.cluster_size() {
+            Some(CorruptReason::PointsAtHeader)
+        } else {
+            self.metadata_overlap(host, self.geo.cluster_size()).map(CorruptReason::Overlap)
+        };
+        match reason {
+            Some(r) => Err(self.corrupt(Structure::DataCluster, host, r)),
+            None => Ok(()),
+        }
+    }
+
+    /// Which fixed metadata structure `[off, off+len)` overlaps, if any ("constant" checks).
+    fn metadata_overlap(&self, off: u64, len: u64) -> Option<Structure> {
+        let hit = |start: u64, bytes: u64| bytes > 0 && off < start + bytes && start < off + len;
+        let cs = self.geo.cluster_size();
+        if hit(0, cs) {
+            return Some(Structure::Header);
+        }
+        if hit(self.hdr.l1_table_offset, self.geo.round_up(u64::from(self.hdr.l1_size) * 8)) {
+            return Some(Structure::L1Table);
+        }
+        if hit(self.hdr.refcount_table_offset, u64::from(self.hdr.refcount_table_clusters) * cs) {
+            return Some(Structure::RefcountTable);
+        }
         None
     }
 }
+
+fn io_error(e: IoError) -> RequestError {
+    if e.is_no_space() {
+        RequestError::NoSpace
+    } else {
+        RequestError::Io(e)
+    }
+}
+
+fn be64(b: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+    u64::from_be_bytes(a)
+}
+
+fn put_be64(b: &mut [u8], i: usize, v: u64) {
+    b[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+#[allow(dead_code)]
+fn _assert_types(_: CacheMode) {}

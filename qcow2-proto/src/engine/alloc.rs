@@ -1,0 +1,329 @@
+//! Host cluster allocation and refcount updates.
+//!
+//! New clusters come from clusters freed during this session first, then from `next_free`,
+//! which starts at the end of the file: sequential allocations get contiguous host space.
+//! Every candidate's refcount is read before use (a crash may leave refcounted clusters past
+//! the end of the file). Decrements wait in `pending_frees` until a write-back cycle made the
+//! dropping entry durable (rule B).
+
+use crate::error::{CorruptReason, RequestError, Structure, Table};
+use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::format::MAX_REFTABLE_BYTES;
+use crate::io::{IoError, IoKind, IoOp, Segment};
+
+use super::cache::Lookup;
+use super::{Block, Free, Image, Purpose, TABLE_CHUNK};
+
+/// Host offsets must fit the 56-bit offset fields.
+const MAX_HOST: u64 = 1 << 56;
+/// Freed clusters remembered for reuse.
+const FREE_LIST_CAP: usize = 4096;
+/// Pending decrement runs before writers wait for a write-back cycle.
+pub(super) const PENDING_FREES_CAP: usize = 16384;
+
+impl Image {
+    /// The refcount cache slot of the block covering host cluster `c`; `None` when no block
+    /// covers it (every refcount there is 0).
+    pub(super) fn rb_slot(&mut self, c: u64) -> Result<Option<u32>, Block> {
+        let ri = (c >> self.geo.rb_bits) as usize;
+        let Some(&entry) = self.reftable.get(ri) else { return Ok(None) };
+        let off = entry & REFTABLE_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !self.geo.aligned(off) {
+            return Err(self.corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned).into());
+        }
+        self.cached(true, off)
+    }
+
+    /// Slot of the cached unit at `key` (refcount cache when `rb`), loading it if needed.
+    pub(super) fn cached(&mut self, rb: bool, key: u64) -> Result<Option<u32>, Block> {
+        let cache = if rb { &mut self.rb } else { &mut self.l2 };
+        match cache.lookup(key) {
+            Lookup::Hit(i) => Ok(Some(i)),
+            Lookup::Loading => Err(Block::Park),
+            Lookup::Failed(e) => {
+                cache.forget(key);
+                Err(Block::Fail(super::io_error(e)))
+            }
+            Lookup::Miss => {
+                if !self.op_room(1) {
+                    return Err(Block::Park);
+                }
+                let cache = if rb { &mut self.rb } else { &mut self.l2 };
+                let Some((slot, buf)) = cache.start_load(key) else {
+                    // Every slot is dirty: a write-back cycle will make room.
+                    self.cycle_wanted = true;
+                    return Err(Block::Park);
+                };
+                self.issue_buf(Purpose::Load { rb, slot }, IoKind::Read, key, buf);
+                Err(Block::Park)
+            }
+        }
+    }
+
+    pub(super) fn load_done(&mut self, rb: bool, slot: u32, op: IoOp, result: Result<(), IoError>) {
+        let Some(Segment::Buf(buf)) = op.segments.into_iter().next() else { return };
+        let cache = if rb { &mut self.rb } else { &mut self.l2 };
+        cache.finish_load(slot, buf, result);
+    }
+
+    fn refcount(&self, slot: u32, c: u64) -> u64 {
+        let idx = (c & (self.geo.rb_entries() - 1)) as usize;
+        refcount::get(self.rb.data(slot), self.geo.refcount_order, idx)
+    }
+
+    fn set_refcount(&mut self, slot: u32, c: u64, v: u64) {
+        let idx = (c & (self.geo.rb_entries() - 1)) as usize;
+        let order = self.geo.refcount_order;
+        refcount::set(self.rb.data_mut(slot), order, idx, v);
+    }
+
+    /// Allocates up to `want` contiguous host clusters (exactly `want` when `exact`) with
+    /// refcount 1; returns the first host offset and the count.
+    pub(super) fn alloc_clusters(&mut self, want: u64, exact: bool) -> Result<(u64, u64), Block> {
+        let cb = self.geo.cluster_bits;
+        if !exact {
+            while let Some(c) = self.free_list.pop() {
+                match self.rb_slot(c) {
+                    Ok(Some(slot)) if self.refcount(slot, c) == 0 => {
+                        self.set_refcount(slot, c, 1);
+                        self.forget_cluster(c);
+                        return Ok((c << cb, 1));
+                    }
+                    Ok(_) => continue,
+                    Err(b) => {
+                        self.free_list.push(c);
+                        return Err(b);
+                    }
+                }
+            }
+        }
+        if exact {
+            self.ensure_refblocks(want)?;
+        }
+        let mut c = self.next_free;
+        let mut start = c;
+        let mut count = 0u64;
+        while count < want {
+            if (c + 1) << cb > MAX_HOST {
+                if count > 0 && !exact {
+                    break;
+                }
+                self.undo(start, count);
+                return Err(RequestError::NoSpace.into());
+            }
+            match self.rb_slot(c) {
+                Ok(Some(slot)) => {
+                    if self.refcount(slot, c) != 0 {
+                        if count > 0 && !exact {
+                            break;
+                        }
+                        self.undo(start, count);
+                        c += 1;
+                        start = c;
+                        count = 0;
+                        continue;
+                    }
+                    self.set_refcount(slot, c, 1);
+                    count += 1;
+                    c += 1;
+                }
+                Ok(None) => {
+                    if count > 0 && !exact {
+                        break;
+                    }
+                    self.undo(start, count);
+                    if self.window {
+                        return Err(Block::Park);
+                    }
+                    self.new_refblock(c)?;
+                    c = self.next_free;
+                    start = c;
+                    count = 0;
+                }
+                Err(b) => {
+                    if count > 0 && !exact {
+                        break;
+                    }
+                    self.undo(start, count);
+                    self.next_free = start;
+                    return Err(b);
+                }
+            }
+        }
+        self.next_free = start + count;
+        for i in 0..count {
+            self.forget_cluster(start + i);
+        }
+        Ok((start << cb, count))
+    }
+
+    /// Makes sure refcount blocks exist for the `want` clusters from `next_free`, placing
+    /// missing ones before that run, so that an exact run can span several blocks.
+    fn ensure_refblocks(&mut self, want: u64) -> Result<(), Block> {
+        loop {
+            let start = self.next_free;
+            let (first, last) = (start >> self.geo.rb_bits, (start + want - 1) >> self.geo.rb_bits);
+            let Some(ri) = (first..=last).find(|&ri| self.reftable.get(ri as usize).is_none_or(|&e| e == 0)) else {
+                return Ok(());
+            };
+            if self.window {
+                return Err(Block::Park);
+            }
+            if ri as usize >= self.reftable.len() && ri != first {
+                // Grow the table first (the block for `first`'s range lands inside it).
+                let c = self.next_free;
+                let (off, _) = self.alloc_clusters(1, false)?;
+                self.queue_free(off);
+                let _ = c;
+                if (ri as usize) < self.reftable.len() {
+                    continue;
+                }
+                return Err(RequestError::TooLarge(Table::Refcount).into());
+            }
+            let (off, _) = self.alloc_clusters(1, false)?;
+            let covered = self.reftable.get(ri as usize).is_some_and(|&e| e != 0);
+            if covered {
+                // The allocation itself created the block (self-describing): give back the
+                // cluster it returned.
+                self.queue_free(off);
+                continue;
+            }
+            self.rb.forget(off);
+            let Some(_slot) = self.rb.insert_zeroed(off) else {
+                self.queue_free(off);
+                self.cycle_wanted = true;
+                return Err(Block::Park);
+            };
+            self.reftable[ri as usize] = off;
+            self.rt_dirty[ri as usize * 8 / TABLE_CHUNK] = true;
+        }
+    }
+
+    /// Takes back refcounts just set by an unfinished exact allocation.
+    fn undo(&mut self, start: u64, count: u64) {
+        for c in start..start + count {
+            if let Ok(Some(slot)) = self.rb_slot(c) {
+                self.set_refcount(slot, c, 0);
+            }
+        }
+    }
+
+    /// A new refcount block at host cluster `c`, describing itself.
+    fn new_refblock(&mut self, c: u64) -> Result<(), Block> {
+        let ri = (c >> self.geo.rb_bits) as usize;
+        if ri >= self.reftable.len() {
+            return self.grow_reftable(c, ri);
+        }
+        let key = c << self.geo.cluster_bits;
+        self.rb.forget(key);
+        let Some(slot) = self.rb.insert_zeroed(key) else {
+            self.cycle_wanted = true;
+            return Err(Block::Park);
+        };
+        self.set_refcount(slot, c, 1);
+        self.reftable[ri] = key;
+        self.rt_dirty[ri * 8 / TABLE_CHUNK] = true;
+        self.next_free = c + 1;
+        Ok(())
+    }
+
+    /// A bigger refcount table: a new refcount block at `c`, the table right after it (both
+    /// described by that block); the header switches to it in the next write-back cycle and
+    /// the old table is freed after that.
+    fn grow_reftable(&mut self, c: u64, ri: usize) -> Result<(), Block> {
+        let cs = self.geo.cluster_size();
+        let entries = (ri + 1).max(self.reftable.len() * 3 / 2 + 1) as u64;
+        let bytes = self.geo.round_up(entries * 8);
+        if bytes > MAX_REFTABLE_BYTES {
+            return Err(RequestError::TooLarge(Table::Refcount).into());
+        }
+        let k = bytes / cs;
+        if (c + k) >> self.geo.rb_bits != ri as u64 {
+            return Err(RequestError::TooLarge(Table::Refcount).into());
+        }
+        let key = c << self.geo.cluster_bits;
+        self.rb.forget(key);
+        let Some(slot) = self.rb.insert_zeroed(key) else {
+            self.cycle_wanted = true;
+            return Err(Block::Park);
+        };
+        for j in 0..=k {
+            self.set_refcount(slot, c + j, 1);
+        }
+        let old_off = self.hdr.refcount_table_offset >> self.geo.cluster_bits;
+        for j in 0..u64::from(self.hdr.refcount_table_clusters) {
+            self.queue_free((old_off + j) << self.geo.cluster_bits);
+        }
+        self.reftable.resize((bytes / 8) as usize, 0);
+        self.reftable[ri] = key;
+        self.rt_dirty = vec![false; (bytes as usize).div_ceil(TABLE_CHUNK)];
+        self.rt_relocated = true;
+        self.hdr.refcount_table_offset = (c + 1) << self.geo.cluster_bits;
+        self.hdr.refcount_table_clusters = k as u32;
+        self.hdr.encode(self.header_buf.as_mut_slice());
+        self.header_dirty = true;
+        self.next_free = c + 1 + k;
+        Ok(())
+    }
+
+    /// Drops cached metadata of a cluster that changes owner.
+    fn forget_cluster(&mut self, c: u64) {
+        let cs = self.geo.cluster_size();
+        let key = c << self.geo.cluster_bits;
+        self.rb.forget(key);
+        let unit = self.l2.unit as u64;
+        let mut off = 0;
+        while off < cs {
+            self.l2.forget(key + off);
+            off += unit;
+        }
+    }
+
+    /// Queues the decrement of host cluster `host` (rule B: applied after the next cycle).
+    pub(super) fn queue_free(&mut self, host: u64) {
+        let (tag, op_seq) = (self.cycles_started, self.op_seq);
+        if let Some(last) = self.pending_frees.back_mut() {
+            let end = last.host + (last.count << self.geo.cluster_bits);
+            if last.tag == tag && last.op_seq == op_seq && end == host {
+                last.count += 1;
+                return;
+            }
+        }
+        self.pending_frees.push_back(Free { host, count: 1, tag, op_seq });
+    }
+
+    /// Applies every decrement that is now safe; `Park` while a refcount block loads.
+    pub(super) fn release_frees(&mut self, cycle: u64) -> Result<(), Block> {
+        let cb = self.geo.cluster_bits;
+        while let Some(f) = self.pending_frees.front().copied() {
+            if f.tag >= cycle || self.oldest_data_op() <= f.op_seq {
+                return Ok(());
+            }
+            let c = f.host >> cb;
+            match self.rb_slot(c) {
+                Ok(Some(slot)) => {
+                    let rc = self.refcount(slot, c);
+                    if rc > 0 {
+                        self.set_refcount(slot, c, rc - 1);
+                        if rc == 1 && self.free_list.len() < FREE_LIST_CAP {
+                            self.free_list.push(c);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(Block::Park) => return Err(Block::Park),
+                Err(Block::Fail(_)) => {}
+            }
+            let front = self.pending_frees.front_mut().expect("front exists");
+            front.count -= 1;
+            front.host += 1 << cb;
+            if front.count == 0 {
+                self.pending_frees.pop_front();
+            }
+        }
+        Ok(())
+    }
+}

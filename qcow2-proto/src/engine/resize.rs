@@ -1,0 +1,205 @@
+//! Resize: grow (with a bigger L1 when needed) and shrink (refused over allocated data
+//! unless the caller consents).
+//!
+//! Every table switch follows rule D: the new L1 is written, then the header points at it in
+//! the next write-back cycle (after the barrier that makes the table durable), and the old
+//! L1 is freed after that.
+
+use crate::error::{Feature, RequestError, Table};
+use crate::format::entry::Mapping;
+use crate::format::MAX_L1_BYTES;
+use crate::io::{IoBuf, IoKind};
+
+use super::tasks::Edit;
+use super::{put_be64, Block, Body, Image, Kind, Purpose, TABLE_CHUNK};
+
+mod sub {
+    pub(super) const START: u8 = 0;
+    pub(super) const ZERO_OLD_TAIL: u8 = 1;
+    pub(super) const GROW_L1: u8 = 2;
+    pub(super) const SWITCH_L1: u8 = 3;
+    pub(super) const SET_SIZE: u8 = 4;
+    pub(super) const WAIT: u8 = 5;
+    pub(super) const SCAN_TAIL: u8 = 6;
+    pub(super) const DROP_TAIL: u8 = 7;
+}
+
+impl Image {
+    pub(super) fn step_resize(&mut self, t: u32) -> bool {
+        let Kind::Resize { size: new, shrink } = self.task(t).kind else { return true };
+        let old = self.hdr.size;
+        let cs = self.geo.cluster_size();
+        loop {
+            if !self.settle_alloc(t) {
+                return false;
+            }
+            let task = self.task(t);
+            if task.error.is_some() {
+                return task.inflight == 0 && task.alloc.is_none();
+            }
+            match task.sub {
+                sub::START => {
+                    let snapshots = self.hdr.nb_snapshots > 0;
+                    let err = if new % 512 != 0 {
+                        Some(RequestError::UnalignedSize)
+                    } else if snapshots && self.hdr.version < 3 {
+                        Some(RequestError::Unsupported(Feature::ResizeV2WithSnapshots))
+                    } else if snapshots && new < old {
+                        Some(RequestError::Unsupported(Feature::ShrinkWithSnapshots))
+                    } else if self.geo.l1_entries_for(new) * 8 > MAX_L1_BYTES {
+                        Some(RequestError::TooLarge(Table::ActiveL1))
+                    } else {
+                        None
+                    };
+                    let task = self.task(t);
+                    if let Some(e) = err {
+                        task.error = Some(e);
+                        continue;
+                    }
+                    if new >= old {
+                        task.pos = old;
+                        task.end = new.min(old.next_multiple_of(cs));
+                        task.sub = sub::ZERO_OLD_TAIL;
+                    } else {
+                        task.pos = new;
+                        task.end = old;
+                        task.sub = if shrink { sub::DROP_TAIL } else { sub::SCAN_TAIL };
+                        if shrink {
+                            task.pos = new.next_multiple_of(cs);
+                        }
+                    }
+                }
+                sub::ZERO_OLD_TAIL => {
+                    // Bytes of the old last cluster past the old end must read as zero.
+                    let task = self.task(t);
+                    if task.pos >= task.end {
+                        if task.inflight > 0 {
+                            return false;
+                        }
+                        task.sub = sub::GROW_L1;
+                        continue;
+                    }
+                    if !self.op_room(3) {
+                        return false;
+                    }
+                    if let Err(b) = self.write_piece(t, Body::Zeroes) {
+                        match b {
+                            Block::Park => return false,
+                            Block::Fail(e) => self.task(t).error = Some(e),
+                        }
+                    }
+                }
+                sub::GROW_L1 => {
+                    let need = self.geo.l1_entries_for(new) as usize;
+                    if need <= self.l1.len() {
+                        self.task(t).sub = sub::SET_SIZE;
+                        continue;
+                    }
+                    if self.window || !self.op_room(1) {
+                        return false;
+                    }
+                    let bytes = self.geo.round_up(need as u64 * 8);
+                    let (host, _) = match self.alloc_clusters(bytes / cs, true) {
+                        Ok(x) => x,
+                        Err(Block::Park) => return false,
+                        Err(Block::Fail(e)) => {
+                            self.task(t).error = Some(e);
+                            continue;
+                        }
+                    };
+                    let mut buf = IoBuf::zeroed(bytes as usize);
+                    for (i, &e) in self.l1.iter().enumerate() {
+                        put_be64(buf.as_mut_slice(), i, e);
+                    }
+                    self.issue_buf(Purpose::TaskIo { task: t }, IoKind::Write, host, buf);
+                    let task = self.task(t);
+                    task.inflight += 1;
+                    task.aux = host;
+                    task.sub = sub::SWITCH_L1;
+                }
+                sub::SWITCH_L1 => {
+                    if self.task(t).inflight > 0 || self.window {
+                        return false;
+                    }
+                    let need = self.geo.l1_entries_for(new) as usize;
+                    let old_off = self.hdr.l1_table_offset;
+                    let old_clusters = self.geo.round_up(u64::from(self.hdr.l1_size) * 8) / cs;
+                    if old_off != 0 {
+                        for j in 0..old_clusters {
+                            self.queue_free(old_off + j * cs);
+                        }
+                    }
+                    self.l1.resize(need, 0);
+                    self.l1_dirty = vec![false; (need * 8).div_ceil(TABLE_CHUNK)];
+                    self.hdr.l1_table_offset = self.task(t).aux;
+                    self.hdr.l1_size = need as u32;
+                    self.task(t).sub = sub::SET_SIZE;
+                }
+                sub::SET_SIZE => {
+                    if self.window {
+                        return false;
+                    }
+                    self.hdr.size = new;
+                    self.hdr.encode(self.header_buf.as_mut_slice());
+                    self.header_dirty = true;
+                    if let Some(info) = self.info.as_mut() {
+                        info.size = new;
+                    }
+                    self.task(t).sub = sub::WAIT;
+                }
+                sub::WAIT => return self.wait_for_cycle(t),
+                sub::SCAN_TAIL => {
+                    // Without consent, shrinking may only drop unallocated space.
+                    let cb = self.geo.cluster_bits;
+                    let (pos, end) = (self.task(t).pos, self.task(t).end);
+                    if pos >= end {
+                        let task = self.task(t);
+                        task.pos = new.next_multiple_of(cs);
+                        task.sub = sub::DROP_TAIL;
+                        continue;
+                    }
+                    let gc = pos >> cb;
+                    let l1i = gc >> self.geo.l2_bits;
+                    let next = match self.l1_l2(l1i) {
+                        Err(e) => {
+                            self.task(t).error = Some(e);
+                            continue;
+                        }
+                        Ok(None) => (l1i + 1) << (cb + self.geo.l2_bits),
+                        Ok(Some(l2)) => match self.l2_entry_slot(l2, gc) {
+                            Err(Block::Park) => return false,
+                            Err(Block::Fail(e)) => {
+                                self.task(t).error = Some(e);
+                                continue;
+                            }
+                            Ok((slot, idx)) => match self.entry(slot, idx).mapping(cb) {
+                                Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                                    self.task(t).error = Some(RequestError::ShrinkDropsData(pos));
+                                    continue;
+                                }
+                                _ => (gc + 1) << cb,
+                            },
+                        },
+                    };
+                    self.task(t).pos = next;
+                }
+                sub::DROP_TAIL => {
+                    let task = self.task(t);
+                    if task.pos >= task.end {
+                        task.sub = sub::SET_SIZE;
+                        continue;
+                    }
+                    if !self.op_room(2) {
+                        return false;
+                    }
+                    match self.edit_clusters(t, Edit::Full) {
+                        Ok(()) => {}
+                        Err(Block::Park) => return false,
+                        Err(Block::Fail(e)) => self.task(t).error = Some(e),
+                    }
+                }
+                _ => return true,
+            }
+        }
+    }
+}

@@ -1,0 +1,810 @@
+//! Guest request tasks: read, write, write-zeroes, discard, block status, preallocation;
+//! and the allocations they start (data runs, new or copied L2 tables).
+
+use arrayvec::ArrayVec;
+
+use crate::config::{CacheMode, Preallocation};
+use crate::error::{CorruptReason, Feature, RequestError, Structure};
+use crate::format::entry::{L1Entry, L2Entry, Mapping, COPIED, OFFSET_MASK};
+use crate::io::{IoError, IoKind, IoOp, Segment};
+use crate::request::{Allocation, BlockStatus};
+
+use super::alloc::PENDING_FREES_CAP;
+use super::{be64, io_error, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose, TABLE_CHUNK};
+
+/// Ops one task may have outstanding at once.
+const MAX_TASK_OPS: u32 = 16;
+
+/// What a full-cluster edit does.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+pub(super) enum Edit {
+    /// Write-zeroes of whole clusters (zero flag on v3).
+    Zero { unmap: bool },
+    /// Guest discard (reads as zero afterwards).
+    Discard,
+    /// Drop the mapping entirely (shrink).
+    Full,
+}
+
+/// The new entry (if it changes) and the host cluster to free (if any) for `edit` on `m`.
+fn edit_entry(m: Mapping, edit: Edit, v3: bool) -> Result<(Option<L2Entry>, Option<u64>), RequestError> {
+    Ok(match (m, edit) {
+        (Mapping::Compressed { .. }, _) => return Err(RequestError::Unsupported(Feature::CompressedClusters)),
+        (Mapping::Unallocated, _) => (None, None),
+        (Mapping::Zero { host: 0, .. }, Edit::Full) => (Some(L2Entry(0)), None),
+        (Mapping::Zero { host: 0, .. }, _) => (None, None),
+        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, Edit::Full) => (Some(L2Entry(0)), Some(host)),
+        (Mapping::Data { host, .. }, _) if !v3 => (Some(L2Entry(0)), Some(host)),
+        (Mapping::Zero { .. }, Edit::Zero { unmap: false }) => (None, None),
+        (Mapping::Data { host, copied: true }, Edit::Zero { unmap: false }) => (Some(L2Entry::zero(host, true)), None),
+        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, _) => (Some(L2Entry::zero(0, false)), Some(host)),
+    })
+}
+
+impl Image {
+    // ---- lookups ----
+
+    /// The L2 table offset under L1 index `l1i`, validated; `None` when unallocated.
+    pub(super) fn l1_l2(&mut self, l1i: u64) -> Result<Option<u64>, RequestError> {
+        let Some(&raw) = self.l1.get(l1i as usize) else { return Ok(None) };
+        let off = L1Entry(raw).l2_offset();
+        if off == 0 {
+            return Ok(None);
+        }
+        if !self.geo.aligned(off) {
+            return Err(self.corrupt(Structure::L1Table, raw, CorruptReason::Unaligned));
+        }
+        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size()) {
+            return Err(self.corrupt(Structure::L2Table, off, CorruptReason::Overlap(s)));
+        }
+        Ok(Some(off))
+    }
+
+    /// The cache slot holding guest cluster `gc`'s entry of table `l2`, and its index there.
+    pub(super) fn l2_entry_slot(&mut self, l2: u64, gc: u64) -> Result<(u32, usize), Block> {
+        let byte = (gc & (self.geo.l2_entries() - 1)) * 8;
+        let unit = self.l2.unit as u64;
+        let slot = self.cached(false, l2 + byte / unit * unit)?.expect("L2 lookups always give a slot");
+        Ok((slot, ((byte % unit) / 8) as usize))
+    }
+
+    pub(super) fn entry(&self, slot: u32, idx: usize) -> L2Entry {
+        L2Entry(be64(self.l2.data(slot), idx))
+    }
+
+    fn set_entry(&mut self, slot: u32, idx: usize, e: L2Entry) {
+        put_be64(self.l2.data_mut(slot), idx, e.0);
+    }
+
+    fn per_slice(&self) -> usize {
+        self.l2.unit / 8
+    }
+
+    /// Decodes and validates an L2 entry (`at` = guest cluster, for messages).
+    fn mapping(&mut self, e: L2Entry) -> Result<Mapping, RequestError> {
+        let m = e.mapping(self.geo.cluster_bits);
+        match m {
+            Mapping::Zero { .. } if self.hdr.version < 3 => {
+                Err(self.corrupt(Structure::L2Table, e.0, CorruptReason::ZeroFlagInV2))
+            }
+            Mapping::Data { host, .. } => self.check_data_cluster(host).map(|()| m),
+            Mapping::Zero { host, .. } if host != 0 => self.check_data_cluster(host).map(|()| m),
+            _ => Ok(m),
+        }
+    }
+
+    /// The in-flight data allocation covering guest cluster `gc`, if any.
+    fn alloc_covering(&self, gc: u64) -> bool {
+        self.allocs.iter().flatten().any(|a| match a.what {
+            AllocWhat::Data { guest_cluster, .. } => (guest_cluster..guest_cluster + a.count).contains(&gc),
+            AllocWhat::L2Table { .. } => false,
+        })
+    }
+
+    fn new_alloc(&mut self, a: Alloc) -> u32 {
+        let i = self.alloc_free.pop().expect("allocation slots outnumber tasks");
+        self.allocs[i as usize] = Some(a);
+        i
+    }
+
+    fn drop_alloc(&mut self, a: u32) -> Alloc {
+        self.alloc_free.push(a);
+        self.allocs[a as usize].take().expect("live allocation")
+    }
+
+    // ---- read ----
+
+    pub(super) fn step_read(&mut self, t: u32) -> bool {
+        let cb = self.geo.cluster_bits;
+        loop {
+            let task = self.task(t);
+            let (pos, end, origin, req) = (task.pos, task.end, task.origin, task.req);
+            if task.error.is_some() || pos >= end {
+                return task.inflight == 0;
+            }
+            if task.inflight >= MAX_TASK_OPS || !self.op_room(1) {
+                return false;
+            }
+            let gc = pos >> cb;
+            if self.alloc_covering(gc) {
+                return false;
+            }
+            let l1i = gc >> self.geo.l2_bits;
+            let (extent_end, host) = match self.l1_l2(l1i) {
+                Err(e) => {
+                    self.task(t).error = Some(e);
+                    continue;
+                }
+                Ok(None) => (end.min((l1i + 1) << (cb + self.geo.l2_bits)), None),
+                Ok(Some(l2)) => match self.read_extent(l2, gc, end) {
+                    Ok(x) => x,
+                    Err(Block::Park) => return false,
+                    Err(Block::Fail(e)) => {
+                        self.task(t).error = Some(e);
+                        continue;
+                    }
+                },
+            };
+            let len = (extent_end - pos) as usize;
+            let mut segs = ArrayVec::new();
+            segs.push(Segment::Guest { req, start: (pos - origin) as usize, len });
+            match host {
+                Some(h) => self.issue(Purpose::Guest { task: t, write: false }, IoKind::Read, h + (pos - (gc << cb)), segs),
+                None => self.issue(Purpose::Guest { task: t, write: false }, IoKind::ZeroFill, 0, segs),
+            }
+            let task = self.task(t);
+            task.inflight += 1;
+            task.pos = extent_end;
+        }
+    }
+
+    /// The extent starting at guest cluster `gc`: its end and its host cluster (`None` when
+    /// it reads as zero).
+    fn read_extent(&mut self, l2: u64, gc: u64, end: u64) -> Result<(u64, Option<u64>), Block> {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let (slot, idx) = self.l2_entry_slot(l2, gc)?;
+        let first = self.mapping(self.entry(slot, idx))?;
+        let host = match first {
+            Mapping::Data { host, .. } => Some(host),
+            Mapping::Compressed { .. } => return Err(RequestError::Unsupported(Feature::CompressedClusters).into()),
+            Mapping::Unallocated | Mapping::Zero { .. } => None,
+        };
+        let mut n = 1;
+        while idx + n < self.per_slice() && (gc + n as u64) << cb < end && !self.alloc_covering(gc + n as u64) {
+            let m = self.entry(slot, idx + n).mapping(cb);
+            let same = match (host, m) {
+                (Some(h), Mapping::Data { host: h2, .. }) => h2 == h + n as u64 * cs,
+                (None, Mapping::Unallocated) => true,
+                (None, Mapping::Zero { .. }) => self.hdr.version >= 3,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            n += 1;
+        }
+        Ok((end.min((gc + n as u64) << cb), host))
+    }
+
+    // ---- write and write-zeroes ----
+
+    pub(super) fn step_write(&mut self, t: u32) -> bool {
+        let cb = self.geo.cluster_bits;
+        loop {
+            if !self.settle_alloc(t) {
+                return false;
+            }
+            let task = self.task(t);
+            let (pos, end, kind) = (task.pos, task.end, task.kind);
+            if task.error.is_some() || pos >= end {
+                if task.inflight > 0 {
+                    return false;
+                }
+                let wrote = task.wrote && task.error.is_none();
+                if wrote && self.config.cache_mode == CacheMode::WriteThrough {
+                    return self.wait_for_cycle(t);
+                }
+                return true;
+            }
+            if self.pending_frees.len() >= PENDING_FREES_CAP {
+                self.cycle_wanted = true;
+                return false;
+            }
+            if self.task(t).inflight >= MAX_TASK_OPS || !self.op_room(3) {
+                return false;
+            }
+            let gc = pos >> cb;
+            if self.alloc_covering(gc) {
+                return false;
+            }
+            let result = match kind {
+                Kind::Zeroes { unmap } if self.full_cluster_at(pos, end) => self.edit_clusters(t, Edit::Zero { unmap }),
+                Kind::Zeroes { .. } => self.write_piece(t, Body::Zeroes),
+                _ => self.write_piece(t, Body::Guest),
+            };
+            match result {
+                Ok(()) => {}
+                Err(Block::Park) => return false,
+                Err(Block::Fail(e)) => {
+                    self.task(t).error.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    /// Whether `[pos, end)` starts with a whole cluster (the partial last cluster of the
+    /// image counts as whole).
+    fn full_cluster_at(&self, pos: u64, end: u64) -> bool {
+        let cs = self.geo.cluster_size();
+        pos % cs == 0 && (end - pos >= cs || end == self.hdr.size)
+    }
+
+    /// Handles the pending allocation of task `t`; false while it must wait.
+    pub(super) fn settle_alloc(&mut self, t: u32) -> bool {
+        let Some(a) = self.task(t).alloc else { return true };
+        let state = self.allocs[a as usize].as_ref().expect("task allocations are live").state;
+        match state {
+            AllocState::Io => false,
+            AllocState::Failed(e) => {
+                self.abort_alloc(a);
+                let task = self.task(t);
+                task.alloc = None;
+                task.error.get_or_insert(e);
+                true
+            }
+            AllocState::Ready => match self.link_data(a) {
+                Ok(()) => {
+                    self.task(t).alloc = None;
+                    true
+                }
+                Err(Block::Park) => false,
+                Err(Block::Fail(e)) => {
+                    self.abort_alloc(a);
+                    let task = self.task(t);
+                    task.alloc = None;
+                    task.error.get_or_insert(e);
+                    true
+                }
+            },
+        }
+    }
+
+    /// Gives back the clusters of an allocation that will never be linked.
+    fn abort_alloc(&mut self, a: u32) {
+        let alloc = self.drop_alloc(a);
+        for i in 0..alloc.count {
+            self.queue_free(alloc.host + (i << self.geo.cluster_bits));
+        }
+        if let AllocWhat::Data { staged, .. } = alloc.what {
+            for b in staged.into_iter().flatten() {
+                self.put_staging(b);
+            }
+        }
+        self.wake_all();
+    }
+
+    /// One run of a write at the task's position: in place, or into new clusters.
+    pub(super) fn write_piece(&mut self, t: u32, body: Body) -> Result<(), Block> {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let task = self.task(t);
+        let (pos, end, origin, req) = (task.pos, task.end, task.origin, task.req);
+        let gc = pos >> cb;
+        let l2 = self.owned_l2(t, gc >> self.geo.l2_bits)?;
+        let (slot, idx) = self.l2_entry_slot(l2, gc)?;
+        let first = self.mapping(self.entry(slot, idx))?;
+        let limit = |n: usize| (gc + n as u64) << cb;
+        let body_seg = |start: u64, len: u64| match body {
+            Body::Guest => Segment::Guest { req, start: (start - origin) as usize, len: len as usize },
+            Body::Zeroes => Segment::Zeroes(len as usize),
+        };
+        match first {
+            Mapping::Compressed { .. } => Err(RequestError::Unsupported(Feature::CompressedClusters).into()),
+            Mapping::Data { host, copied: true } => {
+                let mut n = 1;
+                while idx + n < self.per_slice()
+                    && limit(n) < end
+                    && !self.alloc_covering(gc + n as u64)
+                    && self.entry(slot, idx + n).mapping(cb)
+                        == (Mapping::Data { host: host + n as u64 * cs, copied: true })
+                {
+                    n += 1;
+                }
+                let run_end = end.min(limit(n));
+                let mut segs = ArrayVec::new();
+                segs.push(body_seg(pos, run_end - pos));
+                self.issue(Purpose::Guest { task: t, write: true }, IoKind::Write, host + (pos - (gc << cb)), segs);
+                let task = self.task(t);
+                task.inflight += 1;
+                task.pos = run_end;
+                task.wrote = true;
+                Ok(())
+            }
+            Mapping::Unallocated | Mapping::Zero { .. } if body == Body::Zeroes => {
+                // A partial zero write into a cluster that reads as zero: nothing to do.
+                self.task(t).pos = end.min(limit(1));
+                Ok(())
+            }
+            _ => {
+                let mut n = 1;
+                if body == Body::Guest {
+                    while idx + n < self.per_slice() && limit(n) < end && !self.alloc_covering(gc + n as u64) {
+                        match self.entry(slot, idx + n).mapping(cb) {
+                            Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => break,
+                            _ => n += 1,
+                        }
+                    }
+                }
+                let (host, got) = self.alloc_clusters(n as u64, false)?;
+                let body_end = end.min(limit(got as usize));
+                let head = pos - (gc << cb);
+                let tail = limit(got as usize) - body_end;
+                let last = self.entry(slot, idx + got as usize - 1).mapping(cb);
+                let cow_head = match first {
+                    Mapping::Data { host: h, .. } if head > 0 => Some(h),
+                    _ => None,
+                };
+                let cow_tail = match last {
+                    Mapping::Data { host: h, .. } if tail > 0 => Some(h + cs - tail),
+                    _ => None,
+                };
+                let a = self.new_alloc(Alloc {
+                    task: t,
+                    what: AllocWhat::Data {
+                        guest_cluster: gc,
+                        head,
+                        body_start: (pos - origin) as usize,
+                        body_len: (body_end - pos) as usize,
+                        body,
+                        tail,
+                        staged: [None, None],
+                        cow_pending: u8::from(cow_head.is_some()) + u8::from(cow_tail.is_some()),
+                        prealloc: false,
+                    },
+                    host,
+                    count: got,
+                    state: AllocState::Io,
+                });
+                let task = self.task(t);
+                task.alloc = Some(a);
+                task.pos = body_end;
+                task.wrote = true;
+                for (part, src, len) in [(0u8, cow_head, head), (1, cow_tail, tail)] {
+                    if let Some(src) = src {
+                        let buf = self.staging_buf(len as usize);
+                        self.issue_buf(Purpose::CowRead { alloc: a, part }, IoKind::Read, src, buf);
+                    }
+                }
+                if cow_head.is_none() && cow_tail.is_none() {
+                    self.issue_alloc_write(a);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The single vectored write of an allocation: COW head, body, COW tail.
+    fn issue_alloc_write(&mut self, a: u32) {
+        let req = self.allocs[a as usize].as_ref().map(|x| self.tasks[x.task as usize].as_ref().map(|t| t.req));
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        let AllocWhat::Data { head, body_start, body_len, body, tail, staged, .. } = &mut alloc.what else {
+            return;
+        };
+        let mut segs = ArrayVec::new();
+        match staged[0].take() {
+            Some(b) => segs.push(Segment::Buf(b)),
+            None if *head > 0 => segs.push(Segment::Zeroes(*head as usize)),
+            None => {}
+        }
+        if *body_len > 0 {
+            match (body, req.flatten()) {
+                (Body::Guest, Some(req)) => segs.push(Segment::Guest { req, start: *body_start, len: *body_len }),
+                _ => segs.push(Segment::Zeroes(*body_len)),
+            }
+        }
+        match staged[1].take() {
+            Some(b) => segs.push(Segment::Buf(b)),
+            None if *tail > 0 => segs.push(Segment::Zeroes(*tail as usize)),
+            None => {}
+        }
+        let host = alloc.host;
+        self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
+    }
+
+    pub(super) fn alloc_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
+        self.recycle(op);
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        alloc.state = match result {
+            Ok(()) => AllocState::Ready,
+            Err(e) => AllocState::Failed(io_error(e)),
+        };
+        if result.is_ok() {
+            self.unsynced_data = true;
+        }
+        let t = alloc.task;
+        self.runnable.push_back(t);
+    }
+
+    pub(super) fn cow_read_done(&mut self, a: u32, part: u8, op: IoOp, result: Result<(), IoError>) {
+        let buf = op.segments.into_iter().next().and_then(|s| match s {
+            Segment::Buf(b) => Some(b),
+            _ => None,
+        });
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        let AllocWhat::Data { staged, cow_pending, .. } = &mut alloc.what else { return };
+        staged[part as usize] = buf;
+        *cow_pending -= 1;
+        if let Err(e) = result {
+            alloc.state = AllocState::Failed(io_error(e));
+        }
+        if *cow_pending > 0 {
+            return;
+        }
+        if alloc.state == AllocState::Io {
+            self.issue_alloc_write(a);
+        } else {
+            let t = alloc.task;
+            self.runnable.push_back(t);
+        }
+    }
+
+    /// Publishes a finished data allocation in its L2 table and frees what it replaced.
+    fn link_data(&mut self, a: u32) -> Result<(), Block> {
+        if self.window {
+            return Err(Block::Park);
+        }
+        let cb = self.geo.cluster_bits;
+        let alloc = self.allocs[a as usize].as_ref().expect("live allocation");
+        let (host, count) = (alloc.host, alloc.count);
+        let AllocWhat::Data { guest_cluster: gc, .. } = alloc.what else { return Ok(()) };
+        let l1i = gc >> self.geo.l2_bits;
+        let raw = self.l1[l1i as usize];
+        if raw & COPIED == 0 {
+            return Err(RequestError::Corrupt(crate::error::Corruption {
+                structure: Structure::L1Table,
+                offset: raw,
+                reason: CorruptReason::Refcount,
+            })
+            .into());
+        }
+        let (slot, idx) = self.l2_entry_slot(raw & OFFSET_MASK, gc)?;
+        for i in 0..count as usize {
+            match self.entry(slot, idx + i).mapping(cb) {
+                Mapping::Data { host: h, copied: false } => self.queue_free(h),
+                Mapping::Zero { host: h, .. } if h != 0 => self.queue_free(h),
+                _ => {}
+            }
+            self.set_entry(slot, idx + i, L2Entry::data(host + ((i as u64) << cb), true));
+        }
+        self.drop_alloc(a);
+        self.wake_all();
+        Ok(())
+    }
+
+    // ---- L2 tables ----
+
+    /// The L2 table of L1 index `l1i`, writable in place; starts making one (new, or a copy
+    /// of a table shared with a snapshot) and parks when there is none.
+    fn owned_l2(&mut self, t: u32, l1i: u64) -> Result<u64, Block> {
+        let raw = self.l1[l1i as usize];
+        let old = match self.l1_l2(l1i)? {
+            Some(off) if raw & COPIED != 0 => return Ok(off),
+            Some(off) => off,
+            None => 0,
+        };
+        let busy = self.allocs.iter().flatten().any(|a| matches!(a.what, AllocWhat::L2Table { l1_index, .. } if l1_index == l1i));
+        if busy || self.window || !self.op_room(2) {
+            return Err(Block::Park);
+        }
+        let (host, _) = self.alloc_clusters(1, false)?;
+        let a = self.new_alloc(Alloc {
+            task: t,
+            what: AllocWhat::L2Table { l1_index: l1i, old },
+            host,
+            count: 1,
+            state: AllocState::Io,
+        });
+        let cs = self.geo.cluster_size() as usize;
+        if old == 0 {
+            let mut segs = ArrayVec::new();
+            segs.push(Segment::Zeroes(cs));
+            self.issue(Purpose::TableWrite { alloc: a }, IoKind::Write, host, segs);
+        } else {
+            let buf = self.staging_buf(cs);
+            self.issue_buf(Purpose::TableRead { alloc: a }, IoKind::Read, old, buf);
+        }
+        Err(Block::Park)
+    }
+
+    pub(super) fn table_read_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
+        if let Err(e) = result {
+            self.recycle(op);
+            return self.table_failed(a, e);
+        }
+        let host = self.allocs[a as usize].as_ref().expect("live allocation").host;
+        self.issue(Purpose::TableWrite { alloc: a }, IoKind::Write, host, op.segments);
+    }
+
+    pub(super) fn table_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
+        self.recycle(op);
+        if let Err(e) = result {
+            return self.table_failed(a, e);
+        }
+        self.allocs[a as usize].as_mut().expect("live allocation").state = AllocState::Ready;
+        self.try_link_table(a);
+    }
+
+    fn table_failed(&mut self, a: u32, e: IoError) {
+        let t = self.allocs[a as usize].as_ref().expect("live allocation").task;
+        self.abort_alloc(a);
+        if let Some(task) = self.tasks[t as usize].as_mut() {
+            task.error.get_or_insert(io_error(e));
+        }
+    }
+
+    fn try_link_table(&mut self, a: u32) {
+        if self.window {
+            return;
+        }
+        let alloc = self.drop_alloc(a);
+        let AllocWhat::L2Table { l1_index, old } = alloc.what else { return };
+        self.l1[l1_index as usize] = L1Entry::new(alloc.host, true).0;
+        self.l1_dirty[l1_index as usize * 8 / TABLE_CHUNK] = true;
+        if old != 0 {
+            self.queue_free(old);
+        }
+        self.wake_all();
+    }
+
+    /// Links L2 tables whose writes finished while a cycle was taking its copies.
+    pub(super) fn link_ready_tables(&mut self) {
+        for a in 0..self.allocs.len() as u32 {
+            let ready = self.allocs[a as usize]
+                .as_ref()
+                .is_some_and(|x| x.state == AllocState::Ready && matches!(x.what, AllocWhat::L2Table { .. }));
+            if ready {
+                self.try_link_table(a);
+            }
+        }
+    }
+
+    // ---- whole-cluster edits: zeroes and discard ----
+
+    /// Edits the run of whole clusters at the task's position (within one L2 slice).
+    pub(super) fn edit_clusters(&mut self, t: u32, edit: Edit) -> Result<(), Block> {
+        if self.window {
+            return Err(Block::Park);
+        }
+        let cb = self.geo.cluster_bits;
+        let task = self.task(t);
+        let (pos, end) = (task.pos, task.end);
+        // Whole clusters only; the image's partial last cluster counts as whole.
+        let full_end = if end == self.hdr.size { end } else { end >> cb << cb };
+        let gc = pos >> cb;
+        let l1i = gc >> self.geo.l2_bits;
+        if self.l1_l2(l1i)?.is_none() {
+            // No table: everything reads as zero already (no backing file).
+            self.task(t).pos = full_end.max(pos).min((l1i + 1) << (cb + self.geo.l2_bits)).max(pos + 1).min(end);
+            return Ok(());
+        }
+        let l2 = self.owned_l2(t, l1i)?;
+        let (slot, idx) = self.l2_entry_slot(l2, gc)?;
+        let v3 = self.hdr.version >= 3;
+        let mut n = 0;
+        while idx + n < self.per_slice() && (gc + n as u64) << cb < full_end && !self.alloc_covering(gc + n as u64) {
+            let m = self.mapping(self.entry(slot, idx + n))?;
+            let (new, free) = edit_entry(m, edit, v3)?;
+            if let Some(e) = new {
+                self.set_entry(slot, idx + n, e);
+            }
+            if let Some(h) = free {
+                self.queue_free(h);
+            }
+            n += 1;
+        }
+        let task = self.task(t);
+        task.pos = end.min((gc + n.max(1) as u64) << cb);
+        task.wrote = true;
+        Ok(())
+    }
+
+    pub(super) fn step_discard(&mut self, t: u32) -> bool {
+        let cs = self.geo.cluster_size();
+        let size = self.hdr.size;
+        let task = self.task(t);
+        if task.sub == 0 {
+            // Discard works on whole clusters inside the range.
+            task.sub = 1;
+            task.pos = task.pos.next_multiple_of(cs);
+            if task.end != size {
+                task.end = task.end / cs * cs;
+            }
+        }
+        loop {
+            let task = self.task(t);
+            if task.error.is_some() || task.pos >= task.end {
+                return task.inflight == 0;
+            }
+            if self.pending_frees.len() >= PENDING_FREES_CAP {
+                self.cycle_wanted = true;
+                return false;
+            }
+            let gc = self.task(t).pos >> self.geo.cluster_bits;
+            if self.alloc_covering(gc) || !self.op_room(2) {
+                return false;
+            }
+            match self.edit_clusters(t, Edit::Discard) {
+                Ok(()) => {}
+                Err(Block::Park) => return false,
+                Err(Block::Fail(e)) => {
+                    self.task(t).error.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    // ---- block status ----
+
+    pub(super) fn step_status(&mut self, t: u32) -> bool {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        let task = self.task(t);
+        let (pos, end) = (task.pos, task.end);
+        if task.error.is_some() || pos >= end {
+            return true;
+        }
+        let gc = pos >> cb;
+        if self.alloc_covering(gc) {
+            return false;
+        }
+        let l1i = gc >> self.geo.l2_bits;
+        let l2_span = cb + self.geo.l2_bits;
+        let found = match self.l1_l2(l1i) {
+            Err(e) => Err(Block::Fail(e)),
+            Ok(None) => {
+                let mut next = l1i + 1;
+                while (next << l2_span) < end && self.l1.get(next as usize).is_some_and(|&e| L1Entry(e).l2_offset() == 0) {
+                    next += 1;
+                }
+                Ok((end.min(next << l2_span), Allocation::Unallocated))
+            }
+            Ok(Some(l2)) => self.l2_entry_slot(l2, gc).and_then(|(slot, idx)| {
+                let first = self.mapping(self.entry(slot, idx))?;
+                let class = |m: Mapping| match m {
+                    Mapping::Unallocated => 0,
+                    Mapping::Zero { host: 0, .. } => 1,
+                    Mapping::Zero { .. } => 2,
+                    Mapping::Data { .. } => 3,
+                    Mapping::Compressed { .. } => 4,
+                };
+                let mut n = 1;
+                while idx + n < self.per_slice() && (gc + n as u64) << cb < end {
+                    let m = self.entry(slot, idx + n).mapping(cb);
+                    let same = class(m) == class(first)
+                        && match (first, m) {
+                            (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. })
+                            | (Mapping::Zero { host: a, .. }, Mapping::Zero { host: b, .. }) => b == a + n as u64 * cs,
+                            _ => true,
+                        };
+                    if !same {
+                        break;
+                    }
+                    n += 1;
+                }
+                let inner = pos - (gc << cb);
+                let allocation = match first {
+                    Mapping::Unallocated => Allocation::Unallocated,
+                    Mapping::Zero { host: 0, .. } => Allocation::Zero { host: None },
+                    Mapping::Zero { host, .. } => Allocation::Zero { host: Some(host + inner) },
+                    Mapping::Data { host, .. } => Allocation::Data { host: host + inner },
+                    Mapping::Compressed { .. } => Allocation::Compressed,
+                };
+                Ok((end.min((gc + n as u64) << cb), allocation))
+            }),
+        };
+        let task = self.task(t);
+        match found {
+            Err(Block::Park) => return false,
+            Err(Block::Fail(e)) => task.error = Some(e),
+            Ok((extent_end, allocation)) => {
+                task.status = Some(BlockStatus { offset: pos, len: extent_end - pos, allocation });
+            }
+        }
+        true
+    }
+
+    // ---- preallocation ----
+
+    pub(super) fn step_prealloc(&mut self, t: u32) -> bool {
+        let cb = self.geo.cluster_bits;
+        let Kind::Prealloc(mode) = self.task(t).kind else { return true };
+        loop {
+            if !self.settle_alloc(t) {
+                return false;
+            }
+            let task = self.task(t);
+            let (pos, end) = (task.pos, task.end);
+            if task.error.is_some() || pos >= end {
+                if task.inflight > 0 {
+                    return false;
+                }
+                if task.error.is_some() {
+                    return true;
+                }
+                if task.sub == 0 {
+                    task.sub = 1;
+                    if mode == Preallocation::Metadata && self.op_room(1) {
+                        let len = (self.next_free << cb).max(self.config.file_len);
+                        self.issue_bare(Purpose::TaskIo { task: t }, IoKind::SetLen, len);
+                        self.task(t).inflight += 1;
+                        return false;
+                    }
+                }
+                return self.wait_for_cycle(t);
+            }
+            if !self.op_room(3) {
+                return false;
+            }
+            let gc = pos >> cb;
+            let step = (|| -> Result<(), Block> {
+                let l2 = self.owned_l2(t, gc >> self.geo.l2_bits)?;
+                let (slot, idx) = self.l2_entry_slot(l2, gc)?;
+                let mut n = 0;
+                while idx + n < self.per_slice()
+                    && (gc + n as u64) << cb < end
+                    && self.entry(slot, idx + n).mapping(cb) == Mapping::Unallocated
+                {
+                    n += 1;
+                }
+                if n == 0 {
+                    self.task(t).pos = (gc + 1) << cb;
+                    return Ok(());
+                }
+                let (host, got) = self.alloc_clusters(n as u64, false)?;
+                let a = self.new_alloc(Alloc {
+                    task: t,
+                    what: AllocWhat::Data {
+                        guest_cluster: gc,
+                        head: 0,
+                        body_start: 0,
+                        body_len: 0,
+                        body: Body::Zeroes,
+                        tail: 0,
+                        staged: [None, None],
+                        cow_pending: 0,
+                        prealloc: true,
+                    },
+                    host,
+                    count: got,
+                    state: AllocState::Ready,
+                });
+                let len = got << cb;
+                match mode {
+                    Preallocation::Falloc => {
+                        self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;
+                        self.issue_bare(Purpose::AllocWrite { alloc: a }, IoKind::Allocate { len }, host);
+                    }
+                    Preallocation::Full => {
+                        self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;
+                        let mut segs = ArrayVec::new();
+                        segs.push(Segment::Zeroes(len as usize));
+                        self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
+                    }
+                    _ => {}
+                }
+                let task = self.task(t);
+                task.alloc = Some(a);
+                task.pos = (gc + got) << cb;
+                Ok(())
+            })();
+            match step {
+                Ok(()) => {}
+                Err(Block::Park) => return false,
+                Err(Block::Fail(e)) => {
+                    self.task(t).error.get_or_insert(e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Write-back cycles: dirty metadata goes to disk in dependency order, with one barrier
+//! between levels and none per request.
+//!
+//! ```text
+//! refcount blocks (+ a relocated refcount table)   rule A: counts before references
+//!   fdatasync                                      (also covers completed data: rule C)
+//! L2 slices, refcount-table entries                rule D: tables before pointers
+//!   fdatasync
+//! L1 entries
+//!   fdatasync
+//! header fields (table switches, size, bits)
+//!   fdatasync
+//! queued refcount decrements applied in memory     rule B: written by the next cycle
+//! ```
+//!
+//! Empty levels are skipped with their barrier, so any number of allocating writes followed
+//! by one guest flush costs two `fdatasync`s once the L2 tables exist.
+
+use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
+
+use super::{put_be64, Block, Image, Pool, Purpose, TABLE_CHUNK};
+
+#[derive(Debug, Clone, Copy, Eq, PartialEq, PartialOrd, Ord)]
+enum Level {
+    Refblocks,
+    Sync1,
+    Tables,
+    Sync2,
+    L1,
+    Sync3,
+    Header,
+    Sync4,
+    Frees,
+}
+
+#[derive(Debug)]
+pub(super) struct Cycle {
+    /// This cycle's number (`cycles_started` when it began).
+    no: u64,
+    level: Level,
+    /// Ops of the current level still outstanding.
+    pending: u32,
+    /// Whether the current level issued all its ops.
+    issued: bool,
+    /// Whether anything was written since the last barrier.
+    wrote: bool,
+}
+
+impl Image {
+    /// Starts a cycle when one is wanted, and moves the current one along.
+    pub(super) fn wb_pump(&mut self) {
+        loop {
+            if self.poisoned.is_some() {
+                self.cycle = None;
+                return;
+            }
+            let Some(cycle) = self.cycle.as_mut() else {
+                if !self.cycle_wanted || self.read_only && !self.header_dirty {
+                    self.cycle_wanted = false;
+                    return;
+                }
+                self.cycle_wanted = false;
+                self.cycles_started += 1;
+                self.window = true;
+                self.cycle = Some(Cycle {
+                    no: self.cycles_started,
+                    level: Level::Refblocks,
+                    pending: 0,
+                    issued: false,
+                    wrote: false,
+                });
+                continue;
+            };
+            if cycle.pending > 0 {
+                return;
+            }
+            if cycle.issued {
+                let next = match cycle.level {
+                    Level::Refblocks => Level::Sync1,
+                    Level::Sync1 => Level::Tables,
+                    Level::Tables => Level::Sync2,
+                    Level::Sync2 => Level::L1,
+                    Level::L1 => Level::Sync3,
+                    Level::Sync3 => Level::Header,
+                    Level::Header => Level::Sync4,
+                    Level::Sync4 => Level::Frees,
+                    Level::Frees => {
+                        self.cycles_done = cycle.no;
+                        self.cycle = None;
+                        self.wake_all();
+                        continue;
+                    }
+                };
+                cycle.level = next;
+                cycle.issued = false;
+                continue;
+            }
+            let level = cycle.level;
+            let done = match level {
+                Level::Refblocks => self.wb_caches(true),
+                Level::Tables => self.wb_caches(false) && self.wb_table(false),
+                Level::L1 => self.wb_table(true),
+                Level::Header => self.wb_header(),
+                Level::Sync1 | Level::Sync2 | Level::Sync3 | Level::Sync4 => self.wb_sync(level == Level::Sync1),
+                Level::Frees => {
+                    let no = self.cycle.as_ref().map_or(0, |c| c.no);
+                    match self.release_frees(no) {
+                        Ok(()) => true,
+                        Err(Block::Park) => return,
+                        Err(Block::Fail(_)) => true,
+                    }
+                }
+            };
+            if !done {
+                // Out of op slots: resume when ops come back.
+                return;
+            }
+            let cycle = self.cycle.as_mut().expect("cycle in progress");
+            cycle.issued = true;
+            if level == Level::Header {
+                // Every copy of this cycle is taken: reference-creating changes may go on.
+                self.window = false;
+                self.link_ready_tables();
+                self.wake_all();
+            }
+        }
+    }
+
+    fn wb_issue(&mut self, pool: Pool, offset: u64, buf: IoBuf) {
+        self.issue_buf(Purpose::Writeback { pool }, IoKind::Write, offset, buf);
+        let cycle = self.cycle.as_mut().expect("cycle in progress");
+        cycle.pending += 1;
+        cycle.wrote = true;
+    }
+
+    /// Writes every dirty slot of one cache; false when op slots ran out.
+    fn wb_caches(&mut self, rb: bool) -> bool {
+        if rb && self.rt_relocated {
+            if !self.op_room(1) {
+                return false;
+            }
+            let bytes = self.reftable.len() * 8;
+            let mut buf = IoBuf::zeroed(bytes);
+            for (i, &e) in self.reftable.iter().enumerate() {
+                put_be64(buf.as_mut_slice(), i, e);
+            }
+            self.rt_relocated = false;
+            self.rt_dirty.iter_mut().for_each(|d| *d = false);
+            let off = self.hdr.refcount_table_offset;
+            self.wb_issue(Pool::None, off, buf);
+        }
+        let n = if rb { self.rb.slots.len() } else { self.l2.slots.len() };
+        for i in 0..n as u32 {
+            let cache = if rb { &mut self.rb } else { &mut self.l2 };
+            if !cache.slots[i as usize].dirty {
+                continue;
+            }
+            if !self.op_room(1) {
+                return false;
+            }
+            let cache = if rb { &mut self.rb } else { &mut self.l2 };
+            let (key, buf) = cache.take_dirty_copy(i);
+            self.wb_issue(if rb { Pool::Rb } else { Pool::L2 }, key, buf);
+        }
+        true
+    }
+
+    /// Writes dirty 512-byte chunks of the L1 table (`l1`) or the refcount table.
+    fn wb_table(&mut self, l1: bool) -> bool {
+        let n = if l1 { self.l1_dirty.len() } else { self.rt_dirty.len() };
+        for chunk in 0..n {
+            let dirty = if l1 { self.l1_dirty[chunk] } else { self.rt_dirty[chunk] };
+            if !dirty {
+                continue;
+            }
+            if !self.op_room(1) {
+                return false;
+            }
+            let per = TABLE_CHUNK / 8;
+            let mut buf = IoBuf::zeroed(TABLE_CHUNK);
+            let table = if l1 { &self.l1 } else { &self.reftable };
+            for (j, &e) in table.iter().skip(chunk * per).take(per).enumerate() {
+                put_be64(buf.as_mut_slice(), j, e);
+            }
+            let base = if l1 { self.hdr.l1_table_offset } else { self.hdr.refcount_table_offset };
+            if l1 {
+                self.l1_dirty[chunk] = false;
+            } else {
+                self.rt_dirty[chunk] = false;
+            }
+            self.wb_issue(Pool::None, base + (chunk * TABLE_CHUNK) as u64, buf);
+        }
+        true
+    }
+
+    fn wb_header(&mut self) -> bool {
+        if !self.header_dirty {
+            return true;
+        }
+        if !self.op_room(1) {
+            return false;
+        }
+        let len = self.header_write_len();
+        let mut buf = IoBuf::zeroed(len);
+        buf.as_mut_slice().copy_from_slice(&self.header_buf.as_slice()[..len]);
+        self.header_dirty = false;
+        self.wb_issue(Pool::None, 0, buf);
+        true
+    }
+
+    /// A barrier, when something was written since the last one (the first barrier also
+    /// covers completed guest data).
+    fn wb_sync(&mut self, first: bool) -> bool {
+        let cycle = self.cycle.as_ref().expect("cycle in progress");
+        if !(cycle.wrote || (first && self.unsynced_data)) {
+            return true;
+        }
+        if !self.op_room(1) {
+            return false;
+        }
+        let cycle = self.cycle.as_mut().expect("cycle in progress");
+        cycle.wrote = false;
+        cycle.pending += 1;
+        self.unsynced_data = false;
+        self.issue_bare(Purpose::Sync, IoKind::Flush, 0);
+        true
+    }
+
+    pub(super) fn writeback_done(&mut self, pool: Pool, op: IoOp, result: Result<(), IoError>) {
+        if let Some(Segment::Buf(buf)) = op.segments.into_iter().next() {
+            match pool {
+                Pool::L2 => self.l2.return_spare(buf),
+                Pool::Rb => self.rb.return_spare(buf),
+                Pool::None => {}
+            }
+        }
+        if let Some(c) = self.cycle.as_mut() {
+            c.pending -= 1;
+        }
+        if let Err(e) = result {
+            self.poison(e);
+        }
+    }
+
+    pub(super) fn sync_done(&mut self, result: Result<(), IoError>) {
+        if let Some(c) = self.cycle.as_mut() {
+            c.pending -= 1;
+        }
+        if let Err(e) = result {
+            self.poison(e);
+        }
+    }
+}
