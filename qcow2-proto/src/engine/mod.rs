@@ -223,6 +223,8 @@ pub struct Image {
     task_free: Vec<u32>,
     task_seq: u64,
     runnable: VecDeque<u32>,
+    /// Whether each task is already in `runnable` (so the queue never outgrows its capacity).
+    queued: Vec<bool>,
     parked: Vec<u32>,
     allocs: Vec<Option<Alloc>>,
     alloc_free: Vec<u32>,
@@ -288,6 +290,7 @@ impl Image {
             task_free: (0..max_requests as u32).rev().collect(),
             task_seq: 0,
             runnable: VecDeque::with_capacity(max_requests),
+            queued: vec![false; max_requests],
             parked: Vec::with_capacity(max_requests),
             allocs: (0..max_requests * 2).map(|_| None).collect(),
             alloc_free: (0..(max_requests * 2) as u32).rev().collect(),
@@ -398,7 +401,7 @@ impl Image {
             status: None,
             wrote: false,
         });
-        self.runnable.push_back(t);
+        self.make_runnable(t);
         self.pump();
         Ok(req)
     }
@@ -508,7 +511,15 @@ impl Image {
     // ---- scheduling ----
 
     fn wake_all(&mut self) {
-        self.runnable.extend(self.parked.drain(..));
+        while let Some(t) = self.parked.pop() {
+            self.make_runnable(t);
+        }
+    }
+
+    fn make_runnable(&mut self, t: u32) {
+        if !std::mem::replace(&mut self.queued[t as usize], true) {
+            self.runnable.push_back(t);
+        }
     }
 
     /// Steps runnable tasks and the write-back cycle until nothing moves.
@@ -522,11 +533,15 @@ impl Image {
             }
             let mut moved = false;
             while let Some(t) = self.runnable.pop_front() {
+                self.queued[t as usize] = false;
+                if let Some(i) = self.parked.iter().position(|&p| p == t) {
+                    self.parked.swap_remove(i);
+                }
                 if self.tasks[t as usize].is_none() {
                     continue;
                 }
                 moved = true;
-                if !self.step(t) {
+                if !self.step(t) && !self.parked.contains(&t) {
                     self.parked.push(t);
                 }
             }
@@ -535,6 +550,10 @@ impl Image {
             if self.cycles_done != cycles {
                 self.wake_all();
                 moved = true;
+            }
+            if self.phase == Phase::Opening {
+                // Preallocation just finished: opening goes on.
+                continue;
             }
             if !moved || self.runnable.is_empty() {
                 return;
@@ -608,7 +627,7 @@ impl Image {
         if let Err(e) = result {
             task.error.get_or_insert(e);
         }
-        self.runnable.push_back(t);
+        self.make_runnable(t);
     }
 
     /// Waits for a write-back cycle that starts after now; true once it is done.

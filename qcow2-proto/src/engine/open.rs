@@ -377,7 +377,7 @@ impl Image {
             wrote: false,
         });
         self.phase = Phase::Open;
-        self.runnable.push_back(t);
+        self.make_runnable(t);
     }
 
     pub(super) fn open_prealloc_done(&mut self, err: Option<RequestError>) {

@@ -423,7 +423,7 @@ impl Image {
             self.unsynced_data = true;
         }
         let t = alloc.task;
-        self.runnable.push_back(t);
+        self.make_runnable(t);
     }
 
     pub(super) fn cow_read_done(&mut self, a: u32, part: u8, op: IoOp, result: Result<(), IoError>) {
@@ -445,7 +445,7 @@ impl Image {
             self.issue_alloc_write(a);
         } else {
             let t = alloc.task;
-            self.runnable.push_back(t);
+            self.make_runnable(t);
         }
     }
 
