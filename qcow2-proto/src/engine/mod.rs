@@ -215,6 +215,9 @@ pub struct Image {
     l2: Cache,
     rb: Cache,
     next_free: u64,
+    /// Highest byte the file may hold data at (file length at open, grown by every write
+    /// issued since): clusters past it read as zero without being written.
+    file_end: u64,
     free_list: Vec<u64>,
     pending_frees: VecDeque<Free>,
     staging: Vec<IoBuf>,
@@ -283,6 +286,7 @@ impl Image {
             l2: Cache::new(512, 2),
             rb: Cache::new(512, 2),
             next_free: 1,
+            file_end: 0,
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
             staging: Vec::new(),
@@ -464,6 +468,13 @@ impl Image {
         let id = self.op_free.pop().expect("callers check op_room first");
         let data = matches!(purpose, Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. });
         self.op_seq += 1;
+        let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
+        match kind {
+            IoKind::Write => self.file_end = self.file_end.max(offset + len),
+            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => self.file_end = self.file_end.max(offset + len),
+            IoKind::SetLen => self.file_end = offset,
+            _ => {}
+        }
         self.ops[id as usize] = Some(OpSlot { purpose, seq: if data { self.op_seq } else { u64::MAX } });
         self.ready.push_back(IoOp { id: OpId(id), target: Target::Image, kind, offset, segments });
     }

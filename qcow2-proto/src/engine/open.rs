@@ -349,6 +349,7 @@ impl Image {
         let rb_budget = self.config.refcount_cache_bytes.unwrap_or(4 * cs);
         self.rb = Cache::new(cs as usize, (rb_budget / cs) as usize);
         self.next_free = self.config.file_len.div_ceil(cs).max(1);
+        self.file_end = self.file_end.max(self.config.file_len);
     }
 
     fn finish_open(&mut self) {

@@ -408,7 +408,21 @@ impl Image {
             None if *tail > 0 => segs.push(Segment::Zeroes(*tail as usize)),
             None => {}
         }
-        let host = alloc.host;
+        let mut host = alloc.host;
+        // Clusters past the end of the file read as zero already: skip writing zeroes at
+        // the edges of a fresh allocation.
+        if host >= self.file_end {
+            if let Some(Segment::Zeroes(n)) = segs.first() {
+                host += *n as u64;
+                segs.remove(0);
+            }
+            if segs.len() > 1 && matches!(segs.last(), Some(Segment::Zeroes(_))) {
+                segs.pop();
+            }
+        }
+        if segs.is_empty() {
+            segs.push(Segment::Zeroes(0));
+        }
         self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
     }
 
