@@ -231,6 +231,8 @@ pub struct Image {
     parked: Vec<u32>,
     allocs: Vec<Option<Alloc>>,
     alloc_free: Vec<u32>,
+    /// Live tasks of exclusive kinds (resize, check, close, preallocation).
+    exclusive_tasks: u32,
 
     ops: Vec<Option<OpSlot>>,
     op_free: Vec<u32>,
@@ -298,6 +300,7 @@ impl Image {
             parked: Vec::with_capacity(max_requests),
             allocs: (0..max_requests * 2).map(|_| None).collect(),
             alloc_free: (0..(max_requests * 2) as u32).rev().collect(),
+            exclusive_tasks: 0,
             ops: (0..op_cap).map(|_| None).collect(),
             op_free: (0..op_cap as u32).rev().collect(),
             op_seq: 0,
@@ -387,6 +390,9 @@ impl Image {
             }
         }
         let Some(t) = self.task_free.pop() else { return Err(SubmitError::Busy) };
+        if kind.exclusive() {
+            self.exclusive_tasks += 1;
+        }
         self.task_seq += 1;
         let req = ReqId(t);
         self.tasks[t as usize] = Some(Task {
@@ -577,10 +583,12 @@ impl Image {
         let task = self.tasks[t as usize].as_ref().expect("stepped tasks exist");
         let (kind, seq) = (task.kind, task.seq);
         // Exclusive operations wait for every older task; younger tasks wait for them.
-        let older_busy = self.tasks.iter().flatten().any(|o| o.seq < seq);
-        let exclusive_before = self.tasks.iter().flatten().any(|o| o.seq < seq && o.kind.exclusive());
-        if exclusive_before || (kind.exclusive() && older_busy) {
-            return false;
+        if self.exclusive_tasks > 0 {
+            let older_busy = self.tasks.iter().flatten().any(|o| o.seq < seq);
+            let exclusive_before = self.tasks.iter().flatten().any(|o| o.seq < seq && o.kind.exclusive());
+            if exclusive_before || (kind.exclusive() && older_busy) {
+                return false;
+            }
         }
         if let Some(e) = self.poisoned {
             let task = self.tasks[t as usize].as_mut().expect("stepped tasks exist");
@@ -609,6 +617,9 @@ impl Image {
     fn finish(&mut self, t: u32) {
         let task = self.tasks[t as usize].take().expect("finished tasks exist");
         self.task_free.push(t);
+        if task.kind.exclusive() {
+            self.exclusive_tasks -= 1;
+        }
         let result = match task.error {
             Some(e) => Err(e),
             None => Ok(match task.status {

@@ -361,6 +361,7 @@ impl Image {
     fn start_prealloc(&mut self, mode: Preallocation) {
         let Some(t) = self.task_free.pop() else { return };
         self.task_seq += 1;
+        self.exclusive_tasks += 1;
         self.tasks[t as usize] = Some(Task {
             req: super::ReqId(t),
             seq: self.task_seq,

@@ -95,7 +95,8 @@ impl Image {
 
     /// The in-flight data allocation covering guest cluster `gc`, if any.
     fn alloc_covering(&self, gc: u64) -> bool {
-        self.allocs.iter().flatten().any(|a| match a.what {
+        self.alloc_free.len() < self.allocs.len()
+            && self.allocs.iter().flatten().any(|a| match a.what {
             AllocWhat::Data { guest_cluster, .. } => (guest_cluster..guest_cluster + a.count).contains(&gc),
             AllocWhat::L2Table { .. } => false,
         })
