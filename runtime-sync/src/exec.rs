@@ -66,14 +66,21 @@ impl Executor {
         }
     }
 
-    /// Whether the op can go to the kernel as it is under O_DIRECT.
-    fn direct_ok(op: &IoOp) -> bool {
-        op.offset % ALIGN == 0
-            && matches!(op.segments.as_slice(), [Segment::Buf(b)] if b.len() as u64 % 512 == 0)
+    /// Whether the op can go to the kernel as it is under O_DIRECT: sector-aligned offset and
+    /// lengths, page-aligned memory, no zero segments (those come from an unaligned static).
+    fn direct_ok(op: &IoOp, guest: &Guest<'_>) -> bool {
+        let addr_ok = |p: *const u8, len: usize| (p as usize) % ALIGN as usize == 0 && len % 512 == 0;
+        op.offset % 512 == 0
+            && op.segments.iter().all(|seg| match (seg, guest) {
+                (Segment::Buf(b), _) => addr_ok(b.as_slice().as_ptr(), b.len()),
+                (Segment::Guest { start, len, .. }, Guest::Read(buf)) => addr_ok(buf[*start..].as_ptr(), *len),
+                (Segment::Guest { start, len, .. }, Guest::Write(buf)) => addr_ok(buf[*start..].as_ptr(), *len),
+                _ => false,
+            })
     }
 
     fn read<F: HostFile>(&mut self, file: &F, op: &mut IoOp, guest: &mut Guest<'_>) -> Result<usize, IoError> {
-        if self.direct && !Self::direct_ok(op) {
+        if self.direct && !Self::direct_ok(op, guest) {
             let len = op.len();
             let start = op.offset / ALIGN * ALIGN;
             let end = (op.offset + len).div_ceil(ALIGN) * ALIGN;
@@ -117,7 +124,7 @@ impl Executor {
     }
 
     fn write<F: HostFile>(&mut self, file: &F, op: &mut IoOp, guest: &mut Guest<'_>) -> Result<(), IoError> {
-        if self.direct && !Self::direct_ok(op) {
+        if self.direct && !Self::direct_ok(op, guest) {
             let len = op.len();
             let start = op.offset / 512 * 512;
             let end = (op.offset + len).div_ceil(512) * 512;
@@ -125,8 +132,6 @@ impl Executor {
             self.grow_bounce(end - start);
             if start != op.offset || end != op.offset + len {
                 // Read-modify-write of the partial edge sectors.
-                let head = (start / ALIGN) * ALIGN;
-                let _ = head;
                 let got = file.read_at(&mut self.bounce.as_mut_slice()[..span], start).map_err(err)?;
                 self.bounce.as_mut_slice()[got..span].fill(0);
             }

@@ -155,12 +155,6 @@ impl Cache {
         self.slots.iter().any(|s| s.dirty)
     }
 
-    /// Whether a free or clean slot could take a new unit now.
-    pub(super) fn has_room(&self) -> bool {
-        self.slots.len() < self.max_slots
-            || self.slots.iter().any(|s| !s.dirty && s.state != SlotState::Loading)
-    }
-
     /// Copies dirty slot `i` into a spare buffer for write-back and marks it clean.
     pub(super) fn take_dirty_copy(&mut self, i: u32) -> (u64, IoBuf) {
         let mut copy = self.spare.pop().unwrap_or_else(|| IoBuf::zeroed(self.unit));

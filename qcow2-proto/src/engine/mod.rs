@@ -157,8 +157,6 @@ enum AllocWhat {
         tail: u64,
         staged: [Option<IoBuf>; 2],
         cow_pending: u8,
-        /// Preallocation: link without a data write.
-        prealloc: bool,
     },
     /// A new L2 table for L1 index `l1_index`, copied from `old` when non-zero.
     L2Table { l1_index: u64, old: u64 },
