@@ -368,6 +368,9 @@ pub enum RequestError {
     /// The engine is closed.
     #[error("The image is closed")]
     Closed,
+    /// A check could not run (the header is unreadable or unacceptable).
+    #[error("Check failed: {0}")]
+    CheckFailed(OpenError),
 }
 
 /// A request was refused before it started.

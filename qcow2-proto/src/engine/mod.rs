@@ -28,9 +28,9 @@ use std::collections::VecDeque;
 
 use arrayvec::ArrayVec;
 
-use crate::check::Repair;
+use crate::check::{CheckReport, Checker, Repair};
 use crate::config::{CacheMode, CreateOptions, ImageConfig, Preallocation};
-use crate::error::{CorruptReason, Corruption, Feature, RequestError, Structure, SubmitError};
+use crate::error::{CorruptReason, Corruption, RequestError, Structure, SubmitError};
 use crate::event::Event;
 use crate::format::header::{incompat, Header};
 use crate::format::{Geometry, Layout};
@@ -73,6 +73,8 @@ enum Purpose {
     Sync,
     /// An op owned by a multi-step task (resize, preallocation).
     TaskIo { task: u32 },
+    /// An op of the checker run by task `task`, known to the checker as `inner`.
+    Check { task: u32, inner: u32 },
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -134,6 +136,8 @@ struct Task {
     /// Scratch value of multi-step tasks.
     aux: u64,
     status: Option<BlockStatus>,
+    /// The report of a check task.
+    report: Option<Box<CheckReport>>,
     /// Whether the task changed guest-visible data (write-through flushes after it).
     wrote: bool,
 }
@@ -245,6 +249,10 @@ pub struct Image {
     window: bool,
     unsynced_data: bool,
     poisoned: Option<RequestError>,
+    /// The checker of a running check task.
+    checker: Option<Box<Checker>>,
+    /// The check task waiting for metadata to be reloaded after a repair.
+    reload_task: Option<u32>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -311,6 +319,8 @@ impl Image {
             window: false,
             unsynced_data: false,
             poisoned: None,
+            checker: None,
+            reload_task: None,
         }
     }
 
@@ -371,7 +381,7 @@ impl Image {
             }
         }
         if let Some(f) = self.layout.as_ref().and_then(|l| l.unsupported) {
-            if !matches!(kind, Kind::Close | Kind::Flush) {
+            if !matches!(kind, Kind::Close | Kind::Flush | Kind::Check { .. }) {
                 return Err(RequestError::Unsupported(f).into());
             }
         }
@@ -407,6 +417,7 @@ impl Image {
             sub: 0,
             aux: 0,
             status: None,
+            report: None,
             wrote: false,
         });
         self.make_runnable(t);
@@ -456,6 +467,15 @@ impl Image {
             Purpose::TaskIo { task } => {
                 self.recycle(op);
                 self.task_io_done(task, result.map_err(io_error));
+            }
+            Purpose::Check { task, inner } => {
+                let mut op = op;
+                op.id = OpId(inner);
+                let n = op.len() as usize;
+                if let Some(checker) = self.checker.as_mut() {
+                    checker.complete(op, result.map(|()| n));
+                }
+                self.task_io_done(task, Ok(()));
             }
         }
         self.wake_all();
@@ -620,9 +640,10 @@ impl Image {
         }
         let result = match task.error {
             Some(e) => Err(e),
-            None => Ok(match task.status {
-                Some(s) => Outcome::Status(s),
-                None => Outcome::Done,
+            None => Ok(match (task.status, task.report) {
+                (Some(s), _) => Outcome::Status(s),
+                (None, Some(r)) => Outcome::Check(r),
+                (None, None) => Outcome::Done,
             }),
         };
         if task.kind == Kind::Close && result.is_ok() {
@@ -695,10 +716,64 @@ impl Image {
             || self.unsynced_data
     }
 
+    /// Check: write everything back, run the checker over the file, and reload the metadata
+    /// if it repaired anything.
     fn step_check(&mut self, t: u32, repair: Option<Repair>) -> bool {
-        let _ = repair;
-        self.task(t).error = Some(RequestError::Unsupported(Feature::DirtyImageRepair));
-        true
+        loop {
+            let task = self.task(t);
+            if task.error.is_some() {
+                return task.inflight == 0;
+            }
+            match task.sub {
+                0 => {
+                    if !self.read_only && self.poisoned.is_none() {
+                        if !self.wait_for_cycle(t) {
+                            return false;
+                        }
+                        if self.has_dirty_state() {
+                            self.task(t).wait_cycle = None;
+                            continue;
+                        }
+                    }
+                    self.checker = Some(Box::new(Checker::new(self.file_end, repair)));
+                    self.task(t).sub = 1;
+                }
+                1 => {
+                    let checker = self.checker.as_mut().expect("checking");
+                    if let Some(result) = checker.poll_result() {
+                        self.checker = None;
+                        let task = self.task(t);
+                        match result {
+                            Ok(report) => {
+                                let fixed = report.corruptions_fixed + report.leaks_fixed > 0;
+                                task.report = Some(Box::new(report));
+                                task.sub = if fixed { 2 } else { 3 };
+                            }
+                            Err(e) => task.error = Some(RequestError::CheckFailed(e)),
+                        }
+                        continue;
+                    }
+                    if !self.op_room(1) {
+                        return false;
+                    }
+                    let checker = self.checker.as_mut().expect("checking");
+                    let Some(op) = checker.poll_io() else { return false };
+                    let inner = op.id.0;
+                    self.issue(Purpose::Check { task: t, inner }, op.kind, op.offset, op.segments);
+                    self.task(t).inflight += 1;
+                }
+                2 => {
+                    // The repair rewrote metadata behind the caches: read it all again.
+                    if self.task(t).inflight > 0 {
+                        return false;
+                    }
+                    self.task(t).sub = 3;
+                    self.reload(t);
+                    return false;
+                }
+                _ => return self.task(t).inflight == 0 && self.reload_task.is_none(),
+            }
+        }
     }
 
     // ---- failures ----

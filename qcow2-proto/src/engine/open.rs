@@ -352,8 +352,26 @@ impl Image {
         self.file_end = self.file_end.max(self.config.file_len);
     }
 
+    /// Reads the metadata again (after a repair), then resumes check task `t`.
+    pub(super) fn reload(&mut self, t: u32) {
+        self.l2.clear();
+        self.rb.clear();
+        self.free_list.clear();
+        self.pending_frees.clear();
+        self.config.file_len = self.file_end;
+        self.read_only = self.config.read_only || self.config.inspect_only;
+        self.open = OpenState { step: Step::Header, ..OpenState::default() };
+        self.phase = Phase::Opening;
+        self.reload_task = Some(t);
+    }
+
     fn finish_open(&mut self) {
         self.phase = Phase::Open;
+        self.create = None;
+        if let Some(t) = self.reload_task.take() {
+            self.make_runnable(t);
+            return;
+        }
         let info = self.info.clone().expect("info before open ends");
         self.events.push_back(Event::Opened(Box::new(info)));
     }
@@ -376,6 +394,7 @@ impl Image {
             sub: 0,
             aux: 0,
             status: None,
+            report: None,
             wrote: false,
         });
         self.phase = Phase::Open;
