@@ -34,6 +34,9 @@ impl Image {
         if !self.geo.aligned(off) {
             return Err(self.corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned).into());
         }
+        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size()) {
+            return Err(self.corrupt(Structure::RefcountBlock, off, CorruptReason::Overlap(s)).into());
+        }
         self.cached(true, off)
     }
 
