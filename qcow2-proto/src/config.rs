@@ -46,6 +46,10 @@ pub struct ImageConfig {
     /// encryption, ...) for their metadata only; every data request then fails with
     /// [`RequestError::Unsupported`](crate::RequestError::Unsupported). Implies read-only.
     pub inspect_only: bool,
+    /// Open for `check` only (QEMU's check mode): images with the dirty or corrupt bit open
+    /// writable so that [`Request::Check`](crate::Request::Check) can repair them; every data
+    /// request is refused.
+    pub check_only: bool,
 }
 
 impl ImageConfig {
@@ -59,6 +63,7 @@ impl ImageConfig {
             limits: Limits::default(),
             file_len,
             inspect_only: false,
+            check_only: false,
         }
     }
 }

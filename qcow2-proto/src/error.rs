@@ -123,7 +123,7 @@ impl std::fmt::Display for Feature {
             Self::Encryption => "encryption",
             Self::DirtyImageRepair => {
                 "opening a dirty image (lazy refcounts, not closed cleanly) read/write; \
-                 run `qcow2 check -r all` or open read-only"
+                 repair it with `qcow2 check -r all` or open it read-only"
             }
             Self::ResizeV2WithSnapshots => "resizing a v2 image which has snapshots",
             Self::ShrinkWithSnapshots => "shrinking an image which has internal snapshots",
@@ -252,25 +252,10 @@ struct FeatureNames<'a>(&'a FormatError);
 impl std::fmt::Display for FeatureNames<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let FormatError::UnknownIncompatible { bits, names } = self.0 else { return Ok(()) };
-        let mut unnamed = 0u64;
-        let mut first = true;
-        for bit in 0..64 {
-            if bits & (1 << bit) == 0 {
-                continue;
-            }
-            match names.name(bit) {
-                Some(name) => {
-                    if !first {
-                        f.write_str(", ")?;
-                    }
-                    first = false;
-                    f.write_str(name)?;
-                }
-                None => unnamed |= 1 << bit,
-            }
-        }
+        f.write_str(names.text())?;
+        let unnamed = bits & !names.named_bits();
         if unnamed != 0 {
-            if !first {
+            if !names.text().is_empty() {
                 f.write_str(", ")?;
             }
             write!(f, "Unknown incompatible feature: {unnamed:x}")?;
@@ -368,6 +353,9 @@ pub enum RequestError {
     /// The engine is closed.
     #[error("The image is closed")]
     Closed,
+    /// The image was opened for check and repair only.
+    #[error("The image is opened for check and repair only")]
+    CheckOnly,
     /// A check could not run (the header is unreadable or unacceptable).
     #[error("Check failed: {0}")]
     CheckFailed(OpenError),

@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use rustix::fs::FallocateFlags;
 
 /// Positional file operations the runtime needs.
+#[allow(clippy::len_without_is_empty)] // a file length, not a collection
 pub trait HostFile {
     /// Reads at `offset` until `buf` is full or the end of the file; returns bytes read.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;

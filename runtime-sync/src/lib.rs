@@ -96,6 +96,9 @@ pub struct OpenOptions {
     /// encryption, ...) for their metadata only (`info`); every data request then fails
     /// with `Unsupported`.
     pub inspect_only: bool,
+    /// Open for [`Image::check`] only (like qemu-img check): images with the dirty or corrupt
+    /// bit open writable so that a repair can fix them; data requests are refused.
+    pub check_only: bool,
 }
 
 impl OpenOptions {
@@ -184,6 +187,7 @@ impl<F: HostFile> Image<F> {
         config.l2_cache_bytes = options.l2_cache_bytes;
         config.refcount_cache_bytes = options.refcount_cache_bytes;
         config.inspect_only = options.inspect_only;
+        config.check_only = options.check_only;
         Ok(config)
     }
 

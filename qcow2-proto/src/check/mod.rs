@@ -3,6 +3,52 @@
 //! The [`Checker`] reads every metadata structure through ops (like the engine), rebuilds the
 //! refcount of every host cluster from the references it finds, compares with the stored
 //! refcounts, and reports corruptions and leaks; with [`Repair`] it fixes what QEMU fixes.
+//!
+//! It follows QEMU's `qcow2_co_check` step by step, so its counters and detail lines match
+//! `qemu-img check`'s:
+//!
+//! 1. read the header (cluster 0) and the snapshot table;
+//! 2. build the in-memory refcount table (IMRT) from the header, the active L1 and its L2
+//!    tables (with allocation and fragmentation statistics), each snapshot's L1 and L2
+//!    tables, the snapshot table, the refcount table, the LUKS header, the bitmaps and the
+//!    refblocks themselves; references past the end of the file are corruptions and never
+//!    grow the IMRT;
+//! 3. compare with the stored refcount of every cluster up to the end of the file: a stored
+//!    refcount above the references is a leak, below them a corruption;
+//! 4. repair: `-r leaks` writes leaked refcounts down; `-r all` also raises refcounts below
+//!    their references and, when a used cluster has refcount 0 (or a refblock is broken),
+//!    builds a whole new refcount structure in free clusters, flushes it, and only then
+//!    switches the header to it;
+//! 5. check the COPIED flags of the active L1 and L2 tables against the refcounts (and fix
+//!    them under `-r all`, or under `-r leaks` when nothing else is left);
+//! 6. after a repair that left no corruption, clear the dirty and corrupt bits.
+//!
+//! When anything was repaired, the whole check runs again without repairing, and the
+//! report gives that second run's counts with the first run's `*_fixed` counts, as
+//! `qemu-img check -r` reports them.
+//!
+//! Memory is bounded: the two refcount arrays (the IMRT and the loaded refcounts, each
+//! `refcount_bits` per cluster of the file) share a budget ([`Checker::with_memory_limit`]);
+//! tables are read one at a time and big ones in 1 MiB chunks; every size read from disk is
+//! checked before anything is allocated for it.
+
+/// Adds a detail line to the pass's log (formatted only while the log has room).
+macro_rules! say {
+    ($self:expr, $($arg:tt)*) => { $self.log.push(format_args!($($arg)*)) };
+}
+
+mod calc;
+mod compare;
+mod copied;
+mod imrt;
+mod pass;
+mod repair;
+mod walk;
+
+use crate::error::OpenError;
+use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
+
+use pass::{Fix, Pass, PassResult, Req, Step};
 
 /// What `check` may repair.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -20,7 +66,8 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// `leaks`: leaked clusters that remain.
     pub leaks: u64,
-    /// `check-errors`: internal errors (I/O, memory) while checking.
+    /// `check-errors`: internal errors (I/O, memory) while checking. Non-zero also when the
+    /// check could not complete (where `qemu-img check` says "Check failed" and exits 1).
     pub check_errors: u64,
     /// `corruptions-fixed`.
     pub corruptions_fixed: u64,
@@ -38,4 +85,217 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// Detail lines, as qemu-img prints them on stderr ("Leaked cluster 9 refcount=1 reference=0").
     pub messages: Vec<String>,
+}
+
+/// Default budget for the refcount arrays: 512 MiB (a 64 KiB-cluster image with 16-bit
+/// refcounts of up to 8 TiB of file).
+pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
+
+/// A sans-IO `qemu-img check`: hand its ops to a runtime, their results back, and collect
+/// the report.
+///
+/// At most one op is outstanding at a time. Drive it like this:
+///
+/// ```text
+/// loop {
+///     while let Some(op) = checker.poll_io() { run op; checker.complete(op, result) }
+///     if let Some(report) = checker.poll_result() { break report }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Checker {
+    repair: Option<Repair>,
+    memory_limit: u64,
+    pass: Option<Pass>,
+    second: bool,
+    first: Option<PassResult>,
+    next_id: u32,
+    outstanding: Option<OpId>,
+    ready: Option<IoOp>,
+    result: Option<Result<CheckReport, OpenError>>,
+    finished: bool,
+}
+
+impl Checker {
+    /// Checks the image in a file of `file_len` bytes, repairing what `repair` allows.
+    pub fn new(file_len: u64, repair: Option<Repair>) -> Self {
+        let fix = match repair {
+            None => Fix::default(),
+            Some(Repair::Leaks) => Fix {
+                leaks: true,
+                errors: false,
+            },
+            Some(Repair::All) => Fix {
+                leaks: true,
+                errors: true,
+            },
+        };
+        Self {
+            repair,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            pass: Some(Pass::new(file_len, fix, DEFAULT_MEMORY_LIMIT)),
+            second: false,
+            first: None,
+            next_id: 0,
+            outstanding: None,
+            ready: None,
+            result: None,
+            finished: false,
+        }
+    }
+
+    /// Sets the memory the refcount arrays may use (default [`DEFAULT_MEMORY_LIMIT`]); an
+    /// image whose file needs more is reported with a check error instead. Call before the
+    /// first [`poll_io`](Self::poll_io).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        if let Some(pass) = self.pass.take() {
+            let fix = match self.repair {
+                None => Fix::default(),
+                Some(Repair::Leaks) => Fix {
+                    leaks: true,
+                    errors: false,
+                },
+                Some(Repair::All) => Fix {
+                    leaks: true,
+                    errors: true,
+                },
+            };
+            self.pass = Some(Pass::new(pass.file_len(), fix, bytes));
+        }
+        self
+    }
+
+    /// Next op to perform: [`Target::Image`], kinds [`IoKind::Read`], [`IoKind::Write`],
+    /// [`IoKind::Flush`] and [`IoKind::SetLen`] only, segments only [`Segment::Buf`]. One op
+    /// at a time: the next comes after the previous one's [`complete`](Self::complete).
+    pub fn poll_io(&mut self) -> Option<IoOp> {
+        if self.outstanding.is_none() && self.ready.is_none() {
+            self.drive();
+        }
+        let op = self.ready.take()?;
+        self.outstanding = Some(op.id);
+        Some(op)
+    }
+
+    /// The result of an op (bytes transferred; reads past the end of the file come back
+    /// zero-filled with the count actually read). Ops not issued by this checker are
+    /// ignored.
+    pub fn complete(&mut self, op: IoOp, result: Result<usize, IoError>) {
+        if self.outstanding != Some(op.id) {
+            return;
+        }
+        self.outstanding = None;
+        let buf = op.segments.into_iter().find_map(|s| match s {
+            Segment::Buf(b) => Some(b),
+            _ => None,
+        });
+        let result = match (result, buf) {
+            (Ok(n), Some(buf)) => Ok((buf, n)),
+            (Ok(n), None) => Ok((IoBuf::zeroed(0), n)),
+            (Err(e), _) => Err(e),
+        };
+        if let Some(pass) = self.pass.as_mut() {
+            pass.complete(result);
+        }
+        self.drive();
+    }
+
+    /// The report once finished (then never again). `Err` only when the check could not
+    /// run at all: the header could not be read or is not an acceptable qcow2 header.
+    pub fn poll_result(&mut self) -> Option<Result<CheckReport, OpenError>> {
+        if self.outstanding.is_none() && self.ready.is_none() && !self.finished {
+            self.drive();
+        }
+        self.result.take()
+    }
+
+    /// Steps the current pass until it wants an op or the whole check is over.
+    fn drive(&mut self) {
+        while let Some(pass) = self.pass.as_mut() {
+            match pass.step() {
+                Step::Io(req) => {
+                    self.ready = Some(self.make_op(req));
+                    return;
+                }
+                Step::Done => {
+                    let Some(pass) = self.pass.take() else { return };
+                    self.pass_done(pass.result());
+                }
+            }
+        }
+    }
+
+    fn pass_done(&mut self, done: PassResult) {
+        if let Some(e) = done.header_error {
+            if !self.second {
+                self.finished = true;
+                self.result = Some(Err(e));
+                return;
+            }
+        }
+        let again = !self.second
+            && !done.failed
+            && (done.counts.corruptions_fixed > 0 || done.counts.leaks_fixed > 0);
+        if again {
+            self.second = true;
+            self.pass = Some(Pass::new(done.file_len, Fix::default(), self.memory_limit));
+            self.first = Some(done);
+            return;
+        }
+        let mut report = report_of(&done);
+        if let Some(first) = self.first.take() {
+            report.leaks_fixed = first.counts.leaks_fixed;
+            report.corruptions_fixed = first.counts.corruptions_fixed;
+            let mut messages = first.log.lines;
+            messages.append(&mut report.messages);
+            report.messages = messages;
+        }
+        self.finished = true;
+        self.result = Some(Ok(report));
+    }
+
+    fn make_op(&mut self, req: Req) -> IoOp {
+        let id = OpId(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut segments = Segments::new();
+        let (kind, offset) = match req {
+            Req::Read { offset, len } => {
+                segments.push(Segment::Buf(IoBuf::zeroed(len)));
+                (IoKind::Read, offset)
+            }
+            Req::Write { offset, data } => {
+                let mut buf = IoBuf::zeroed(data.len());
+                buf.as_mut_slice().copy_from_slice(&data);
+                segments.push(Segment::Buf(buf));
+                (IoKind::Write, offset)
+            }
+            Req::Flush => (IoKind::Flush, 0),
+            Req::SetLen(len) => (IoKind::SetLen, len),
+        };
+        IoOp {
+            id,
+            target: Target::Image,
+            kind,
+            offset,
+            segments,
+        }
+    }
+}
+
+fn report_of(done: &PassResult) -> CheckReport {
+    let c = done.counts;
+    CheckReport {
+        corruptions: c.corruptions,
+        leaks: c.leaks,
+        check_errors: c.check_errors,
+        corruptions_fixed: c.corruptions_fixed,
+        leaks_fixed: c.leaks_fixed,
+        image_end_offset: done.image_end_offset,
+        total_clusters: done.total_clusters,
+        allocated_clusters: c.allocated,
+        fragmented_clusters: c.fragmented,
+        compressed_clusters: c.compressed,
+        messages: done.log.lines.clone(),
+    }
 }

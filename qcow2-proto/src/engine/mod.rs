@@ -380,10 +380,14 @@ impl Image {
                 return Err(e.into());
             }
         }
+        let metadata_only = matches!(kind, Kind::Close | Kind::Flush | Kind::Check { .. });
         if let Some(f) = self.layout.as_ref().and_then(|l| l.unsupported) {
-            if !matches!(kind, Kind::Close | Kind::Flush | Kind::Check { .. }) {
+            if !metadata_only {
                 return Err(RequestError::Unsupported(f).into());
             }
+        }
+        if self.config.check_only && !metadata_only {
+            return Err(RequestError::CheckOnly.into());
         }
         if self.read_only && kind.writes() && kind != Kind::Close {
             return Err(RequestError::ReadOnly.into());

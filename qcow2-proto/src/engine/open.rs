@@ -214,7 +214,7 @@ impl Image {
             Step::CreateSync => Some(Step::Header),
             Step::Header => {
                 // Fail early on what makes the cluster size meaningless.
-                match Layout::parse(self.header_buf.as_slice(), self.read_only) {
+                match Layout::parse(self.header_buf.as_slice(), self.parse_read_only()) {
                     Err(OpenError::Format(
                         e @ (FormatError::BadMagic
                         | FormatError::UnsupportedVersion(_)
@@ -239,8 +239,13 @@ impl Image {
         }
     }
 
+    /// Check mode accepts the dirty and corrupt bits like a read-only open does.
+    fn parse_read_only(&self) -> bool {
+        self.read_only || self.config.check_only
+    }
+
     fn after_cluster0(&mut self) -> Option<Step> {
-        let layout = match Layout::parse(self.header_buf.as_slice(), self.read_only) {
+        let layout = match Layout::parse(self.header_buf.as_slice(), self.parse_read_only()) {
             Ok(l) => l,
             Err(e) => {
                 self.fail_open(e);
@@ -248,7 +253,7 @@ impl Image {
             }
         };
         if let Some(f) = layout.unsupported {
-            if !self.config.inspect_only {
+            if !self.config.inspect_only && !self.config.check_only {
                 self.fail_open(OpenError::Unsupported(f));
                 return None;
             }

@@ -68,34 +68,58 @@ pub struct RawFdeExt {
 const _: () = assert!(size_of::<RawFeatureName>() == 48);
 const _: () = assert!(size_of::<RawBitmapsExt>() == 24);
 
-/// Up to four named incompatible feature bits, kept inline so errors stay `Copy`.
+/// Names of incompatible feature bits from the image's table, joined with ", " into a small
+/// inline buffer (so errors stay `Copy` and small); names past its end are cut.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct FeatureNameSet {
-    entries: [(u8, u8, [u8; 46]); 4],
-    count: u8,
+    text: [u8; 62],
+    len: u8,
+    /// Bits whose names are in `text`.
+    named: u64,
+    /// (bit, start, length) of the first names in `text`.
+    spans: [(u8, u8, u8); 4],
 }
 
 impl Default for FeatureNameSet {
     fn default() -> Self {
-        Self { entries: [(0, 0, [0; 46]); 4], count: 0 }
+        Self { text: [0; 62], len: 0, named: 0, spans: [(u8::MAX, 0, 0); 4] }
     }
 }
 
 impl FeatureNameSet {
     fn push(&mut self, bit: u8, name: &[u8; 46]) {
-        if (self.count as usize) < self.entries.len() {
-            let len = name.iter().position(|&b| b == 0).unwrap_or(46) as u8;
-            self.entries[self.count as usize] = (bit, len, *name);
-            self.count += 1;
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(46)];
+        let sep: &[u8] = if self.len > 0 { b", " } else { b"" };
+        let at = self.len as usize;
+        let room = self.text.len() - at;
+        let piece: Vec<u8> = sep.iter().chain(name).copied().take(room).collect();
+        self.text[at..at + piece.len()].copy_from_slice(&piece);
+        self.len += piece.len() as u8;
+        self.named |= 1 << bit;
+        if let Some(span) = self.spans.iter_mut().find(|s| s.0 == u8::MAX) {
+            let start = (at + sep.len()).min(self.len as usize);
+            *span = (bit, start as u8, (self.len as usize - start) as u8);
         }
     }
 
     /// The name of incompatible bit `bit`, if the image's table names it.
     pub fn name(&self, bit: u32) -> Option<&str> {
-        self.entries[..self.count as usize]
-            .iter()
-            .find(|(b, _, _)| u32::from(*b) == bit)
-            .and_then(|(_, len, name)| std::str::from_utf8(&name[..*len as usize]).ok())
+        let &(_, start, len) = self.spans.iter().find(|s| u32::from(s.0) == bit)?;
+        std::str::from_utf8(&self.text[start as usize..(start + len) as usize]).ok()
+    }
+
+    /// Bits that have a name.
+    pub fn named_bits(&self) -> u64 {
+        self.named
+    }
+
+    /// The names, joined with ", ".
+    pub fn text(&self) -> &str {
+        let bytes = &self.text[..self.len as usize];
+        match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+        }
     }
 }
 

@@ -1,0 +1,337 @@
+//! `check_oflag_copied`: the COPIED flag of every active L1 and L2 entry against the
+//! refcount now stored, rewritten where repairs allow; and the metadata overlap test that
+//! guards every in-place repair write.
+
+use crate::format::entry::COPIED;
+use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+
+use super::pass::{Block, Flow, Pass, Req, Stage};
+use super::repair::{self, MetaMap};
+use super::walk::{self, Cur, Kind, TableCursor};
+
+/// Waiting points of the COPIED check.
+#[derive(Debug)]
+pub(super) enum CopiedWait {
+    Nothing,
+    Chunk,
+    Refblock(u64),
+    L1Write(u64),
+    L2Read(u64),
+    L2Write,
+}
+
+#[derive(Debug)]
+pub(super) struct L2Scan {
+    offset: u64,
+    table: Vec<u8>,
+    next: u64,
+    dirty: u64,
+}
+
+/// `check_oflag_copied`.
+#[derive(Debug)]
+pub(super) struct Copied {
+    repair: bool,
+    l1: TableCursor,
+    checked: bool,
+    wait: CopiedWait,
+    scan: Option<L2Scan>,
+}
+
+/// A refcount looked up on disk.
+pub(super) enum Lookup {
+    Value(u64),
+    Error,
+    Read(u64, u64),
+}
+
+/// What the COPIED scan of an L2 table needs next.
+pub(super) enum ScanOut {
+    Finished,
+    Overlap(&'static str),
+    Refblock(u64, u64),
+    Write(u64, Vec<u8>),
+}
+
+/// Refblocks kept for COPIED lookups past the loaded range.
+pub(super) const EXTRA_BLOCKS: usize = 64;
+
+impl Pass {
+    pub(super) fn begin_copied(&mut self) -> Flow {
+        let repair = if self.fix.errors {
+            true
+        } else if self.fix.leaks {
+            self.counts.check_errors == 0 && self.counts.corruptions == 0 && self.counts.leaks == 0
+        } else {
+            false
+        };
+        let h = self.img.hdr;
+        self.stage = Stage::Copied(Copied {
+            repair,
+            l1: TableCursor::new(h.l1_table_offset, u64::from(h.l1_size)),
+            checked: false,
+            wait: CopiedWait::Nothing,
+            scan: None,
+        });
+        Flow::Next
+    }
+
+    /// The refcount of `cluster` as stored now (after this pass's repairs).
+    pub(super) fn stored(&self, cluster: u64) -> Lookup {
+        let index = cluster >> self.img.rb_bits;
+        let Some(&e) = self.reftable.get(index as usize) else {
+            return Lookup::Value(0);
+        };
+        let off = e & REFTABLE_OFFSET_MASK;
+        if off == 0 {
+            return Lookup::Value(0);
+        }
+        if !self.img.aligned(off) {
+            return Lookup::Error;
+        }
+        match self.blocks.get(index as usize) {
+            Some(Block::Loaded) => return Lookup::Value(self.disk.get(cluster)),
+            Some(Block::Failed(_) | Block::Unaligned) => return Lookup::Error,
+            _ => {}
+        }
+        match self.extra.get(&index) {
+            Some(Some(block)) => {
+                let i = (cluster & ((1 << self.img.rb_bits) - 1)) as usize;
+                Lookup::Value(refcount::get(block, self.img.order, i))
+            }
+            Some(None) => Lookup::Error,
+            None => Lookup::Read(index, off),
+        }
+    }
+
+    pub(super) fn copied(&mut self, mut c: Copied) -> Flow {
+        let cs = self.img.cluster_size;
+        loop {
+            match std::mem::replace(&mut c.wait, CopiedWait::Nothing) {
+                CopiedWait::Nothing => {}
+                CopiedWait::Chunk => match self.take() {
+                    Some(Ok((buf, _))) => c.l1.fill(buf.as_slice()),
+                    Some(Err(e)) => return self.fail_io("ERROR: Could not read the L1 table", e),
+                    None => {}
+                },
+                CopiedWait::Refblock(index) => {
+                    if self.extra.len() >= EXTRA_BLOCKS {
+                        self.extra.clear();
+                    }
+                    let block = match self.take() {
+                        Some(Ok((buf, _))) => Some(buf.as_slice()[..cs as usize].to_vec()),
+                        _ => None,
+                    };
+                    self.extra.insert(index, block);
+                }
+                CopiedWait::L1Write(value) => match self.take() {
+                    Some(Ok(_)) => {
+                        c.l1.set_current(value);
+                        self.counts.corruptions -= 1;
+                        self.counts.corruptions_fixed += 1;
+                    }
+                    Some(Err(e)) => return self.fail_io("ERROR: Could not write the L1 entry", e),
+                    None => {}
+                },
+                CopiedWait::L2Read(offset) => match self.take() {
+                    Some(Ok((buf, _))) => {
+                        c.scan = Some(L2Scan {
+                            offset,
+                            table: buf.as_slice().to_vec(),
+                            next: 0,
+                            dirty: 0,
+                        });
+                        c.checked = false;
+                        c.l1.advance();
+                    }
+                    Some(Err(e)) => return self.fail_io("ERROR: Could not read L2 table", e),
+                    None => {}
+                },
+                CopiedWait::L2Write => match self.take() {
+                    Some(Ok(_)) => {
+                        if let Some(s) = c.scan.take() {
+                            self.counts.corruptions -= s.dirty;
+                            self.counts.corruptions_fixed += s.dirty;
+                        }
+                    }
+                    Some(Err(e)) => return self.fail_io("ERROR: Could not write L2 table", e),
+                    None => {}
+                },
+            }
+            if c.scan.is_some() {
+                match self.copied_scan(&mut c) {
+                    ScanOut::Finished => continue,
+                    ScanOut::Overlap(what) => {
+                        return self.refuse_overlap(
+                            what,
+                            "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error",
+                        )
+                    }
+                    ScanOut::Refblock(index, off) => {
+                        c.wait = CopiedWait::Refblock(index);
+                        self.stage = Stage::Copied(c);
+                        return self.read(off, cs);
+                    }
+                    ScanOut::Write(offset, data) => {
+                        c.wait = CopiedWait::L2Write;
+                        self.stage = Stage::Copied(c);
+                        return self.io(Req::Write { offset, data });
+                    }
+                }
+            }
+            match c.l1.peek() {
+                Cur::Done => {
+                    self.stage = Stage::Clean(0);
+                    return Flow::Next;
+                }
+                Cur::Read { offset, len } => {
+                    c.wait = CopiedWait::Chunk;
+                    self.stage = Stage::Copied(c);
+                    return self.read(offset, len as u64);
+                }
+                Cur::Entry(i, e) => {
+                    let l2 = e & walk::L1_OFFSET_MASK;
+                    if l2 == 0 {
+                        c.l1.advance();
+                        continue;
+                    }
+                    if !c.checked {
+                        let r = match self.stored(l2 >> self.img.cluster_bits) {
+                            Lookup::Value(r) => r,
+                            Lookup::Error => {
+                                c.l1.advance();
+                                continue;
+                            }
+                            Lookup::Read(index, off) => {
+                                c.wait = CopiedWait::Refblock(index);
+                                self.stage = Stage::Copied(c);
+                                return self.read(off, cs);
+                            }
+                        };
+                        c.checked = true;
+                        if (r == 1) != (e & COPIED != 0) {
+                            self.counts.corruptions += 1;
+                            let word = if c.repair { "Repairing" } else { "ERROR" };
+                            say!(self, "{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={r}");
+                            if c.repair {
+                                let value = if r == 1 { e | COPIED } else { e & !COPIED };
+                                c.wait = CopiedWait::L1Write(value);
+                                let offset = self.img.hdr.l1_table_offset + i * 8;
+                                self.stage = Stage::Copied(c);
+                                return self.io(Req::Write {
+                                    offset,
+                                    data: value.to_be_bytes().to_vec(),
+                                });
+                            }
+                        }
+                    }
+                    c.wait = CopiedWait::L2Read(l2);
+                    self.stage = Stage::Copied(c);
+                    return self.read(l2, cs);
+                }
+            }
+        }
+    }
+
+    /// Scans the current L2 table of the COPIED check, up to the next op it needs.
+    pub(super) fn copied_scan(&mut self, c: &mut Copied) -> ScanOut {
+        let Some(scan) = c.scan.as_mut() else {
+            return ScanOut::Finished;
+        };
+        while scan.next < self.img.l2_entries {
+            let at = (scan.next * self.img.entry_bytes) as usize;
+            let e = walk::be64(&scan.table, at);
+            let kind = walk::classify(e, self.img.subclusters, self.img.data_file);
+            if matches!(kind, Kind::Normal | Kind::ZeroAlloc) {
+                let r = if self.img.data_file {
+                    1
+                } else {
+                    match self.stored((e & walk::L2_OFFSET_MASK) >> self.img.cluster_bits) {
+                        Lookup::Value(r) => r,
+                        Lookup::Error => {
+                            scan.next += 1;
+                            continue;
+                        }
+                        Lookup::Read(index, off) => return ScanOut::Refblock(index, off),
+                    }
+                };
+                if (r == 1) != (e & COPIED != 0) {
+                    self.counts.corruptions += 1;
+                    let word = if c.repair { "Repairing" } else { "ERROR" };
+                    say!(
+                        self,
+                        "{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}"
+                    );
+                    if c.repair {
+                        let value = if r == 1 { e | COPIED } else { e & !COPIED };
+                        scan.table[at..at + 8].copy_from_slice(&value.to_be_bytes());
+                        scan.dirty += 1;
+                    }
+                }
+            }
+            scan.next += 1;
+        }
+        if scan.dirty == 0 {
+            c.scan = None;
+            return ScanOut::Finished;
+        }
+        let offset = scan.offset;
+        let table = scan.table.clone();
+        let cs = self.img.cluster_size;
+        if let Some(what) = self.meta_map().overlap(offset, cs, true) {
+            return ScanOut::Overlap(what);
+        }
+        ScanOut::Write(offset, table)
+    }
+
+    /// The metadata map for overlap checks, built on first use.
+    pub(super) fn meta_map(&mut self) -> &MetaMap {
+        if self.meta_map.is_none() {
+            let h = self.img.hdr;
+            let cs = self.img.cluster_size;
+            let mut map = MetaMap::new(self.img.cluster_bits);
+            map.add(
+                h.l1_table_offset,
+                u64::from(h.l1_size) * 8,
+                repair::ACTIVE_L1,
+            );
+            map.add(
+                h.refcount_table_offset,
+                self.reftable.len() as u64 * 8,
+                repair::REFTABLE,
+            );
+            map.add(h.snapshots_offset, self.snaps_size, repair::SNAPSHOT_TABLE);
+            for s in &self.snaps {
+                map.add(s.l1_offset, u64::from(s.l1_size) * 8, repair::INACTIVE_L1);
+            }
+            for &l2 in &self.active_l2s {
+                map.add(l2, cs, repair::ACTIVE_L2);
+            }
+            for &e in &self.reftable {
+                let off = e & REFTABLE_OFFSET_MASK;
+                if off != 0 {
+                    map.add(off, cs, repair::REFBLOCK);
+                }
+            }
+            if let Some((_, off, size)) = self.img.bitmaps {
+                map.add(off, size, repair::BITMAP_DIRECTORY);
+            }
+            map.finish();
+            self.meta_map = Some(map);
+        }
+        self.meta_map.get_or_insert_with(MetaMap::default)
+    }
+
+    /// A repair write would overwrite metadata: QEMU's `qcow2_signal_corruption` (mark
+    /// the image corrupt) and the check fails.
+    pub(super) fn refuse_overlap(&mut self, what: &str, then: &str) -> Flow {
+        say!(
+            self,
+            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {what}); further corruption events will be suppressed"
+        );
+        say!(self, "{then}");
+        self.counts.check_errors += 1;
+        self.mark_corrupt = true;
+        self.fail()
+    }
+}

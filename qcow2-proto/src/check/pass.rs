@@ -1,0 +1,650 @@
+//! One run of the check (QEMU's `qcow2_co_check_locked`): read the header and the snapshot
+//! table, build the IMRT from every reference (`calculate_refcounts`), load the stored
+//! refcounts, compare them (`compare_refcounts`), repair or rebuild as allowed, check the
+//! COPIED flags (`check_oflag_copied`), and mark the image clean.
+//!
+//! The pass is a state machine with at most one op outstanding: [`Pass::step`] runs until it
+//! needs an op (returned as a [`Req`]) or is done; [`Pass::complete`] hands the op's result
+//! in. Each [`Stage`] issues its next op itself, so re-entering a stage with no input means
+//! "issue the op you are waiting for" and with input means "consume it".
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use super::calc::Calc;
+use super::compare::RebuildOp;
+use super::copied::Copied;
+
+use crate::error::{FormatError, OpenError};
+use crate::format::extension::BITMAPS;
+use crate::format::header::{autoclear, incompat, Header, INCOMPATIBLE_OFFSET};
+use crate::format::{Geometry, Layout};
+use crate::io::{IoBuf, IoError};
+
+use super::imrt::{Budget, RefArray};
+use super::repair::{MetaMap, RebuildPlan};
+use super::walk::{self, Snap, SnapParse};
+
+/// An op the pass wants performed on the image file.
+#[derive(Debug)]
+pub(crate) enum Req {
+    /// Read `len` bytes at `offset` (zero-filled past the end of the file).
+    Read { offset: u64, len: usize },
+    /// Write `data` at `offset`.
+    Write { offset: u64, data: Vec<u8> },
+    /// Make the writes so far durable.
+    Flush,
+    /// Set the file length.
+    SetLen(u64),
+}
+
+/// What [`Pass::step`] asks for.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Perform this op and call [`Pass::complete`].
+    Io(Req),
+    /// The pass is over; see [`Pass::result`].
+    Done,
+}
+
+/// Which repairs the pass may make (`BDRV_FIX_LEAKS`, `BDRV_FIX_ERRORS`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct Fix {
+    pub leaks: bool,
+    pub errors: bool,
+}
+
+impl Fix {
+    pub(super) fn any(self) -> bool {
+        self.leaks || self.errors
+    }
+}
+
+/// QEMU's `BdrvCheckResult` counters.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct Counts {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub allocated: u64,
+    pub fragmented: u64,
+    pub compressed: u64,
+}
+
+/// Most detail lines kept per pass; the rest are only counted.
+const MAX_LINES: usize = 10_000;
+
+/// The detail lines of a pass, bounded.
+#[derive(Debug, Default)]
+pub(crate) struct Log {
+    pub lines: Vec<String>,
+    pub dropped: u64,
+}
+
+impl Log {
+    pub(super) fn push(&mut self, args: fmt::Arguments<'_>) {
+        if self.lines.len() < MAX_LINES {
+            self.lines.push(args.to_string());
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+/// C's `%#x`: `0` for zero, `0x..` otherwise.
+pub(super) fn alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// What the pass learnt.
+#[derive(Debug)]
+pub(crate) struct PassResult {
+    pub counts: Counts,
+    pub log: Log,
+    /// `(highest used cluster + 1) * cluster_size`, when the comparison ran to the end.
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    /// The check could not complete (QEMU's "Check failed").
+    pub failed: bool,
+    /// The header could not be read or accepted.
+    pub header_error: Option<OpenError>,
+    /// The file length after the pass's own writes and resizes.
+    pub file_len: u64,
+}
+
+/// How a refblock of the loaded on-disk refcounts came in.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(super) enum Block {
+    /// No refblock: every refcount it would hold is 0.
+    Zero,
+    Loaded,
+    /// The reftable entry is not cluster aligned.
+    Unaligned,
+    Failed(IoError),
+}
+
+/// What the header says, in the units the pass uses.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Img {
+    pub(super) hdr: Header,
+    pub(super) cluster_bits: u32,
+    pub(super) cluster_size: u64,
+    pub(super) order: u32,
+    pub(super) rb_bits: u32,
+    pub(super) l2_entries: u64,
+    pub(super) entry_bytes: u64,
+    pub(super) subclusters: bool,
+    pub(super) data_file: bool,
+    /// `(nb_bitmaps, directory_offset, directory_size)` when the bitmaps are to be counted.
+    pub(super) bitmaps: Option<(u32, u64, u64)>,
+    pub(super) fde: Option<(u64, u64)>,
+}
+
+impl Img {
+    pub(super) fn aligned(&self, off: u64) -> bool {
+        off & (self.cluster_size - 1) == 0
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum Stage {
+    Header,
+    HeaderRest(Vec<u8>),
+    SnapTable(Vec<u8>),
+    Reftable,
+    Calc(Calc),
+    Refblocks {
+        i: usize,
+        resizing: Option<u64>,
+    },
+    Load {
+        block: u64,
+        waiting: bool,
+    },
+    Compare,
+    Rebuild {
+        plan: RebuildPlan,
+        ops: VecDeque<RebuildOp>,
+    },
+    WriteDirty {
+        blocks: Vec<u64>,
+        next: usize,
+        flushed: bool,
+    },
+    Copied(Copied),
+    Clean(u8),
+    Finish {
+        flushed: bool,
+    },
+    Done,
+}
+
+/// Internal control flow of the stage functions.
+pub(super) enum Flow {
+    /// Issue this op and wait.
+    Io(Req),
+    /// Go on with the next stage (already set).
+    Next,
+}
+
+/// One check run over the image.
+#[derive(Debug)]
+pub(crate) struct Pass {
+    pub(super) fix: Fix,
+    pub(super) file_len: u64,
+    pub(super) budget: Budget,
+    pub(super) img: Img,
+    pub(super) counts: Counts,
+    pub(super) log: Log,
+    pub(super) imrt: RefArray,
+    pub(super) disk: RefArray,
+    pub(super) blocks: Vec<Block>,
+    pub(super) reftable: Vec<u64>,
+    pub(super) snaps: Vec<Snap>,
+    pub(super) snaps_size: u64,
+    pub(super) rebuild: bool,
+    pub(super) round: u8,
+    pub(super) highest: Option<u64>,
+    pub(super) pre_compare: Counts,
+    pub(super) old_res: Counts,
+    pub(super) dirty: BTreeSet<u64>,
+    pub(super) extra: BTreeMap<u64, Option<Vec<u8>>>,
+    pub(super) unflushed: bool,
+    pub(super) failed: bool,
+    /// Offsets of the active L2 tables (kept when repairing, for the overlap checks).
+    pub(super) active_l2s: Vec<u64>,
+    pub(super) meta_map: Option<MetaMap>,
+    /// A repair was refused for overlapping metadata: set the corrupt bit, as QEMU does.
+    pub(super) mark_corrupt: bool,
+    pub(super) total_clusters: u64,
+    pub(super) header_error: Option<OpenError>,
+    pub(super) stage: Stage,
+    pub(super) input: Option<Result<(IoBuf, usize), IoError>>,
+    pub(super) inflight: Option<(u8, u64, u64)>,
+}
+
+impl Pass {
+    /// A pass over a file of `file_len` bytes that may repair what `fix` allows, with
+    /// `memory_limit` bytes for its refcount arrays.
+    pub fn new(file_len: u64, fix: Fix, memory_limit: u64) -> Self {
+        let geo = Geometry::new(9, 4);
+        Self {
+            fix,
+            file_len,
+            budget: Budget {
+                limit: memory_limit,
+                used: 0,
+            },
+            img: Img::default(),
+            counts: Counts::default(),
+            log: Log::default(),
+            imrt: RefArray::new(&geo),
+            disk: RefArray::new(&geo),
+            blocks: Vec::new(),
+            reftable: Vec::new(),
+            snaps: Vec::new(),
+            snaps_size: 0,
+            rebuild: false,
+            round: 1,
+            highest: None,
+            pre_compare: Counts::default(),
+            old_res: Counts::default(),
+            dirty: BTreeSet::new(),
+            extra: BTreeMap::new(),
+            unflushed: false,
+            failed: false,
+            active_l2s: Vec::new(),
+            meta_map: None,
+            mark_corrupt: false,
+            total_clusters: 0,
+            header_error: None,
+            stage: Stage::Header,
+            input: None,
+            inflight: None,
+        }
+    }
+
+    /// The length of the file as the pass knows it.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Hands in the result of the op the last [`step`](Self::step) asked for: the buffer
+    /// (for reads) and the bytes transferred.
+    pub fn complete(&mut self, result: Result<(IoBuf, usize), IoError>) {
+        if let (Ok(_), Some((kind, offset, len))) = (&result, self.inflight.take()) {
+            match kind {
+                1 => {
+                    self.file_len = self.file_len.max(offset.saturating_add(len));
+                    self.unflushed = true;
+                }
+                2 => self.unflushed = false,
+                3 => self.file_len = offset,
+                _ => {}
+            }
+        }
+        self.input = Some(result);
+    }
+
+    /// The pass's outcome (call once [`step`](Self::step) returned [`Step::Done`]).
+    pub fn result(self) -> PassResult {
+        let image_end_offset = match (self.failed, self.highest) {
+            (false, Some(h)) => (h + 1) * self.img.cluster_size,
+            _ => 0,
+        };
+        let mut log = self.log;
+        if log.dropped > 0 {
+            log.lines
+                .push(format!("({} more lines not shown)", log.dropped));
+        }
+        PassResult {
+            counts: self.counts,
+            log,
+            image_end_offset,
+            total_clusters: self.total_clusters,
+            failed: self.failed,
+            header_error: self.header_error,
+            file_len: self.file_len,
+        }
+    }
+
+    pub(super) fn take(&mut self) -> Option<Result<(IoBuf, usize), IoError>> {
+        self.input.take()
+    }
+
+    pub(super) fn io(&mut self, req: Req) -> Flow {
+        self.inflight = match &req {
+            Req::Read { .. } => Some((0, 0, 0)),
+            Req::Write { offset, data } => Some((1, *offset, data.len() as u64)),
+            Req::Flush => Some((2, 0, 0)),
+            Req::SetLen(len) => Some((3, *len, 0)),
+        };
+        Flow::Io(req)
+    }
+
+    pub(super) fn read(&mut self, offset: u64, len: u64) -> Flow {
+        self.io(Req::Read {
+            offset,
+            len: len as usize,
+        })
+    }
+
+    /// The check cannot go on: count a check error if nothing did yet, flush what was
+    /// written, and stop.
+    pub(super) fn fail(&mut self) -> Flow {
+        self.failed = true;
+        if self.counts.check_errors == 0 {
+            self.counts.check_errors = 1;
+        }
+        self.stage = Stage::Finish { flushed: false };
+        Flow::Next
+    }
+
+    pub(super) fn fail_io(&mut self, what: &str, e: IoError) -> Flow {
+        self.counts.check_errors += 1;
+        say!(self, "{what}: {e}");
+        self.fail()
+    }
+
+    pub(super) fn out_of_memory(&mut self) -> Flow {
+        self.counts.check_errors += 1;
+        say!(
+            self,
+            "ERROR: Cannot allocate memory for the refcount check (limit {} bytes)",
+            self.budget.limit
+        );
+        self.fail()
+    }
+
+    /// Runs until the pass needs an op or is over.
+    pub fn step(&mut self) -> Step {
+        loop {
+            let stage = std::mem::replace(&mut self.stage, Stage::Done);
+            let flow = match stage {
+                Stage::Header => self.header(None),
+                Stage::HeaderRest(first) => self.header(Some(first)),
+                Stage::SnapTable(buf) => self.snapshot_table(buf),
+                Stage::Reftable => self.read_reftable(),
+                Stage::Calc(calc) => self.calc(calc),
+                Stage::Refblocks { i, resizing } => self.check_refblocks(i, resizing),
+                Stage::Load { block, waiting } => self.load(block, waiting),
+                Stage::Compare => self.compare_stage(),
+                Stage::Rebuild { plan, ops } => self.rebuild(plan, ops),
+                Stage::WriteDirty {
+                    blocks,
+                    next,
+                    flushed,
+                } => self.write_dirty(blocks, next, flushed),
+                Stage::Copied(c) => self.copied(c),
+                Stage::Clean(step) => self.clean(step),
+                Stage::Finish { flushed } => self.finish(flushed),
+                Stage::Done => return Step::Done,
+            };
+            if let Flow::Io(req) = flow {
+                return Step::Io(req);
+            }
+        }
+    }
+
+    // ---- header and snapshot table -------------------------------------------------
+
+    fn header(&mut self, first: Option<Vec<u8>>) -> Flow {
+        let input = self.take();
+        let bytes = match (first, input) {
+            (None, None) => {
+                self.stage = Stage::Header;
+                return self.read(0, 4096);
+            }
+            (_, Some(Err(e))) => {
+                self.header_error = Some(OpenError::Io(e));
+                self.failed = true;
+                self.stage = Stage::Done;
+                return Flow::Next;
+            }
+            (None, Some(Ok((buf, n)))) => {
+                let bytes = buf.as_slice()[..n.min(buf.len())].to_vec();
+                let cluster_size = match Header::decode(&bytes) {
+                    Some(h) if (9..=21).contains(&h.cluster_bits) => 1u64 << h.cluster_bits,
+                    _ => 0,
+                };
+                if n == 4096 && cluster_size > 4096 {
+                    self.stage = Stage::HeaderRest(bytes);
+                    return self.read(4096, cluster_size - 4096);
+                }
+                bytes
+            }
+            (Some(mut first), Some(Ok((buf, n)))) => {
+                first.extend_from_slice(&buf.as_slice()[..n.min(buf.len())]);
+                first
+            }
+            (Some(first), None) => {
+                let cluster_size =
+                    Header::decode(&first).map_or(4096, |h| 1u64 << h.cluster_bits.clamp(12, 21));
+                self.stage = Stage::HeaderRest(first);
+                return self.read(4096, cluster_size - 4096);
+            }
+        };
+        match Layout::parse(&bytes, true) {
+            Ok(layout) => self.accept_layout(&layout),
+            Err(e) => {
+                self.header_error = Some(e);
+                self.failed = true;
+                self.stage = Stage::Done;
+                Flow::Next
+            }
+        }
+    }
+
+    fn accept_layout(&mut self, layout: &Layout) -> Flow {
+        let h = layout.header;
+        let geo = layout.geo;
+        let subclusters = h.incompatible_features & incompat::EXTENDED_L2 != 0;
+        let entry_bytes = if subclusters { 16 } else { 8 };
+        let mut bitmaps = None;
+        if let Some(b) = layout.ext.bitmaps {
+            if h.autoclear_features & autoclear::BITMAPS != 0 {
+                let bad = b.nb_bitmaps == 0
+                    || b.nb_bitmaps > walk::MAX_BITMAPS
+                    || !geo.aligned(b.directory_offset)
+                    || b.directory_size > walk::MAX_BITMAP_DIRECTORY;
+                if bad {
+                    let e = FormatError::InvalidExtension {
+                        ext_type: BITMAPS,
+                        offset: 0,
+                    };
+                    self.header_error = Some(e.into());
+                    self.failed = true;
+                    self.stage = Stage::Done;
+                    return Flow::Next;
+                }
+                bitmaps = Some((b.nb_bitmaps, b.directory_offset, b.directory_size));
+            }
+        }
+        self.img = Img {
+            hdr: h,
+            cluster_bits: geo.cluster_bits,
+            cluster_size: geo.cluster_size(),
+            order: geo.refcount_order,
+            rb_bits: geo.rb_bits,
+            l2_entries: geo.cluster_size() / entry_bytes,
+            entry_bytes,
+            subclusters,
+            data_file: h.incompatible_features & incompat::DATA_FILE != 0,
+            bitmaps,
+            fde: layout
+                .ext
+                .fde
+                .filter(|&(_, len)| len != 0 && h.crypt_method == 2),
+        };
+        self.total_clusters = h.size.div_ceil(geo.cluster_size());
+        self.imrt = RefArray::new(&geo);
+        self.disk = RefArray::new(&geo);
+        self.stage = Stage::SnapTable(Vec::new());
+        Flow::Next
+    }
+
+    fn snapshot_table(&mut self, mut buf: Vec<u8>) -> Flow {
+        let count = self.img.hdr.nb_snapshots;
+        let base = self.img.hdr.snapshots_offset;
+        match self.take() {
+            Some(Err(e)) => {
+                return self.fail_io("ERROR failed to read the snapshot table", e);
+            }
+            Some(Ok((b, _))) => buf.extend_from_slice(b.as_slice()),
+            None => {}
+        }
+        if count == 0 {
+            self.snaps_size = 0;
+            return self.start_refcounts();
+        }
+        match walk::parse_snapshots(&buf, count) {
+            SnapParse::Need(need) => {
+                let have = buf.len() as u64;
+                let len = (need - have).max(have.clamp(64 << 10, walk::CHUNK_BYTES));
+                self.stage = Stage::SnapTable(buf);
+                self.read(base.saturating_add(have), len)
+            }
+            SnapParse::TooMuchExtra(i) => {
+                self.counts.check_errors += 1;
+                say!(self, "ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}");
+                self.fail()
+            }
+            SnapParse::TooBig => {
+                self.counts.check_errors += 1;
+                say!(
+                    self,
+                    "ERROR failed to read the snapshot table: Snapshot table is too big"
+                );
+                self.fail()
+            }
+            SnapParse::Done { snaps, size } => {
+                if self.img.hdr.version >= 3 {
+                    for (i, s) in snaps.iter().enumerate() {
+                        if s.extra_size < 16 {
+                            self.counts.corruptions += 1;
+                            say!(self, "ERROR snapshot table entry {i} is incomplete");
+                        }
+                    }
+                }
+                self.snaps = snaps;
+                self.snaps_size = size;
+                self.start_refcounts()
+            }
+        }
+    }
+
+    /// `qcow2_check_refcounts`: size the IMRT from the file length and read the reftable.
+    fn start_refcounts(&mut self) -> Flow {
+        let nb = self.file_len.div_ceil(self.img.cluster_size);
+        if nb > i32::MAX as u64 {
+            self.counts.check_errors += 1;
+            say!(
+                self,
+                "ERROR: the image file is too large to check ({} clusters)",
+                nb
+            );
+            return self.fail();
+        }
+        // The loaded refcounts will need as much again.
+        let need = self.imrt.bytes_for(nb).saturating_mul(2);
+        if need > self.budget.limit || self.imrt.grow(nb, &mut self.budget).is_err() {
+            return self.out_of_memory();
+        }
+        self.stage = Stage::Reftable;
+        Flow::Next
+    }
+
+    fn read_reftable(&mut self) -> Flow {
+        let h = self.img.hdr;
+        let len = u64::from(h.refcount_table_clusters) << self.img.cluster_bits;
+        match self.take() {
+            None => {
+                self.stage = Stage::Reftable;
+                self.read(h.refcount_table_offset, len)
+            }
+            Some(Err(e)) => self.fail_io("ERROR: could not read the refcount table", e),
+            Some(Ok((buf, _))) => {
+                self.reftable = buf
+                    .as_slice()
+                    .chunks_exact(8)
+                    .map(|c| walk::be64(c, 0))
+                    .collect();
+                self.stage = Stage::Calc(Calc::Start);
+                Flow::Next
+            }
+        }
+    }
+
+    // ---- the end -----------------------------------------------------------------------
+
+    /// The last ops of every pass: set the corrupt bit if a repair was refused, and flush
+    /// whatever was written.
+    fn finish(&mut self, flushed: bool) -> Flow {
+        if let Some(Err(e)) = self.take() {
+            self.counts.check_errors += 1;
+            say!(self, "ERROR: could not finish the repair: {e}");
+        }
+        if self.mark_corrupt {
+            self.mark_corrupt = false;
+            let h = self.img.hdr;
+            if self.fix.any() && h.version >= 3 && h.incompatible_features & incompat::CORRUPT == 0
+            {
+                let value = h.incompatible_features | incompat::CORRUPT;
+                self.stage = Stage::Finish { flushed };
+                return self.io(Req::Write {
+                    offset: INCOMPATIBLE_OFFSET,
+                    data: value.to_be_bytes().to_vec(),
+                });
+            }
+        }
+        if self.unflushed && !flushed {
+            self.stage = Stage::Finish { flushed: true };
+            return self.io(Req::Flush);
+        }
+        self.stage = Stage::Done;
+        Flow::Next
+    }
+
+    /// `qcow2_mark_clean` and `qcow2_mark_consistent` after a repair that left nothing.
+    fn clean(&mut self, step: u8) -> Flow {
+        if let Some(Err(e)) = self.take() {
+            return self.fail_io("ERROR: could not mark the image clean", e);
+        }
+        let h = self.img.hdr;
+        let bits = h.incompatible_features & (incompat::DIRTY | incompat::CORRUPT);
+        let wanted =
+            self.fix.any() && self.counts.check_errors == 0 && self.counts.corruptions == 0;
+        if !wanted || h.version < 3 || bits == 0 {
+            self.stage = Stage::Finish { flushed: false };
+            return Flow::Next;
+        }
+        match step {
+            0 => {
+                self.stage = Stage::Clean(1);
+                self.io(Req::Flush)
+            }
+            1 => {
+                let value = h.incompatible_features & !bits;
+                self.stage = Stage::Clean(2);
+                self.io(Req::Write {
+                    offset: INCOMPATIBLE_OFFSET,
+                    data: value.to_be_bytes().to_vec(),
+                })
+            }
+            2 => {
+                self.stage = Stage::Clean(3);
+                self.io(Req::Flush)
+            }
+            _ => {
+                self.stage = Stage::Done;
+                Flow::Next
+            }
+        }
+    }
+}
