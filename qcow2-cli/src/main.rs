@@ -1,1 +1,353 @@
-fn main() {}
+//! `qcow2`: a qemu-img-compatible command-line tool over this project's qcow2 engine.
+//!
+//! The commands take qemu-img's option spellings (`-f`, `-O`, `-o key=value`, `-q`, `-p`,
+//! `-U`, `--output=json`, size suffixes) and print what qemu-img 10.0 prints, so scripts
+//! written for `qemu-img` run unchanged. `io` is a small qemu-io, `bench` compares the
+//! engine with a raw file.
+
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod disk;
+mod error;
+mod host;
+mod json;
+mod prealloc;
+mod progress;
+mod raw;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use error::CliError;
+
+/// qemu-img-compatible qcow2 tool.
+#[derive(Debug, Parser)]
+#[command(name = "qcow2", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show an image's format, sizes and format-specific data.
+    Info(InfoArgs),
+    /// Check an image's metadata for consistency, optionally repairing it.
+    Check(CheckArgs),
+    /// Create a new image.
+    Create(CreateArgs),
+    /// Convert (copy) images from one format to another.
+    Convert(ConvertArgs),
+    /// Show how an image's guest ranges are stored.
+    Map(MapArgs),
+    /// Compare two images' guest contents.
+    Compare(CompareArgs),
+    /// Change an image's virtual size.
+    Resize(ResizeArgs),
+    /// Run qemu-io-like commands (`read`, `write`, `discard`, `flush`) on an image.
+    Io(IoArgs),
+    /// Measure the engine against a raw file (MB/s, IOPS, ratios).
+    Bench(BenchArgs),
+}
+
+/// `--output` formats.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON exactly as qemu-img prints it.
+    Json,
+}
+
+/// `info` options.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Image format (qcow2 or raw); probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Open without taking locks (accepted for compatibility; no locks are taken).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show the whole backing chain.
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
+    /// The image.
+    pub filename: PathBuf,
+}
+
+/// `check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Repair `leaks` or `all` problems.
+    #[arg(short = 'r', long = "repair")]
+    pub repair: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Cache mode.
+    #[arg(short = 'T', long = "cache")]
+    pub cache: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: PathBuf,
+}
+
+/// `create` options.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image format (default raw, as qemu-img).
+    #[arg(short = 'f', long = "format", default_value = "raw")]
+    pub format: String,
+    /// Format options `key=value,...` (`-o help` lists them).
+    #[arg(short = 'o', long = "options")]
+    pub options: Vec<String>,
+    /// Quiet: do not print the `Formatting` line.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Backing file (not supported yet).
+    #[arg(short = 'b', long = "backing")]
+    pub backing: Option<String>,
+    /// Backing file format (not supported yet).
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file (not supported yet).
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// qemu objects such as secrets (not supported yet).
+    #[arg(long)]
+    pub object: Vec<String>,
+    /// The new image.
+    pub filename: Option<PathBuf>,
+    /// Virtual size (suffixes k, M, G, T, P, E).
+    pub size: Option<String>,
+}
+
+/// `convert` options.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Source format; probed by magic when absent.
+    #[arg(short = 'f', long = "source-format")]
+    pub format: Option<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
+    pub target_format: String,
+    /// Target format options `key=value,...`.
+    #[arg(short = 'o', long = "options")]
+    pub options: Vec<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Do not create the target; it must exist.
+    #[arg(short = 'n', long = "no-create")]
+    pub no_create: bool,
+    /// Consecutive zero bytes that make a hole in the target (default 4k; 0 = copy all).
+    #[arg(short = 'S', long = "sparse-size")]
+    pub sparse_size: Option<String>,
+    /// Target cache mode.
+    #[arg(short = 't', long = "target-cache")]
+    pub target_cache: Option<String>,
+    /// Source cache mode.
+    #[arg(short = 'T', long = "source-cache")]
+    pub source_cache: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Compress the target (not supported yet).
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Backing file of the target (not supported yet).
+    #[arg(short = 'B', long = "target-backing")]
+    pub backing: Option<String>,
+    /// Parallel requests (accepted; this tool copies sequentially).
+    #[arg(short = 'm', long = "parallel")]
+    pub parallel: Option<u32>,
+    /// Out-of-order writes (accepted; this tool copies in order).
+    #[arg(short = 'W', long = "oob-writes")]
+    pub out_of_order: bool,
+    /// The target is known to read as zero already.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Source images (concatenated) and the target.
+    #[arg(required = true, num_args = 2..)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `map` options.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// First guest byte to report.
+    #[arg(short = 's', long = "start-offset")]
+    pub start_offset: Option<String>,
+    /// Bytes to report.
+    #[arg(short = 'l', long = "max-length")]
+    pub max_length: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: PathBuf,
+}
+
+/// `compare` options.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f', long = "a-format")]
+    pub format_a: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F', long = "b-format")]
+    pub format_b: Option<String>,
+    /// Strict mode: allocation must match too.
+    #[arg(short = 's', long = "strict")]
+    pub strict: bool,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Cache mode for both images.
+    #[arg(short = 'T', long = "cache")]
+    pub cache: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// First image.
+    pub a: PathBuf,
+    /// Second image.
+    pub b: PathBuf,
+}
+
+/// `resize` options.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Allow shrinking (data past the new end is lost).
+    #[arg(long)]
+    pub shrink: bool,
+    /// Preallocation of the new area (only `off` is supported).
+    #[arg(long)]
+    pub preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: PathBuf,
+    /// New size, or `+SIZE` / `-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+}
+
+/// `io` options.
+#[derive(Debug, Args)]
+pub struct IoArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Cache mode (writeback, writethrough, none, directsync, unsafe).
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// Shortcut for `-t none`.
+    #[arg(short = 'n', long = "nocache")]
+    pub nocache: bool,
+    /// Open read-only.
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// A command to run; repeat for several, run in order. Without `-c`, commands are read
+    /// from standard input, one a line.
+    #[arg(short = 'c', long = "cmd")]
+    pub commands: Vec<String>,
+    /// Accepted for compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: PathBuf,
+}
+
+/// `bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Cache mode for every image (default none = O_DIRECT, falling back to writeback).
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// Shorter runs and smaller images.
+    #[arg(long)]
+    pub quick: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory for the scratch images (default: the system temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Image size (default 256M, 64M with --quick).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Seconds per measurement (default 1, 0.25 with --quick).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+}
+
+fn run(cli: Cli) -> Result<i32, CliError> {
+    match cli.command {
+        Command::Info(a) => cmd::info::run(&a),
+        Command::Check(a) => cmd::check::run(&a),
+        Command::Create(a) => cmd::create::run(&a),
+        Command::Convert(a) => cmd::convert::run(&a),
+        Command::Map(a) => cmd::map::run(&a),
+        Command::Compare(a) => cmd::compare::run(&a),
+        Command::Resize(a) => cmd::resize::run(&a),
+        Command::Io(a) => cmd::io::run(&a),
+        Command::Bench(a) => cmd::bench::run(&a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Usage errors exit with 1, like qemu-img; help and version with 0.
+            return ExitCode::from(u8::from(e.use_stderr()));
+        }
+    };
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if !e.message.is_empty() {
+                eprintln!("qcow2: {}", e.message);
+            }
+            e.code
+        }
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

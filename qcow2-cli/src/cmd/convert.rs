@@ -1,0 +1,277 @@
+//! `convert`: copy one or more images (concatenated) into a new or existing one, keeping it
+//! sparse: ranges the source reports as zero or unallocated are skipped, and so are runs of
+//! zero bytes at least `-S` long (default 4 KiB) inside data.
+
+use qcow2_sync::Cache;
+
+use crate::cmd::create::{create_image, plan, split_options, wants_help};
+use crate::cmd::{parse_cache, parse_size_arg};
+use crate::disk::{resolve_format, Disk, DiskOptions, Format};
+use crate::error::{CliError, CmdResult};
+use crate::progress::Progress;
+use crate::ConvertArgs;
+
+/// Bytes copied per read, like qemu-img's buffer.
+const CHUNK: u64 = 2 << 20;
+/// Sector size of the zero scan.
+const SECTOR: usize = 512;
+
+/// Runs `convert`.
+pub fn run(a: &ConvertArgs) -> CmdResult {
+    if a.compress {
+        return Err(CliError::new("Compressed output (-c) is not supported yet"));
+    }
+    if a.backing.is_some() {
+        return Err(CliError::new(
+            "Target backing files (-B) are not supported yet",
+        ));
+    }
+    let target_format = Format::parse(&a.target_format)?;
+    let opts = split_options(&a.options);
+    if wants_help(&opts) {
+        return crate::cmd::create::run(&crate::CreateArgs {
+            format: a.target_format.clone(),
+            options: a.options.clone(),
+            quiet: false,
+            backing: None,
+            backing_format: None,
+            unsafe_backing: false,
+            object: Vec::new(),
+            filename: None,
+            size: None,
+        });
+    }
+    let (dst_path, sources) = a.files.split_last().expect("clap requires two files");
+    let sparse = match a.sparse_size.as_deref() {
+        None => 4096,
+        Some(s) => {
+            let v = parse_size_arg(s, "buffer size for sparse output")?;
+            if v % SECTOR as u64 != 0 || v > 16 << 20 {
+                return Err(CliError::new(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16MiB",
+                ));
+            }
+            v
+        }
+    };
+    let src_cache = parse_cache(a.source_cache.as_deref(), Cache::WriteBack)?;
+    let dst_cache = parse_cache(a.target_cache.as_deref(), Cache::WriteBack)?;
+
+    let mut srcs = Vec::new();
+    for path in sources {
+        let (format, _) = resolve_format(path, a.format.as_deref(), false)?;
+        srcs.push(Disk::open(
+            path,
+            format,
+            DiskOptions {
+                read_only: true,
+                cache: src_cache,
+            },
+            false,
+        )?);
+    }
+    let total: u64 = srcs.iter().map(Disk::len).sum();
+
+    let dst_name = dst_path.display();
+    if a.no_create {
+        if !opts.is_empty() {
+            return Err(CliError::new(
+                "-o has no effect when skipping image creation",
+            ));
+        }
+    } else {
+        let plan = plan(target_format, &opts, Some(total))
+            .map_err(|e| CliError::new(format!("{dst_name}: {e}")))?;
+        if let Some(e) = plan.late_error {
+            return Err(CliError::new(format!("{dst_name}: {e}")));
+        }
+        create_image(dst_path, &plan).map_err(|e| CliError::new(format!("{dst_name}: {e}")))?;
+    }
+    let mut dst = Disk::open(
+        dst_path,
+        target_format,
+        DiskOptions {
+            read_only: false,
+            cache: dst_cache,
+        },
+        false,
+    )?;
+    if dst.len() < total {
+        return Err(CliError::new(format!(
+            "Target image is too small: {} bytes for {total} bytes of source data",
+            dst.len()
+        )));
+    }
+    let target_zero = !a.no_create || a.target_is_zero;
+
+    // Progress counts the bytes the sources store as data, as qemu-img's does.
+    let mut data_total = 0u64;
+    for src in &mut srcs {
+        data_total += data_bytes(src)?;
+    }
+    let mut progress = Progress::new(a.progress && !a.quiet, 1.0);
+    progress.set(0.0);
+    let mut copier = Copier {
+        dst: &mut dst,
+        target_zero,
+        sparse,
+        data_total,
+        data_done: 0,
+        progress: &mut progress,
+    };
+    let mut base = 0;
+    for src in &mut srcs {
+        copier.copy(src, base)?;
+        base += src.len();
+    }
+    progress.set(100.0);
+    progress.end();
+    dst.close()
+        .map_err(|e| CliError::new(format!("error while closing {dst_name}: {e}")))?;
+    Ok(0)
+}
+
+fn read_error(offset: u64, e: &str) -> CliError {
+    CliError::new(format!("error while reading at byte {offset}: {e}"))
+}
+
+fn write_error(offset: u64, e: &str) -> CliError {
+    CliError::new(format!("error while writing at byte {offset}: {e}"))
+}
+
+/// Bytes `src` stores as data (not zero, not unallocated).
+fn data_bytes(src: &mut Disk) -> Result<u64, CliError> {
+    let (mut off, len, mut sum) = (0, src.len(), 0);
+    while off < len {
+        let st = src
+            .status(off, len - off)
+            .map_err(|e| read_error(off, &e))?;
+        if !st.zero {
+            sum += st.len;
+        }
+        off += st.len;
+    }
+    Ok(sum)
+}
+
+struct Copier<'a> {
+    dst: &'a mut Disk,
+    target_zero: bool,
+    sparse: u64,
+    data_total: u64,
+    data_done: u64,
+    progress: &'a mut Progress,
+}
+
+impl Copier<'_> {
+    fn copy(&mut self, src: &mut Disk, base: u64) -> Result<(), CliError> {
+        let len = src.len();
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut off = 0;
+        while off < len {
+            let st = src
+                .status(off, len - off)
+                .map_err(|e| read_error(off, &e))?;
+            if st.zero && self.sparse > 0 {
+                self.zero(base + off, st.len)?;
+                off += st.len;
+                continue;
+            }
+            let end = off + st.len;
+            while off < end {
+                let n = (end - off).min(CHUNK);
+                let chunk = &mut buf[..n as usize];
+                src.read_at(chunk, off).map_err(|e| read_error(off, &e))?;
+                self.write(chunk, base + off)?;
+                off += n;
+                if !st.zero {
+                    self.data_done += n;
+                    if self.data_total > 0 {
+                        self.progress
+                            .set((self.data_done as f64 * 100.0 / self.data_total as f64) as f32);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), CliError> {
+        if self.target_zero {
+            return Ok(());
+        }
+        self.dst
+            .write_zeroes(offset, len, true)
+            .map_err(|e| write_error(offset, &e))
+    }
+
+    /// Writes `buf` at `offset`, leaving out zero runs of at least `sparse` bytes.
+    fn write(&mut self, buf: &[u8], offset: u64) -> Result<(), CliError> {
+        if self.sparse == 0 {
+            return self
+                .dst
+                .write_at(buf, offset)
+                .map_err(|e| write_error(offset, &e));
+        }
+        for (start, len, zero) in runs(buf, self.sparse as usize) {
+            let at = offset + start as u64;
+            if zero {
+                self.zero(at, len as u64)?;
+            } else {
+                self.dst
+                    .write_at(&buf[start..start + len], at)
+                    .map_err(|e| write_error(at, &e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `buf` into runs by 512-byte sectors: `(start, len, zero)`, where a zero run is
+/// one of at least `min` bytes of zeroes (shorter zero runs are part of the data).
+pub fn runs(buf: &[u8], min: usize) -> Vec<(usize, usize, bool)> {
+    let mut raw: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, sector) in buf.chunks(SECTOR).enumerate() {
+        let zero = sector.iter().all(|&b| b == 0);
+        let start = i * SECTOR;
+        match raw.last_mut() {
+            Some(last) if last.2 == zero => last.1 += sector.len(),
+            _ => raw.push((start, sector.len(), zero)),
+        }
+    }
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (start, len, zero) in raw {
+        let zero = zero && len >= min;
+        match out.last_mut() {
+            Some(last) if last.2 == zero => last.1 += len,
+            _ => out.push((start, len, zero)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn zero_runs_need_the_minimum_length() {
+        let mut buf = vec![0u8; 16384];
+        buf[0] = 1; // sector 0 data
+        buf[1024] = 1; // sector 2 data: the one-sector zero gap between stays data
+        assert_eq!(
+            runs(&buf, 4096),
+            vec![(0, 1536, false), (1536, 14848, true)]
+        );
+        assert_eq!(
+            runs(&buf, 512),
+            vec![
+                (0, 512, false),
+                (512, 512, true),
+                (1024, 512, false),
+                (1536, 14848, true)
+            ]
+        );
+        assert_eq!(runs(&[0u8; 1000], 4096), vec![(0, 1000, false)]);
+    }
+}

@@ -1,0 +1,31 @@
+//! One module per command, and the option parsing they share.
+
+pub mod bench;
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod io;
+pub mod map;
+pub mod resize;
+
+use qcow2_sync::Cache;
+
+use crate::error::CliError;
+use crate::size::parse_size;
+
+/// Parses a `-t`/`-T` cache mode (default `default`).
+pub fn parse_cache(mode: Option<&str>, default: Cache) -> Result<Cache, CliError> {
+    match mode {
+        None => Ok(default),
+        Some(m) => {
+            Cache::parse(m).ok_or_else(|| CliError::new(format!("Invalid cache option: {m}")))
+        }
+    }
+}
+
+/// Parses a size option, naming the option in the error.
+pub fn parse_size_arg(value: &str, what: &str) -> Result<u64, CliError> {
+    parse_size(value).map_err(|_| CliError::new(format!("Invalid {what} specified: '{value}'")))
+}

@@ -1,0 +1,466 @@
+//! An image of either format behind one interface: opening (with probing by magic only when
+//! no format is given), guest I/O, and block status in qemu's terms.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use qcow2_sync::{Allocation, Cache, Image, OpenOptions};
+
+use crate::error::{strerror, CliError};
+use crate::host;
+use crate::prealloc::detect_metadata_preallocation;
+use crate::raw::RawDisk;
+
+/// An image format this tool reads and writes.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Format {
+    /// qcow2, through the engine.
+    Qcow2,
+    /// A raw file.
+    Raw,
+}
+
+impl Format {
+    /// Parses `-f`/`-O` values.
+    pub fn parse(s: &str) -> Result<Self, CliError> {
+        match s {
+            "qcow2" => Ok(Self::Qcow2),
+            "raw" => Ok(Self::Raw),
+            _ => Err(CliError::new(format!(
+                "Unknown file format '{s}' (this tool supports qcow2 and raw)"
+            ))),
+        }
+    }
+
+    /// qemu's driver name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// The qcow2 magic, `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Describes why `path` could not be opened, like qemu (which names the file twice: once
+/// for the image, once for its protocol layer).
+pub fn open_error(path: &Path, e: &std::io::Error) -> CliError {
+    let p = path.display();
+    CliError::new(format!(
+        "Could not open '{p}': Could not open '{p}': {}",
+        strerror(e)
+    ))
+}
+
+/// Guesses the format by magic only: qcow2 if the file starts with `QFI\xfb`, else raw.
+pub fn probe(path: &Path) -> Result<Format, CliError> {
+    let mut f = File::open(path).map_err(|e| open_error(path, &e))?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match f.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(open_error(path, &e)),
+        }
+    }
+    Ok(if got == 4 && magic == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// qemu's warning when a writable image is probed as raw.
+pub fn raw_probe_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions.",
+        path.display()
+    )
+}
+
+/// The format to open `path` with: the given one, or the probed one (warning on stderr when
+/// a writable open guesses raw; writes to its first sector are then refused).
+pub fn resolve_format(
+    path: &Path,
+    given: Option<&str>,
+    writable: bool,
+) -> Result<(Format, bool), CliError> {
+    match given {
+        Some(f) => Ok((Format::parse(f)?, false)),
+        None => {
+            let f = probe(path)?;
+            let guessed_raw = f == Format::Raw;
+            if guessed_raw && writable {
+                eprintln!("{}", raw_probe_warning(path));
+            }
+            Ok((f, guessed_raw && writable))
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Cache mode.
+    pub cache: Cache,
+}
+
+/// What a guest range is, in the flags `qemu-img map` prints.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Status {
+    /// Length of the extent in bytes.
+    pub len: u64,
+    /// Allocated in this image (qemu's `present`).
+    pub present: bool,
+    /// Reads as zero.
+    pub zero: bool,
+    /// Data is stored.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset, when the range maps to the host file directly.
+    pub offset: Option<u64>,
+}
+
+enum Inner {
+    Qcow2(Box<Image>),
+    Raw(RawDisk),
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Qcow2(_) => f.write_str("Qcow2"),
+            Self::Raw(_) => f.write_str("Raw"),
+        }
+    }
+}
+
+/// An open image of either format.
+#[derive(Debug)]
+pub struct Disk {
+    path: PathBuf,
+    format: Format,
+    inner: Inner,
+    /// qemu's metadata-preallocation verdict, computed on the first block-status query.
+    prealloc: Option<bool>,
+    /// A plain handle on the host file for `lseek` queries.
+    host: Option<File>,
+}
+
+/// Turns a runtime error into a message.
+pub fn engine_error(e: &qcow2_sync::Error) -> String {
+    match e {
+        qcow2_sync::Error::File { source, .. } => strerror(source),
+        other => other.to_string(),
+    }
+}
+
+impl Disk {
+    /// Opens `path` as `format`.
+    pub fn open(
+        path: &Path,
+        format: Format,
+        opts: DiskOptions,
+        protect_sector0: bool,
+    ) -> Result<Self, CliError> {
+        Self::open_with(path, format, opts, protect_sector0, false)
+    }
+
+    /// Opens `path` as `format`; `inspect_only` lets the engine open images whose features
+    /// it cannot do I/O with, for metadata queries.
+    pub fn open_with(
+        path: &Path,
+        format: Format,
+        opts: DiskOptions,
+        protect_sector0: bool,
+        inspect_only: bool,
+    ) -> Result<Self, CliError> {
+        Self::open_mode(path, format, opts, protect_sector0, inspect_only, false)
+    }
+
+    /// Opens a qcow2 image for `check` (qemu-img's check mode): dirty and corrupt images
+    /// open, writable when `opts` allows, so that a repair can fix them.
+    pub fn open_for_check(
+        path: &Path,
+        format: Format,
+        opts: DiskOptions,
+    ) -> Result<Self, CliError> {
+        Self::open_mode(path, format, opts, false, false, true)
+    }
+
+    fn open_mode(
+        path: &Path,
+        format: Format,
+        opts: DiskOptions,
+        protect_sector0: bool,
+        inspect_only: bool,
+        check_only: bool,
+    ) -> Result<Self, CliError> {
+        let inner = match format {
+            Format::Qcow2 => {
+                let o = OpenOptions {
+                    read_only: opts.read_only || inspect_only,
+                    cache: opts.cache,
+                    inspect_only,
+                    check_only,
+                    ..OpenOptions::default()
+                };
+                let img = Image::open(path, &o).map_err(|e| match &e {
+                    qcow2_sync::Error::File { source, .. } => open_error(path, source),
+                    _ => CliError::new(format!(
+                        "Could not open '{}': {}",
+                        path.display(),
+                        engine_error(&e)
+                    )),
+                })?;
+                Inner::Qcow2(Box::new(img))
+            }
+            Format::Raw => Inner::Raw(
+                RawDisk::open(path, opts.read_only, opts.cache, protect_sector0)
+                    .map_err(|e| open_error(path, &e))?,
+            ),
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            format,
+            inner,
+            prealloc: None,
+            host: None,
+        })
+    }
+
+    /// Wraps an already open qcow2 image.
+    pub fn from_image(path: &Path, img: Image) -> Self {
+        Self {
+            path: path.to_owned(),
+            format: Format::Qcow2,
+            inner: Inner::Qcow2(Box::new(img)),
+            prealloc: None,
+            host: None,
+        }
+    }
+
+    /// Wraps an already open raw image.
+    pub fn from_raw(path: &Path, raw: RawDisk) -> Self {
+        Self {
+            path: path.to_owned(),
+            format: Format::Raw,
+            inner: Inner::Raw(raw),
+            prealloc: None,
+            host: None,
+        }
+    }
+
+    /// The qcow2 image, if it is one.
+    pub fn qcow2(&mut self) -> Option<&mut Image> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => Some(img),
+            Inner::Raw(_) => None,
+        }
+    }
+
+    /// The raw image, if it is one.
+    pub fn raw(&mut self) -> Option<&mut RawDisk> {
+        match &mut self.inner {
+            Inner::Raw(r) => Some(r),
+            Inner::Qcow2(_) => None,
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn len(&self) -> u64 {
+        match &self.inner {
+            Inner::Qcow2(img) => img.len(),
+            Inner::Raw(r) => r.len(),
+        }
+    }
+
+    /// Reads guest bytes.
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img.read_at(buf, offset).map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.read_at(buf, offset).map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// Writes guest bytes.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img.write_at(buf, offset).map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.write_at(buf, offset).map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// Makes a range read as zero.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img
+                .write_zeroes(offset, len, unmap)
+                .map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.write_zeroes(offset, len, unmap).map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// Discards a range.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img.discard(offset, len).map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.discard(offset, len).map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&mut self) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img.flush().map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.flush().map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// `fdatasync` calls issued so far.
+    pub fn flush_count(&self) -> u64 {
+        match &self.inner {
+            Inner::Qcow2(img) => img.flush_count(),
+            Inner::Raw(r) => r.flush_count(),
+        }
+    }
+
+    /// Writes everything back and closes the image.
+    pub fn close(self) -> Result<(), String> {
+        match self.inner {
+            Inner::Qcow2(img) => img.close().map_err(|e| engine_error(&e)),
+            Inner::Raw(mut r) => r.flush().map_err(|e| strerror(&e)),
+        }
+    }
+
+    fn host_file(&mut self) -> Option<&File> {
+        if self.host.is_none() {
+            self.host = File::open(&self.path).ok();
+        }
+        self.host.as_ref()
+    }
+
+    /// The extent at `offset` (at most `max` bytes, `max` > 0), with qemu's flags: for
+    /// qcow2 the engine's block status, refined by the host file's holes for data clusters
+    /// when the image looks metadata-preallocated; for raw, the file's data and holes.
+    pub fn status(&mut self, offset: u64, max: u64) -> Result<Status, String> {
+        match self.format {
+            Format::Raw => Ok(self.raw_status(offset, max)),
+            Format::Qcow2 => self.qcow2_status(offset, max),
+        }
+    }
+
+    fn raw_status(&mut self, offset: u64, max: u64) -> Status {
+        let file_len = match &self.inner {
+            Inner::Raw(r) => r.file_len(),
+            Inner::Qcow2(_) => 0,
+        };
+        let ext = self
+            .host_file()
+            .and_then(|f| host::extent_at(f, file_len, offset, max));
+        let (len, hole) = match ext {
+            Some(e) => (e.len, e.hole),
+            None => (max, false),
+        };
+        Status {
+            len,
+            present: true,
+            zero: hole,
+            data: !hole,
+            compressed: false,
+            offset: Some(offset),
+        }
+    }
+
+    fn qcow2_status(&mut self, offset: u64, max: u64) -> Result<Status, String> {
+        let Inner::Qcow2(img) = &mut self.inner else {
+            unreachable!("qcow2 status of a raw image")
+        };
+        let bs = img
+            .block_status(offset, max)
+            .map_err(|e| engine_error(&e))?;
+        let len = bs.len.clamp(1, max);
+        let mut st = match bs.allocation {
+            Allocation::Unallocated => Status {
+                len,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            },
+            Allocation::Zero { host } => Status {
+                len,
+                present: true,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: host,
+            },
+            Allocation::Data { host } => Status {
+                len,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: Some(host),
+            },
+            Allocation::Compressed => Status {
+                len,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: true,
+                offset: None,
+            },
+            _ => Status {
+                len,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: None,
+            },
+        };
+        if st.data && !st.compressed {
+            if let Some(host_offset) = st.offset {
+                self.refine_by_host(&mut st, host_offset);
+            }
+        }
+        Ok(st)
+    }
+
+    /// qemu's `BDRV_BLOCK_RECURSE`: for metadata-preallocated images, ask the host file
+    /// whether a data extent is a hole (then it reads as zero) and stop at its boundary.
+    fn refine_by_host(&mut self, st: &mut Status, host_offset: u64) {
+        if self.prealloc.is_none() {
+            let verdict = self
+                .host_file()
+                .map(|f| detect_metadata_preallocation(f).unwrap_or(false));
+            self.prealloc = Some(verdict.unwrap_or(false));
+        }
+        if self.prealloc != Some(true) {
+            return;
+        }
+        let Some(file) = self.host_file() else { return };
+        let Ok(meta) = file.metadata() else { return };
+        let Some(ext) = host::extent_at(file, meta.len(), host_offset, st.len) else {
+            return;
+        };
+        if ext.eof && ext.hole {
+            st.zero = true;
+        } else {
+            st.len = ext.len.min(st.len);
+            st.zero |= ext.hole;
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Helpers shared by the integration tests: running our binary and qemu's tools in a
+//! per-test temporary directory.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Our binary.
+pub const QCOW2: &str = env!("CARGO_BIN_EXE_qcow2");
+
+/// Whether `qemu-img` and `qemu-io` can run. When they cannot: panics if `CI` is set,
+/// else prints why the test is skipped and returns false.
+pub fn have_qemu() -> bool {
+    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "qemu-img/qemu-io are required when CI is set"
+        );
+        eprintln!("skipping: qemu-img/qemu-io not found (install qemu-utils)");
+    }
+    ok
+}
+
+/// A test's scratch directory.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// A new empty directory.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A path inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `program` with `args` in the directory.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        Command::new(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("spawn")
+    }
+
+    /// Runs our tool.
+    pub fn ours(&self, args: &[&str]) -> Output {
+        self.run(QCOW2, args)
+    }
+
+    /// Runs qemu-img.
+    pub fn qemu_img(&self, args: &[&str]) -> Output {
+        self.run("qemu-img", args)
+    }
+
+    /// Runs qemu-io.
+    pub fn qemu_io(&self, args: &[&str]) -> Output {
+        self.run("qemu-io", args)
+    }
+
+    /// Runs qemu-img and asserts it succeeded.
+    pub fn qemu_img_ok(&self, args: &[&str]) -> String {
+        ok(&self.qemu_img(args), &format!("qemu-img {args:?}"))
+    }
+
+    /// Runs qemu-io and asserts it succeeded.
+    pub fn qemu_io_ok(&self, args: &[&str]) -> String {
+        ok(&self.qemu_io(args), &format!("qemu-io {args:?}"))
+    }
+
+    /// Runs our tool and asserts it succeeded.
+    pub fn ours_ok(&self, args: &[&str]) -> String {
+        ok(&self.ours(args), &format!("qcow2 {args:?}"))
+    }
+}
+
+/// The stdout of a successful run (panics with stderr otherwise).
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed with {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8")
+}
+
+/// Stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Parses JSON output.
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
+}
+
+/// Removes `key` from every object in `v`, recursively.
+pub fn strip_key(v: &mut Value, key: &str) {
+    match v {
+        Value::Object(m) => {
+            m.remove(key);
+            for x in m.values_mut() {
+                strip_key(x, key);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| strip_key(x, key)),
+        _ => {}
+    }
+}
+
+/// Asserts two JSON documents are equal field by field, naming the first difference.
+pub fn assert_json_eq(ours: &Value, theirs: &Value, what: &str) {
+    fn walk(a: &Value, b: &Value, path: &str, what: &str) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                for k in x.keys().chain(y.keys()) {
+                    match (x.get(k), y.get(k)) {
+                        (Some(p), Some(q)) => walk(p, q, &format!("{path}.{k}"), what),
+                        (p, q) => panic!("{what}: field {path}.{k}: ours {p:?}, qemu {q:?}"),
+                    }
+                }
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                assert_eq!(
+                    x.len(),
+                    y.len(),
+                    "{what}: length of {path}: ours {a}, qemu {b}"
+                );
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    walk(p, q, &format!("{path}[{i}]"), what);
+                }
+            }
+            _ => assert_eq!(a, b, "{what}: field {path}"),
+        }
+    }
+    walk(ours, theirs, "", what);
+}
+
+/// The path as a string.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Stderr with the program-name prefix (`qcow2: ` / `qemu-img: `) taken off each line, for
+/// comparing messages.
+pub fn messages(out: &Output) -> String {
+    stderr(out)
+        .lines()
+        .map(|l| {
+            let l = l
+                .strip_prefix("qcow2: ")
+                .or_else(|| l.strip_prefix("qemu-img: "))
+                .unwrap_or(l);
+            let l = l
+                .strip_prefix("warning: ")
+                .map(|w| format!("warning: {w}"))
+                .unwrap_or_else(|| l.to_string());
+            format!("{l}\n")
+        })
+        .collect()
+}

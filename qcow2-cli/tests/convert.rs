@@ -1,0 +1,163 @@
+//! `convert` round trips between qcow2 and raw, checked with `qemu-img compare`, and its
+//! `-p` output is qemu-img's.
+
+mod common;
+
+use common::{have_qemu, Scratch};
+
+fn source_images(sc: &Scratch) {
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "src.qcow2", "20M"]);
+    sc.qemu_io_ok(&[
+        "-c",
+        "write -P 0x11 0 100k",
+        "-c",
+        "write -P 0 200k 64k",
+        "-c",
+        "write -z 1M 64k",
+        "-c",
+        "write -P 0x22 5M 3M",
+        "-c",
+        "write 20476k 4k",
+        "src.qcow2",
+    ]);
+    sc.qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k,compat=0.10",
+        "small.qcow2",
+        "3M",
+    ]);
+    sc.qemu_io_ok(&[
+        "-c",
+        "write -P 0x33 4095 2",
+        "-c",
+        "write 1M 1M",
+        "small.qcow2",
+    ]);
+    sc.qemu_img_ok(&["create", "-q", "-f", "raw", "src.raw", "7M"]);
+    sc.qemu_io_ok(&[
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x44 8k 12k",
+        "-c",
+        "write -P 0 1M 1M",
+        "-c",
+        "write 6M 1k",
+        "src.raw",
+    ]);
+}
+
+fn identical(sc: &Scratch, a: &str, b: &str) {
+    let out = sc.qemu_img(&["compare", a, b]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{a} vs {b}: {}",
+        common::stdout(&out)
+    );
+}
+
+#[test]
+fn round_trips_compare_identical() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    source_images(&sc);
+    for src in ["src.qcow2", "small.qcow2", "src.raw"] {
+        for (fmt, ext) in [("raw", "raw"), ("qcow2", "qcow2")] {
+            let dst = format!("{src}.to.{ext}");
+            sc.ours_ok(&["convert", "-O", fmt, src, &dst]);
+            identical(&sc, src, &dst);
+            if fmt == "qcow2" {
+                sc.qemu_img_ok(&["check", &dst]);
+            }
+            // And back again.
+            let back = format!("{dst}.back");
+            sc.ours_ok(&["convert", "-f", fmt, "-O", "raw", &dst, &back]);
+            identical(&sc, src, &back);
+        }
+    }
+    // qcow2 -> qcow2 with options, -S 0, and into an existing target with -n.
+    sc.ours_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k,compat=0.10",
+        "src.qcow2",
+        "o4k.qcow2",
+    ]);
+    identical(&sc, "src.qcow2", "o4k.qcow2");
+    sc.ours_ok(&["convert", "-S", "0", "-O", "raw", "small.qcow2", "full.raw"]);
+    identical(&sc, "small.qcow2", "full.raw");
+    let blocks =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(sc.path("full.raw")).unwrap());
+    assert!(blocks * 512 >= 3 << 20, "-S 0 allocates everything");
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "existing.qcow2", "20M"]);
+    sc.qemu_io_ok(&["-c", "write -P 0x99 0 20M", "existing.qcow2"]);
+    sc.ours_ok(&[
+        "convert",
+        "-n",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "existing.qcow2",
+    ]);
+    identical(&sc, "src.qcow2", "existing.qcow2");
+    // Into an existing raw file: the zero ranges are written too.
+    std::fs::write(sc.path("dirty.raw"), vec![0xeeu8; 20 << 20]).unwrap();
+    sc.ours_ok(&["convert", "-n", "-O", "raw", "src.qcow2", "dirty.raw"]);
+    identical(&sc, "src.qcow2", "dirty.raw");
+    // Several sources are concatenated.
+    sc.ours_ok(&["convert", "-O", "raw", "small.qcow2", "src.raw", "cat.raw"]);
+    sc.qemu_img_ok(&["convert", "-O", "raw", "small.qcow2", "src.raw", "qcat.raw"]);
+    identical(&sc, "cat.raw", "qcat.raw");
+}
+
+#[test]
+fn sparse_output_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    source_images(&sc);
+    for src in ["src.qcow2", "src.raw"] {
+        let ours = format!("{src}.ours.raw");
+        let theirs = format!("{src}.qemu.raw");
+        sc.ours_ok(&["convert", "-O", "raw", src, &ours]);
+        sc.qemu_img_ok(&["convert", "-O", "raw", src, &theirs]);
+        let map = |f: &str| sc.qemu_img_ok(&["map", "--output=json", "-f", "raw", f]);
+        assert_eq!(map(&ours), map(&theirs), "{src}: holes of the raw output");
+    }
+}
+
+#[test]
+fn progress_output_is_qemu_img_s() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    source_images(&sc);
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]);
+    for src in ["src.qcow2", "small.qcow2", "src.raw", "empty.qcow2"] {
+        let ours = sc.ours_ok(&["convert", "-p", "-O", "raw", src, "p1.raw"]);
+        let theirs = sc.qemu_img_ok(&["convert", "-p", "-O", "raw", src, "p2.raw"]);
+        assert_eq!(ours, theirs, "progress of {src}");
+        assert!(ours.starts_with("    (0.00/100%)\r"));
+        assert!(ours.ends_with("    (100.00/100%)\r\n"));
+    }
+}
+
+#[test]
+fn unsupported_convert_options_fail_clearly() {
+    let sc = Scratch::new();
+    std::fs::write(sc.path("a.raw"), vec![0u8; 4096]).unwrap();
+    let out = sc.ours(&["convert", "-c", "-O", "qcow2", "a.raw", "b.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr(&out).contains("not supported yet"));
+}
