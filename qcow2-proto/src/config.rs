@@ -21,7 +21,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_requests: 64, max_request_bytes: 1 << 30 }
+        Self {
+            max_requests: 64,
+            max_request_bytes: 1 << 30,
+        }
     }
 }
 

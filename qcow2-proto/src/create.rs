@@ -48,7 +48,10 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
 /// Lays out an empty image for `opts`.
 pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> {
     let geo = geometry(opts)?;
-    let size = opts.size.checked_next_multiple_of(512).ok_or(CreateError::SizeTooLarge)?;
+    let size = opts
+        .size
+        .checked_next_multiple_of(512)
+        .ok_or(CreateError::SizeTooLarge)?;
     let l1_entries = geo.l1_entries_for(size);
     if l1_entries * 8 > MAX_L1_BYTES || size > i64::MAX as u64 {
         return Err(CreateError::SizeTooLarge);
@@ -81,7 +84,11 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
         l1_table_offset: l1_offset,
         refcount_table_offset: reftable_offset,
         refcount_table_clusters: rt_clusters as u32,
-        compatible_features: if opts.lazy_refcounts { compat::LAZY_REFCOUNTS } else { 0 },
+        compatible_features: if opts.lazy_refcounts {
+            compat::LAZY_REFCOUNTS
+        } else {
+            0
+        },
         refcount_order: geo.refcount_order,
         header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
         ..Header::default()
@@ -97,8 +104,17 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
         cluster0[at + 4..at + 8].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
         cluster0[at + 8..at + 8 + bytes.len()].copy_from_slice(bytes);
     }
-    let header_len = if v3 { cluster0.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1) } else { 72 };
-    cluster0.truncate(header_len.next_multiple_of(8).max(V3_HEADER_LEN as usize).min(cs as usize));
+    let header_len = if v3 {
+        cluster0.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
+    } else {
+        72
+    };
+    cluster0.truncate(
+        header_len
+            .next_multiple_of(8)
+            .max(V3_HEADER_LEN as usize)
+            .min(cs as usize),
+    );
 
     let mut reftable = vec![0u8; (rt_clusters * cs) as usize];
     for i in 0..rb_count {
@@ -114,6 +130,15 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
     }
     let l1 = vec![0u8; (l1_entries * 8) as usize];
     let file_len = l1_offset + (l1_entries * 8).max(8);
-    let writes = vec![(0, cluster0), (reftable_offset, reftable), (refblocks_offset, refblocks), (l1_offset, l1)];
-    Ok(InitialImage { writes, file_len, size })
+    let writes = vec![
+        (0, cluster0),
+        (reftable_offset, reftable),
+        (refblocks_offset, refblocks),
+        (l1_offset, l1),
+    ];
+    Ok(InitialImage {
+        writes,
+        file_len,
+        size,
+    })
 }

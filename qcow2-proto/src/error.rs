@@ -251,7 +251,9 @@ struct FeatureNames<'a>(&'a FormatError);
 
 impl std::fmt::Display for FeatureNames<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let FormatError::UnknownIncompatible { bits, names } = self.0 else { return Ok(()) };
+        let FormatError::UnknownIncompatible { bits, names } = self.0 else {
+            return Ok(());
+        };
         f.write_str(names.text())?;
         let unnamed = bits & !names.named_bits();
         if unnamed != 0 {
@@ -305,7 +307,9 @@ pub enum CreateError {
     #[error("{0} requires compat=1.1 or later")]
     NeedsV3(&'static str),
     /// The virtual size needs more L1 than allowed.
-    #[error("The image size is too large for file format 'qcow2' (try using a larger cluster size)")]
+    #[error(
+        "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+    )]
     SizeTooLarge,
 }
 
@@ -342,7 +346,9 @@ pub enum RequestError {
         size: u64,
     },
     /// Shrinking would drop allocated data and the request did not consent.
-    #[error("Shrinking would discard allocated data at guest offset {0:#x}; use --shrink to consent")]
+    #[error(
+        "Shrinking would discard allocated data at guest offset {0:#x}; use --shrink to consent"
+    )]
     ShrinkDropsData(u64),
     /// A size or table would exceed the format's limits.
     #[error("{0} too large")]

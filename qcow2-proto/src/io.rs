@@ -209,7 +209,10 @@ impl IoError {
 
 impl From<&std::io::Error> for IoError {
     fn from(e: &std::io::Error) -> Self {
-        Self { kind: e.kind(), raw_os_error: e.raw_os_error() }
+        Self {
+            kind: e.kind(),
+            raw_os_error: e.raw_os_error(),
+        }
     }
 }
 

@@ -112,8 +112,8 @@ pub use check::{CheckReport, Repair};
 pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation};
 pub use engine::Image;
 pub use error::{
-    CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError, RequestError, Structure,
-    SubmitError, Table,
+    CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError, RequestError,
+    Structure, SubmitError, Table,
 };
 pub use event::Event;
 pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};

@@ -28,15 +28,29 @@ fn err(e: std::io::Error) -> IoError {
 }
 
 fn guest_missing() -> IoError {
-    IoError { kind: std::io::ErrorKind::InvalidInput, raw_os_error: None }
+    IoError {
+        kind: std::io::ErrorKind::InvalidInput,
+        raw_os_error: None,
+    }
 }
 
 impl Executor {
     pub(crate) fn new(direct: bool, ignore_flush: bool) -> Self {
-        Self { direct, ignore_flush, bounce: IoBuf::zeroed(0), bounced: 0, syncs: 0 }
+        Self {
+            direct,
+            ignore_flush,
+            bounce: IoBuf::zeroed(0),
+            bounced: 0,
+            syncs: 0,
+        }
     }
 
-    pub(crate) fn run<F: HostFile>(&mut self, file: &F, op: &mut IoOp, guest: &mut Guest<'_>) -> Result<usize, IoError> {
+    pub(crate) fn run<F: HostFile>(
+        &mut self,
+        file: &F,
+        op: &mut IoOp,
+        guest: &mut Guest<'_>,
+    ) -> Result<usize, IoError> {
         let len = op.len();
         match op.kind {
             IoKind::Read => self.read(file, op, guest),
@@ -50,42 +64,64 @@ impl Executor {
             }
             IoKind::SetLen => file.set_len(op.offset).map(|()| 0).map_err(err),
             IoKind::PunchHole { len } => file.punch_hole(op.offset, len).map(|()| 0).map_err(err),
-            IoKind::WriteZeroes { len } => file.write_zeroes(op.offset, len).map(|()| 0).map_err(err),
+            IoKind::WriteZeroes { len } => {
+                file.write_zeroes(op.offset, len).map(|()| 0).map_err(err)
+            }
             IoKind::Allocate { len } => file.allocate(op.offset, len).map(|()| 0).map_err(err),
             IoKind::ZeroFill => {
                 for seg in op.segments.iter_mut() {
                     match (seg, &mut *guest) {
-                        (Segment::Guest { start, len, .. }, Guest::Read(buf)) => buf[*start..*start + *len].fill(0),
+                        (Segment::Guest { start, len, .. }, Guest::Read(buf)) => {
+                            buf[*start..*start + *len].fill(0)
+                        }
                         (Segment::Buf(b), _) => b.as_mut_slice().fill(0),
                         _ => return Err(guest_missing()),
                     }
                 }
                 Ok(len as usize)
             }
-            _ => Err(IoError { kind: std::io::ErrorKind::Unsupported, raw_os_error: None }),
+            _ => Err(IoError {
+                kind: std::io::ErrorKind::Unsupported,
+                raw_os_error: None,
+            }),
         }
     }
 
     /// Whether the op can go to the kernel as it is under O_DIRECT: sector-aligned offset and
     /// lengths, page-aligned memory, no zero segments (those come from an unaligned static).
     fn direct_ok(op: &IoOp, guest: &Guest<'_>) -> bool {
-        let addr_ok = |p: *const u8, len: usize| (p as usize) % ALIGN as usize == 0 && len % 512 == 0;
+        let addr_ok =
+            |p: *const u8, len: usize| (p as usize) % ALIGN as usize == 0 && len % 512 == 0;
         op.offset % 512 == 0
             && op.segments.iter().all(|seg| match (seg, guest) {
                 (Segment::Buf(b), _) => addr_ok(b.as_slice().as_ptr(), b.len()),
-                (Segment::Guest { start, len, .. }, Guest::Read(buf)) => addr_ok(buf[*start..].as_ptr(), *len),
-                (Segment::Guest { start, len, .. }, Guest::Write(buf)) => addr_ok(buf[*start..].as_ptr(), *len),
+                (Segment::Guest { start, len, .. }, Guest::Read(buf)) => {
+                    addr_ok(buf[*start..].as_ptr(), *len)
+                }
+                (Segment::Guest { start, len, .. }, Guest::Write(buf)) => {
+                    addr_ok(buf[*start..].as_ptr(), *len)
+                }
                 _ => false,
             })
     }
 
-    fn read<F: HostFile>(&mut self, file: &F, op: &mut IoOp, guest: &mut Guest<'_>) -> Result<usize, IoError> {
+    fn read<F: HostFile>(
+        &mut self,
+        file: &F,
+        op: &mut IoOp,
+        guest: &mut Guest<'_>,
+    ) -> Result<usize, IoError> {
         if self.direct && !Self::direct_ok(op, guest) {
             let len = op.len();
             let start = op.offset / ALIGN * ALIGN;
             let end = (op.offset + len).div_ceil(ALIGN) * ALIGN;
             self.grow_bounce(end - start);
-            let got = file.read_at(&mut self.bounce.as_mut_slice()[..(end - start) as usize], start).map_err(err)?;
+            let got = file
+                .read_at(
+                    &mut self.bounce.as_mut_slice()[..(end - start) as usize],
+                    start,
+                )
+                .map_err(err)?;
             self.bounce.as_mut_slice()[got..(end - start) as usize].fill(0);
             self.bounced += len;
             let mut pos = (op.offset - start) as usize;
@@ -95,7 +131,9 @@ impl Executor {
                 copy_into(seg, guest, src)?;
                 pos += n;
             }
-            return Ok(got.saturating_sub((op.offset - start) as usize).min(len as usize));
+            return Ok(got
+                .saturating_sub((op.offset - start) as usize)
+                .min(len as usize));
         }
         let mut pos = op.offset;
         let mut total = 0;
@@ -123,7 +161,12 @@ impl Executor {
         Ok(total)
     }
 
-    fn write<F: HostFile>(&mut self, file: &F, op: &mut IoOp, guest: &mut Guest<'_>) -> Result<(), IoError> {
+    fn write<F: HostFile>(
+        &mut self,
+        file: &F,
+        op: &mut IoOp,
+        guest: &mut Guest<'_>,
+    ) -> Result<(), IoError> {
         if self.direct && !Self::direct_ok(op, guest) {
             let len = op.len();
             let start = op.offset / 512 * 512;
@@ -132,7 +175,9 @@ impl Executor {
             self.grow_bounce(end - start);
             if start != op.offset || end != op.offset + len {
                 // Read-modify-write of the partial edge sectors.
-                let got = file.read_at(&mut self.bounce.as_mut_slice()[..span], start).map_err(err)?;
+                let got = file
+                    .read_at(&mut self.bounce.as_mut_slice()[..span], start)
+                    .map_err(err)?;
                 self.bounce.as_mut_slice()[got..span].fill(0);
             }
             let mut pos = (op.offset - start) as usize;
@@ -140,7 +185,9 @@ impl Executor {
                 let n = seg.len();
                 let dst = &mut self.bounce.as_mut_slice()[pos..pos + n];
                 match (seg, &*guest) {
-                    (Segment::Guest { start, len, .. }, Guest::Write(buf)) => dst.copy_from_slice(&buf[*start..*start + *len]),
+                    (Segment::Guest { start, len, .. }, Guest::Write(buf)) => {
+                        dst.copy_from_slice(&buf[*start..*start + *len])
+                    }
                     (Segment::Buf(b), _) => dst.copy_from_slice(b.as_slice()),
                     (Segment::Zeroes(_), _) => dst.fill(0),
                     _ => return Err(guest_missing()),
@@ -148,20 +195,24 @@ impl Executor {
                 pos += n;
             }
             self.bounced += len;
-            return file.write_all_at(&self.bounce.as_slice()[..span], start).map_err(err);
+            return file
+                .write_all_at(&self.bounce.as_slice()[..span], start)
+                .map_err(err);
         }
         let mut pos = op.offset;
         for seg in op.segments.iter() {
             match (seg, &*guest) {
                 (Segment::Guest { start, len, .. }, Guest::Write(buf)) => {
-                    file.write_all_at(&buf[*start..*start + *len], pos).map_err(err)?;
+                    file.write_all_at(&buf[*start..*start + *len], pos)
+                        .map_err(err)?;
                 }
                 (Segment::Buf(b), _) => file.write_all_at(b.as_slice(), pos).map_err(err)?,
                 (Segment::Zeroes(n), _) => {
                     let mut done = 0;
                     while done < *n {
                         let k = (*n - done).min(ZEROES.len());
-                        file.write_all_at(&ZEROES[..k], pos + done as u64).map_err(err)?;
+                        file.write_all_at(&ZEROES[..k], pos + done as u64)
+                            .map_err(err)?;
                         done += k;
                     }
                 }
@@ -182,7 +233,9 @@ impl Executor {
 
 fn copy_into(seg: &mut Segment, guest: &mut Guest<'_>, src: &[u8]) -> Result<(), IoError> {
     match (seg, guest) {
-        (Segment::Guest { start, len, .. }, Guest::Read(buf)) => buf[*start..*start + *len].copy_from_slice(src),
+        (Segment::Guest { start, len, .. }, Guest::Read(buf)) => {
+            buf[*start..*start + *len].copy_from_slice(src)
+        }
         (Segment::Buf(b), _) => b.as_mut_slice().copy_from_slice(src),
         (Segment::Zeroes(_), _) => {}
         _ => return Err(guest_missing()),

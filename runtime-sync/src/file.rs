@@ -90,7 +90,9 @@ impl HostFile for File {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         match rustix::fs::fallocate(self, FallocateFlags::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => write_zero_buffers(self, offset, len),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+                write_zero_buffers(self, offset, len)
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -49,7 +49,12 @@ impl<F: HostFile> Seek for ImageIo<'_, F> {
             SeekFrom::End(d) => self.image.len().checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the disk"))?;
+        self.pos = new.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )
+        })?;
         Ok(self.pos)
     }
 }

@@ -33,8 +33,8 @@ use std::path::Path;
 pub use file::HostFile;
 pub use io_adapter::ImageIo;
 pub use qcow2_proto::{
-    Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError, Preallocation, Repair,
-    RequestError,
+    Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
+    Preallocation, Repair, RequestError,
 };
 use qcow2_proto::{CacheMode, Event, ImageConfig, Outcome, Request, SubmitError};
 
@@ -104,7 +104,10 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Read-only options.
     pub fn read_only() -> Self {
-        Self { read_only: true, ..Self::default() }
+        Self {
+            read_only: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -159,7 +162,10 @@ fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<Fil
     if cache.direct() {
         o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
     }
-    o.open(path).map_err(|source| Error::File { path: path.to_owned(), source })
+    o.open(path).map_err(|source| Error::File {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Image<File> {
@@ -171,7 +177,11 @@ impl Image<File> {
     }
 
     /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.
-    pub fn create(path: impl AsRef<Path>, create: &CreateOptions, options: &OpenOptions) -> Result<Self, Error> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        create: &CreateOptions,
+        options: &OpenOptions,
+    ) -> Result<Self, Error> {
         let path = path.as_ref();
         let file = open_file(path, true, true, options.cache)?;
         Self::create_in(file, create, options)
@@ -180,7 +190,10 @@ impl Image<File> {
 
 impl<F: HostFile> Image<F> {
     fn config(file: &F, options: &OpenOptions) -> Result<ImageConfig, Error> {
-        let len = file.len().map_err(|source| Error::File { path: "<image>".into(), source })?;
+        let len = file.len().map_err(|source| Error::File {
+            path: "<image>".into(),
+            source,
+        })?;
         let mut config = ImageConfig::new(len);
         config.read_only = options.read_only;
         config.cache_mode = options.cache.mode();
@@ -198,12 +211,20 @@ impl<F: HostFile> Image<F> {
     }
 
     /// Formats an (empty) host file as a new image and opens it.
-    pub fn create_in(file: F, create: &CreateOptions, options: &OpenOptions) -> Result<Self, Error> {
+    pub fn create_in(
+        file: F,
+        create: &CreateOptions,
+        options: &OpenOptions,
+    ) -> Result<Self, Error> {
         let engine = qcow2_proto::Image::create(Self::config(&file, options)?, *create);
         Self::finish_open(engine, file, options)
     }
 
-    fn finish_open(engine: qcow2_proto::Image, file: F, options: &OpenOptions) -> Result<Self, Error> {
+    fn finish_open(
+        engine: qcow2_proto::Image,
+        file: F,
+        options: &OpenOptions,
+    ) -> Result<Self, Error> {
         let mut exec = exec::Executor::new(options.cache.direct(), options.cache == Cache::Unsafe);
         let mut engine = engine;
         loop {
@@ -217,7 +238,13 @@ impl<F: HostFile> Image<F> {
                 progressed = true;
                 match ev {
                     Event::Opened(info) => {
-                        return Ok(Self { engine, file, exec, info: *info, closed: false });
+                        return Ok(Self {
+                            engine,
+                            file,
+                            exec,
+                            info: *info,
+                            closed: false,
+                        });
                     }
                     Event::OpenFailed(e) => return Err(e.into()),
                     _ => {}
@@ -258,7 +285,8 @@ impl<F: HostFile> Image<F> {
             return Ok(());
         }
         let len = buf.len() as u64;
-        self.run(Request::Read { offset, len }, Guest::Read(buf)).map(drop)
+        self.run(Request::Read { offset, len }, Guest::Read(buf))
+            .map(drop)
     }
 
     /// Writes `buf` at guest `offset`.
@@ -267,17 +295,20 @@ impl<F: HostFile> Image<F> {
             return Ok(());
         }
         let len = buf.len() as u64;
-        self.run(Request::Write { offset, len }, Guest::Write(buf)).map(drop)
+        self.run(Request::Write { offset, len }, Guest::Write(buf))
+            .map(drop)
     }
 
     /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
-        self.run(Request::WriteZeroes { offset, len, unmap }, Guest::None).map(drop)
+        self.run(Request::WriteZeroes { offset, len, unmap }, Guest::None)
+            .map(drop)
     }
 
     /// Discards whole clusters inside the range.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Error> {
-        self.run(Request::Discard { offset, len }, Guest::None).map(drop)
+        self.run(Request::Discard { offset, len }, Guest::None)
+            .map(drop)
     }
 
     /// Makes every completed write durable.

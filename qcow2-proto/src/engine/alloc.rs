@@ -26,16 +26,22 @@ impl Image {
     /// covers it (every refcount there is 0).
     pub(super) fn rb_slot(&mut self, c: u64) -> Result<Option<u32>, Block> {
         let ri = (c >> self.geo.rb_bits) as usize;
-        let Some(&entry) = self.reftable.get(ri) else { return Ok(None) };
+        let Some(&entry) = self.reftable.get(ri) else {
+            return Ok(None);
+        };
         let off = entry & REFTABLE_OFFSET_MASK;
         if off == 0 {
             return Ok(None);
         }
         if !self.geo.aligned(off) {
-            return Err(self.corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned).into());
+            return Err(self
+                .corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned)
+                .into());
         }
         if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size()) {
-            return Err(self.corrupt(Structure::RefcountBlock, off, CorruptReason::Overlap(s)).into());
+            return Err(self
+                .corrupt(Structure::RefcountBlock, off, CorruptReason::Overlap(s))
+                .into());
         }
         self.cached(true, off)
     }
@@ -67,7 +73,9 @@ impl Image {
     }
 
     pub(super) fn load_done(&mut self, rb: bool, slot: u32, op: IoOp, result: Result<(), IoError>) {
-        let Some(Segment::Buf(buf)) = op.segments.into_iter().next() else { return };
+        let Some(Segment::Buf(buf)) = op.segments.into_iter().next() else {
+            return;
+        };
         let cache = if rb { &mut self.rb } else { &mut self.l2 };
         cache.finish_load(slot, buf, result);
     }
@@ -168,8 +176,13 @@ impl Image {
     fn ensure_refblocks(&mut self, want: u64) -> Result<(), Block> {
         loop {
             let start = self.next_free;
-            let (first, last) = (start >> self.geo.rb_bits, (start + want - 1) >> self.geo.rb_bits);
-            let Some(ri) = (first..=last).find(|&ri| self.reftable.get(ri as usize).is_none_or(|&e| e == 0)) else {
+            let (first, last) = (
+                start >> self.geo.rb_bits,
+                (start + want - 1) >> self.geo.rb_bits,
+            );
+            let Some(ri) =
+                (first..=last).find(|&ri| self.reftable.get(ri as usize).is_none_or(|&e| e == 0))
+            else {
                 return Ok(());
             };
             if self.window {
@@ -295,7 +308,12 @@ impl Image {
                 return;
             }
         }
-        self.pending_frees.push_back(Free { host, count: 1, tag, op_seq });
+        self.pending_frees.push_back(Free {
+            host,
+            count: 1,
+            tag,
+            op_seq,
+        });
     }
 
     /// Applies every decrement that is now safe; `Park` while a refcount block loads.

@@ -61,7 +61,9 @@ impl Cache {
     }
 
     pub(super) fn lookup(&mut self, key: u64) -> Lookup {
-        let Some(&i) = self.map.get(&key) else { return Lookup::Miss };
+        let Some(&i) = self.map.get(&key) else {
+            return Lookup::Miss;
+        };
         self.tick += 1;
         let slot = &mut self.slots[i as usize];
         slot.last_use = self.tick;
@@ -76,7 +78,13 @@ impl Cache {
     fn claim(&mut self, key: u64) -> Option<u32> {
         self.tick += 1;
         let i = if self.slots.len() < self.max_slots {
-            self.slots.push(Slot { key, buf: None, state: SlotState::Ready, dirty: false, last_use: 0 });
+            self.slots.push(Slot {
+                key,
+                buf: None,
+                state: SlotState::Ready,
+                dirty: false,
+                last_use: 0,
+            });
             (self.slots.len() - 1) as u32
         } else {
             let victim = self
@@ -124,7 +132,11 @@ impl Cache {
         let slot = &mut self.slots[i as usize];
         slot.state = SlotState::Ready;
         slot.dirty = true;
-        slot.buf.as_mut().expect("claimed slots hold their buffer").as_mut_slice().fill(0);
+        slot.buf
+            .as_mut()
+            .expect("claimed slots hold their buffer")
+            .as_mut_slice()
+            .fill(0);
         Some(i)
     }
 
@@ -141,13 +153,20 @@ impl Cache {
     }
 
     pub(super) fn data(&self, i: u32) -> &[u8] {
-        self.slots[i as usize].buf.as_ref().expect("ready slots hold their buffer").as_slice()
+        self.slots[i as usize]
+            .buf
+            .as_ref()
+            .expect("ready slots hold their buffer")
+            .as_slice()
     }
 
     pub(super) fn data_mut(&mut self, i: u32) -> &mut [u8] {
         let slot = &mut self.slots[i as usize];
         slot.dirty = true;
-        slot.buf.as_mut().expect("ready slots hold their buffer").as_mut_slice()
+        slot.buf
+            .as_mut()
+            .expect("ready slots hold their buffer")
+            .as_mut_slice()
     }
 
     /// Whether any slot is dirty.
@@ -161,7 +180,8 @@ impl Cache {
         copy.resize(self.unit);
         let slot = &mut self.slots[i as usize];
         slot.dirty = false;
-        copy.as_mut_slice().copy_from_slice(slot.buf.as_ref().expect("dirty slots are ready").as_slice());
+        copy.as_mut_slice()
+            .copy_from_slice(slot.buf.as_ref().expect("dirty slots are ready").as_slice());
         (slot.key, copy)
     }
 

@@ -56,25 +56,47 @@ enum Phase {
 enum Purpose {
     Open,
     /// Guest read, zero-fill or in-place write of task `task`.
-    Guest { task: u32, write: bool },
+    Guest {
+        task: u32,
+        write: bool,
+    },
     /// The data write of allocation `alloc`.
-    AllocWrite { alloc: u32 },
+    AllocWrite {
+        alloc: u32,
+    },
     /// Copy-on-write read (part 0 = head, 1 = tail) for allocation `alloc`.
-    CowRead { alloc: u32, part: u8 },
+    CowRead {
+        alloc: u32,
+        part: u8,
+    },
     /// Read of a shared L2 table being copied for allocation `alloc`.
-    TableRead { alloc: u32 },
+    TableRead {
+        alloc: u32,
+    },
     /// Write of a new (zeroed or copied) L2 table for allocation `alloc`.
-    TableWrite { alloc: u32 },
+    TableWrite {
+        alloc: u32,
+    },
     /// Cache load into slot `slot` (refcount cache when `rb`).
-    Load { rb: bool, slot: u32 },
+    Load {
+        rb: bool,
+        slot: u32,
+    },
     /// A write-back metadata write (buffer returned to the cache pool when `pool`).
-    Writeback { pool: Pool },
+    Writeback {
+        pool: Pool,
+    },
     /// A write-back fdatasync.
     Sync,
     /// An op owned by a multi-step task (resize, preallocation).
-    TaskIo { task: u32 },
+    TaskIo {
+        task: u32,
+    },
     /// An op of the checker run by task `task`, known to the checker as `inner`.
-    Check { task: u32, inner: u32 },
+    Check {
+        task: u32,
+        inner: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -107,11 +129,17 @@ enum Kind {
 
 impl Kind {
     fn exclusive(self) -> bool {
-        matches!(self, Self::Resize { .. } | Self::Check { .. } | Self::Close | Self::Prealloc(_))
+        matches!(
+            self,
+            Self::Resize { .. } | Self::Check { .. } | Self::Close | Self::Prealloc(_)
+        )
     }
 
     fn writes(self) -> bool {
-        !matches!(self, Self::Read | Self::Status | Self::Flush | Self::Check { repair: None })
+        !matches!(
+            self,
+            Self::Read | Self::Status | Self::Flush | Self::Check { repair: None }
+        )
     }
 }
 
@@ -336,7 +364,11 @@ impl Image {
     /// Starts formatting an empty file as a new image with `options`, then opens it (and
     /// preallocates, if asked). Ends like [`open`](Self::open).
     pub fn create(config: ImageConfig, options: CreateOptions) -> Self {
-        let mut img = Self::empty(ImageConfig { read_only: false, inspect_only: false, ..config });
+        let mut img = Self::empty(ImageConfig {
+            read_only: false,
+            inspect_only: false,
+            ..config
+        });
         img.read_only = false;
         img.create = Some(options);
         img.pump();
@@ -392,16 +424,23 @@ impl Image {
         if self.read_only && kind.writes() && kind != Kind::Close {
             return Err(RequestError::ReadOnly.into());
         }
-        if matches!(kind, Kind::Read | Kind::Write | Kind::Zeroes { .. } | Kind::Discard | Kind::Status) {
+        if matches!(
+            kind,
+            Kind::Read | Kind::Write | Kind::Zeroes { .. } | Kind::Discard | Kind::Status
+        ) {
             let out = RequestError::OutOfRange { offset, len, size };
             if offset.checked_add(len).is_none_or(|e| e > size) {
                 return Err(out.into());
             }
-            if len > self.config.limits.max_request_bytes && matches!(kind, Kind::Read | Kind::Write) {
+            if len > self.config.limits.max_request_bytes
+                && matches!(kind, Kind::Read | Kind::Write)
+            {
                 return Err(out.into());
             }
         }
-        let Some(t) = self.task_free.pop() else { return Err(SubmitError::Busy) };
+        let Some(t) = self.task_free.pop() else {
+            return Err(SubmitError::Busy);
+        };
         if kind.exclusive() {
             self.exclusive_tasks += 1;
         }
@@ -494,17 +533,31 @@ impl Image {
 
     fn issue(&mut self, purpose: Purpose, kind: IoKind, offset: u64, segments: Segments) {
         let id = self.op_free.pop().expect("callers check op_room first");
-        let data = matches!(purpose, Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. });
+        let data = matches!(
+            purpose,
+            Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. }
+        );
         self.op_seq += 1;
         let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
         match kind {
             IoKind::Write => self.file_end = self.file_end.max(offset + len),
-            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => self.file_end = self.file_end.max(offset + len),
+            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
+                self.file_end = self.file_end.max(offset + len)
+            }
             IoKind::SetLen => self.file_end = offset,
             _ => {}
         }
-        self.ops[id as usize] = Some(OpSlot { purpose, seq: if data { self.op_seq } else { u64::MAX } });
-        self.ready.push_back(IoOp { id: OpId(id), target: Target::Image, kind, offset, segments });
+        self.ops[id as usize] = Some(OpSlot {
+            purpose,
+            seq: if data { self.op_seq } else { u64::MAX },
+        });
+        self.ready.push_back(IoOp {
+            id: OpId(id),
+            target: Target::Image,
+            kind,
+            offset,
+            segments,
+        });
     }
 
     fn issue_buf(&mut self, purpose: Purpose, kind: IoKind, offset: u64, buf: IoBuf) {
@@ -519,7 +572,12 @@ impl Image {
 
     /// The oldest data op still outstanding, by issue sequence.
     fn oldest_data_op(&self) -> u64 {
-        self.ops.iter().flatten().map(|s| s.seq).min().unwrap_or(u64::MAX)
+        self.ops
+            .iter()
+            .flatten()
+            .map(|s| s.seq)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Returns staging buffers carried by a finished op to the pool.
@@ -602,18 +660,26 @@ impl Image {
 
     /// Steps task `t`; false when it has to wait.
     fn step(&mut self, t: u32) -> bool {
-        let task = self.tasks[t as usize].as_ref().expect("stepped tasks exist");
+        let task = self.tasks[t as usize]
+            .as_ref()
+            .expect("stepped tasks exist");
         let (kind, seq) = (task.kind, task.seq);
         // Exclusive operations wait for every older task; younger tasks wait for them.
         if self.exclusive_tasks > 0 {
             let older_busy = self.tasks.iter().flatten().any(|o| o.seq < seq);
-            let exclusive_before = self.tasks.iter().flatten().any(|o| o.seq < seq && o.kind.exclusive());
+            let exclusive_before = self
+                .tasks
+                .iter()
+                .flatten()
+                .any(|o| o.seq < seq && o.kind.exclusive());
             if exclusive_before || (kind.exclusive() && older_busy) {
                 return false;
             }
         }
         if let Some(e) = self.poisoned {
-            let task = self.tasks[t as usize].as_mut().expect("stepped tasks exist");
+            let task = self.tasks[t as usize]
+                .as_mut()
+                .expect("stepped tasks exist");
             if task.error.is_none() && task.kind != Kind::Read && task.kind != Kind::Status {
                 task.error = Some(e);
             }
@@ -658,7 +724,10 @@ impl Image {
             self.wake_all();
             return;
         }
-        self.events.push_back(Event::Done { req: task.req, result });
+        self.events.push_back(Event::Done {
+            req: task.req,
+            result,
+        });
         self.wake_all();
     }
 
@@ -761,9 +830,16 @@ impl Image {
                         return false;
                     }
                     let checker = self.checker.as_mut().expect("checking");
-                    let Some(op) = checker.poll_io() else { return false };
+                    let Some(op) = checker.poll_io() else {
+                        return false;
+                    };
                     let inner = op.id.0;
-                    self.issue(Purpose::Check { task: t, inner }, op.kind, op.offset, op.segments);
+                    self.issue(
+                        Purpose::Check { task: t, inner },
+                        op.kind,
+                        op.offset,
+                        op.segments,
+                    );
                     self.task(t).inflight += 1;
                 }
                 2 => {
@@ -787,7 +863,11 @@ impl Image {
         if self.poisoned.is_some() {
             return;
         }
-        let err = if e.is_no_space() { RequestError::NoSpace } else { RequestError::Io(e) };
+        let err = if e.is_no_space() {
+            RequestError::NoSpace
+        } else {
+            RequestError::Io(e)
+        };
         self.poisoned = Some(RequestError::Poisoned);
         self.cycle = None;
         self.window = false;
@@ -802,8 +882,17 @@ impl Image {
 
     /// Reports corruption found at run time: on a writable image the corrupt bit is set and
     /// further writes are refused.
-    fn corrupt(&mut self, structure: Structure, offset: u64, reason: CorruptReason) -> RequestError {
-        let c = Corruption { structure, offset, reason };
+    fn corrupt(
+        &mut self,
+        structure: Structure,
+        offset: u64,
+        reason: CorruptReason,
+    ) -> RequestError {
+        let c = Corruption {
+            structure,
+            offset,
+            reason,
+        };
         if !self.read_only && self.hdr.version >= 3 {
             self.hdr.incompatible_features |= incompat::CORRUPT;
             self.hdr.encode(self.header_buf.as_mut_slice());
@@ -821,7 +910,8 @@ impl Image {
         } else if host < self.geo.cluster_size() {
             Some(CorruptReason::PointsAtHeader)
         } else {
-            self.metadata_overlap(host, self.geo.cluster_size()).map(CorruptReason::Overlap)
+            self.metadata_overlap(host, self.geo.cluster_size())
+                .map(CorruptReason::Overlap)
         };
         match reason {
             Some(r) => Err(self.corrupt(Structure::DataCluster, host, r)),
@@ -836,10 +926,16 @@ impl Image {
         if hit(0, cs) {
             return Some(Structure::Header);
         }
-        if hit(self.hdr.l1_table_offset, self.geo.round_up(u64::from(self.hdr.l1_size) * 8)) {
+        if hit(
+            self.hdr.l1_table_offset,
+            self.geo.round_up(u64::from(self.hdr.l1_size) * 8),
+        ) {
             return Some(Structure::L1Table);
         }
-        if hit(self.hdr.refcount_table_offset, u64::from(self.hdr.refcount_table_clusters) * cs) {
+        if hit(
+            self.hdr.refcount_table_offset,
+            u64::from(self.hdr.refcount_table_clusters) * cs,
+        ) {
             return Some(Structure::RefcountTable);
         }
         None

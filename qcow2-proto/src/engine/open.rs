@@ -88,7 +88,11 @@ impl Image {
             let cs = self.geo.cluster_size();
             match self.open.step {
                 Step::Start => {
-                    self.goto(if self.create.is_some() { Step::CreateWrites } else { Step::Header });
+                    self.goto(if self.create.is_some() {
+                        Step::CreateWrites
+                    } else {
+                        Step::Header
+                    });
                 }
                 Step::CreateWrites => {
                     let opts = self.create.expect("create step only when creating");
@@ -115,7 +119,10 @@ impl Image {
                 Step::Cluster0 => self.read_open(0, cs as usize),
                 Step::L1 => {
                     let bytes = u64::from(self.hdr.l1_size) * 8;
-                    self.read_open(self.hdr.l1_table_offset, bytes.next_multiple_of(TABLE_CHUNK as u64) as usize);
+                    self.read_open(
+                        self.hdr.l1_table_offset,
+                        bytes.next_multiple_of(TABLE_CHUNK as u64) as usize,
+                    );
                 }
                 Step::Reftable => {
                     let bytes = u64::from(self.hdr.refcount_table_clusters) * cs;
@@ -126,13 +133,18 @@ impl Image {
                     self.read_open(at, SNAPSHOT_CHUNK);
                 }
                 Step::Bitmaps => {
-                    let ext = self.layout.as_ref().and_then(|l| l.ext.bitmaps).expect("bitmaps step needs the extension");
+                    let ext = self
+                        .layout
+                        .as_ref()
+                        .and_then(|l| l.ext.bitmaps)
+                        .expect("bitmaps step needs the extension");
                     self.read_open(ext.directory_offset, ext.directory_size as usize);
                 }
                 Step::HeaderUpdate => {
                     let len = self.header_write_len();
                     let mut b = IoBuf::zeroed(len);
-                    b.as_mut_slice().copy_from_slice(&self.header_buf.as_slice()[..len]);
+                    b.as_mut_slice()
+                        .copy_from_slice(&self.header_buf.as_slice()[..len]);
                     self.issue_buf(Purpose::Open, IoKind::Write, 0, b);
                     self.open.pending += 1;
                 }
@@ -159,7 +171,9 @@ impl Image {
     /// Bytes of cluster 0 rewritten when header fields change: the fixed header rounded up
     /// to a sector (what follows is the extension area, written back unchanged).
     pub(super) fn header_write_len(&self) -> usize {
-        (self.hdr.header_length as usize).next_multiple_of(512).min(self.header_buf.len())
+        (self.hdr.header_length as usize)
+            .next_multiple_of(512)
+            .min(self.header_buf.len())
     }
 
     pub(super) fn open_complete(&mut self, op: IoOp, result: Result<(), IoError>) {
@@ -168,7 +182,9 @@ impl Image {
             self.fail_open(OpenError::Io(e));
             return;
         }
-        let Some(crate::io::Segment::Buf(buf)) = op.segments.into_iter().next() else { return };
+        let Some(crate::io::Segment::Buf(buf)) = op.segments.into_iter().next() else {
+            return;
+        };
         if op.kind != IoKind::Read {
             return;
         }
@@ -260,7 +276,11 @@ impl Image {
         }
         self.geo = layout.geo;
         self.layout = Some(layout);
-        if self.hdr.l1_size > 0 { Some(Step::L1) } else { Some(Step::Reftable) }
+        if self.hdr.l1_size > 0 {
+            Some(Step::L1)
+        } else {
+            Some(Step::Reftable)
+        }
     }
 
     fn snapshots_or_next(&mut self) -> Option<Step> {
@@ -292,7 +312,9 @@ impl Image {
         self.info = Some(self.make_info(snapshots));
         let bitmaps_valid = self.hdr.autoclear_features & autoclear::BITMAPS != 0;
         match self.layout.as_ref().and_then(|l| l.ext.bitmaps) {
-            Some(b) if bitmaps_valid && b.directory_size > 0 && b.directory_size <= 64 << 20 => Some(Step::Bitmaps),
+            Some(b) if bitmaps_valid && b.directory_size > 0 && b.directory_size <= 64 << 20 => {
+                Some(Step::Bitmaps)
+            }
             _ => self.header_update_or_next(),
         }
     }
@@ -305,7 +327,8 @@ impl Image {
             size: h.size,
             cluster_size: h.cluster_size(),
             refcount_bits: 1 << h.refcount_order,
-            lazy_refcounts: h.compatible_features & crate::format::header::compat::LAZY_REFCOUNTS != 0,
+            lazy_refcounts: h.compatible_features & crate::format::header::compat::LAZY_REFCOUNTS
+                != 0,
             dirty: h.incompatible_features & incompat::DIRTY != 0,
             corrupt: h.incompatible_features & incompat::CORRUPT != 0,
             extended_l2: h.incompatible_features & incompat::EXTENDED_L2 != 0,
@@ -365,7 +388,10 @@ impl Image {
         self.pending_frees.clear();
         self.config.file_len = self.file_end;
         self.read_only = self.config.read_only || self.config.inspect_only;
-        self.open = OpenState { step: Step::Header, ..OpenState::default() };
+        self.open = OpenState {
+            step: Step::Header,
+            ..OpenState::default()
+        };
         self.phase = Phase::Opening;
         self.reload_task = Some(t);
     }
@@ -382,7 +408,9 @@ impl Image {
     }
 
     fn start_prealloc(&mut self, mode: Preallocation) {
-        let Some(t) = self.task_free.pop() else { return };
+        let Some(t) = self.task_free.pop() else {
+            return;
+        };
         self.task_seq += 1;
         self.exclusive_tasks += 1;
         self.tasks[t as usize] = Some(Task {
@@ -455,7 +483,9 @@ fn parse_bitmap_directory(dir: &[u8]) -> Vec<BitmapInfo> {
         let name_len = u16::from_be_bytes([e[18], e[19]]) as usize;
         let extra = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
         let name_start = off + 24 + extra;
-        let Some(name) = dir.get(name_start..name_start + name_len) else { break };
+        let Some(name) = dir.get(name_start..name_start + name_len) else {
+            break;
+        };
         if name_len == 0 || gran_bits > 63 {
             break;
         }

@@ -26,7 +26,9 @@ mod sub {
 
 impl Image {
     pub(super) fn step_resize(&mut self, t: u32) -> bool {
-        let Kind::Resize { size: new, shrink } = self.task(t).kind else { return true };
+        let Kind::Resize { size: new, shrink } = self.task(t).kind else {
+            return true;
+        };
         let old = self.hdr.size;
         let cs = self.geo.cluster_size();
         loop {
@@ -63,7 +65,11 @@ impl Image {
                     } else {
                         task.pos = new;
                         task.end = old;
-                        task.sub = if shrink { sub::DROP_TAIL } else { sub::SCAN_TAIL };
+                        task.sub = if shrink {
+                            sub::DROP_TAIL
+                        } else {
+                            sub::SCAN_TAIL
+                        };
                         if shrink {
                             task.pos = new.next_multiple_of(cs);
                         }

@@ -10,7 +10,10 @@ use crate::io::{IoError, IoKind, IoOp, Segment};
 use crate::request::{Allocation, BlockStatus};
 
 use super::alloc::PENDING_FREES_CAP;
-use super::{be64, io_error, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose, TABLE_CHUNK};
+use super::{
+    be64, io_error, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose,
+    TABLE_CHUNK,
+};
 
 /// Ops one task may have outstanding at once.
 const MAX_TASK_OPS: u32 = 16;
@@ -27,17 +30,29 @@ pub(super) enum Edit {
 }
 
 /// The new entry (if it changes) and the host cluster to free (if any) for `edit` on `m`.
-fn edit_entry(m: Mapping, edit: Edit, v3: bool) -> Result<(Option<L2Entry>, Option<u64>), RequestError> {
+fn edit_entry(
+    m: Mapping,
+    edit: Edit,
+    v3: bool,
+) -> Result<(Option<L2Entry>, Option<u64>), RequestError> {
     Ok(match (m, edit) {
-        (Mapping::Compressed { .. }, _) => return Err(RequestError::Unsupported(Feature::CompressedClusters)),
+        (Mapping::Compressed { .. }, _) => {
+            return Err(RequestError::Unsupported(Feature::CompressedClusters))
+        }
         (Mapping::Unallocated, _) => (None, None),
         (Mapping::Zero { host: 0, .. }, Edit::Full) => (Some(L2Entry(0)), None),
         (Mapping::Zero { host: 0, .. }, _) => (None, None),
-        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, Edit::Full) => (Some(L2Entry(0)), Some(host)),
+        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, Edit::Full) => {
+            (Some(L2Entry(0)), Some(host))
+        }
         (Mapping::Data { host, .. }, _) if !v3 => (Some(L2Entry(0)), Some(host)),
         (Mapping::Zero { .. }, Edit::Zero { unmap: false }) => (None, None),
-        (Mapping::Data { host, copied: true }, Edit::Zero { unmap: false }) => (Some(L2Entry::zero(host, true)), None),
-        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, _) => (Some(L2Entry::zero(0, false)), Some(host)),
+        (Mapping::Data { host, copied: true }, Edit::Zero { unmap: false }) => {
+            (Some(L2Entry::zero(host, true)), None)
+        }
+        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, _) => {
+            (Some(L2Entry::zero(0, false)), Some(host))
+        }
     })
 }
 
@@ -46,7 +61,9 @@ impl Image {
 
     /// The L2 table offset under L1 index `l1i`, validated; `None` when unallocated.
     pub(super) fn l1_l2(&mut self, l1i: u64) -> Result<Option<u64>, RequestError> {
-        let Some(&raw) = self.l1.get(l1i as usize) else { return Ok(None) };
+        let Some(&raw) = self.l1.get(l1i as usize) else {
+            return Ok(None);
+        };
         let off = L1Entry(raw).l2_offset();
         if off == 0 {
             return Ok(None);
@@ -64,7 +81,9 @@ impl Image {
     pub(super) fn l2_entry_slot(&mut self, l2: u64, gc: u64) -> Result<(u32, usize), Block> {
         let byte = (gc & (self.geo.l2_entries() - 1)) * 8;
         let unit = self.l2.unit as u64;
-        let slot = self.cached(false, l2 + byte / unit * unit)?.expect("L2 lookups always give a slot");
+        let slot = self
+            .cached(false, l2 + byte / unit * unit)?
+            .expect("L2 lookups always give a slot");
         Ok((slot, ((byte % unit) / 8) as usize))
     }
 
@@ -97,13 +116,18 @@ impl Image {
     fn alloc_covering(&self, gc: u64) -> bool {
         self.alloc_free.len() < self.allocs.len()
             && self.allocs.iter().flatten().any(|a| match a.what {
-            AllocWhat::Data { guest_cluster, .. } => (guest_cluster..guest_cluster + a.count).contains(&gc),
-            AllocWhat::L2Table { .. } => false,
-        })
+                AllocWhat::Data { guest_cluster, .. } => {
+                    (guest_cluster..guest_cluster + a.count).contains(&gc)
+                }
+                AllocWhat::L2Table { .. } => false,
+            })
     }
 
     fn new_alloc(&mut self, a: Alloc) -> u32 {
-        let i = self.alloc_free.pop().expect("allocation slots outnumber tasks");
+        let i = self
+            .alloc_free
+            .pop()
+            .expect("allocation slots outnumber tasks");
         self.allocs[i as usize] = Some(a);
         i
     }
@@ -148,10 +172,30 @@ impl Image {
             };
             let len = (extent_end - pos) as usize;
             let mut segs = ArrayVec::new();
-            segs.push(Segment::Guest { req, start: (pos - origin) as usize, len });
+            segs.push(Segment::Guest {
+                req,
+                start: (pos - origin) as usize,
+                len,
+            });
             match host {
-                Some(h) => self.issue(Purpose::Guest { task: t, write: false }, IoKind::Read, h + (pos - (gc << cb)), segs),
-                None => self.issue(Purpose::Guest { task: t, write: false }, IoKind::ZeroFill, 0, segs),
+                Some(h) => self.issue(
+                    Purpose::Guest {
+                        task: t,
+                        write: false,
+                    },
+                    IoKind::Read,
+                    h + (pos - (gc << cb)),
+                    segs,
+                ),
+                None => self.issue(
+                    Purpose::Guest {
+                        task: t,
+                        write: false,
+                    },
+                    IoKind::ZeroFill,
+                    0,
+                    segs,
+                ),
             }
             let task = self.task(t);
             task.inflight += 1;
@@ -168,11 +212,16 @@ impl Image {
         let first = self.mapping(self.entry(slot, idx))?;
         let host = match first {
             Mapping::Data { host, .. } => Some(host),
-            Mapping::Compressed { .. } => return Err(RequestError::Unsupported(Feature::CompressedClusters).into()),
+            Mapping::Compressed { .. } => {
+                return Err(RequestError::Unsupported(Feature::CompressedClusters).into())
+            }
             Mapping::Unallocated | Mapping::Zero { .. } => None,
         };
         let mut n = 1;
-        while idx + n < self.per_slice() && (gc + n as u64) << cb < end && !self.alloc_covering(gc + n as u64) {
+        while idx + n < self.per_slice()
+            && (gc + n as u64) << cb < end
+            && !self.alloc_covering(gc + n as u64)
+        {
             let m = self.entry(slot, idx + n).mapping(cb);
             let same = match (host, m) {
                 (Some(h), Mapping::Data { host: h2, .. }) => h2 == h + n as u64 * cs,
@@ -220,7 +269,9 @@ impl Image {
                 return false;
             }
             let result = match kind {
-                Kind::Zeroes { unmap } if self.full_cluster_at(pos, end) => self.edit_clusters(t, Edit::Zero { unmap }),
+                Kind::Zeroes { unmap } if self.full_cluster_at(pos, end) => {
+                    self.edit_clusters(t, Edit::Zero { unmap })
+                }
                 Kind::Zeroes { .. } => self.write_piece(t, Body::Zeroes),
                 _ => self.write_piece(t, Body::Guest),
             };
@@ -243,8 +294,13 @@ impl Image {
 
     /// Handles the pending allocation of task `t`; false while it must wait.
     pub(super) fn settle_alloc(&mut self, t: u32) -> bool {
-        let Some(a) = self.task(t).alloc else { return true };
-        let state = self.allocs[a as usize].as_ref().expect("task allocations are live").state;
+        let Some(a) = self.task(t).alloc else {
+            return true;
+        };
+        let state = self.allocs[a as usize]
+            .as_ref()
+            .expect("task allocations are live")
+            .state;
         match state {
             AllocState::Io => false,
             AllocState::Failed(e) => {
@@ -297,25 +353,42 @@ impl Image {
         let first = self.mapping(self.entry(slot, idx))?;
         let limit = |n: usize| (gc + n as u64) << cb;
         let body_seg = |start: u64, len: u64| match body {
-            Body::Guest => Segment::Guest { req, start: (start - origin) as usize, len: len as usize },
+            Body::Guest => Segment::Guest {
+                req,
+                start: (start - origin) as usize,
+                len: len as usize,
+            },
             Body::Zeroes => Segment::Zeroes(len as usize),
         };
         match first {
-            Mapping::Compressed { .. } => Err(RequestError::Unsupported(Feature::CompressedClusters).into()),
+            Mapping::Compressed { .. } => {
+                Err(RequestError::Unsupported(Feature::CompressedClusters).into())
+            }
             Mapping::Data { host, copied: true } => {
                 let mut n = 1;
                 while idx + n < self.per_slice()
                     && limit(n) < end
                     && !self.alloc_covering(gc + n as u64)
                     && self.entry(slot, idx + n).mapping(cb)
-                        == (Mapping::Data { host: host + n as u64 * cs, copied: true })
+                        == (Mapping::Data {
+                            host: host + n as u64 * cs,
+                            copied: true,
+                        })
                 {
                     n += 1;
                 }
                 let run_end = end.min(limit(n));
                 let mut segs = ArrayVec::new();
                 segs.push(body_seg(pos, run_end - pos));
-                self.issue(Purpose::Guest { task: t, write: true }, IoKind::Write, host + (pos - (gc << cb)), segs);
+                self.issue(
+                    Purpose::Guest {
+                        task: t,
+                        write: true,
+                    },
+                    IoKind::Write,
+                    host + (pos - (gc << cb)),
+                    segs,
+                );
                 let task = self.task(t);
                 task.inflight += 1;
                 task.pos = run_end;
@@ -330,9 +403,14 @@ impl Image {
             _ => {
                 let mut n = 1;
                 if body == Body::Guest {
-                    while idx + n < self.per_slice() && limit(n) < end && !self.alloc_covering(gc + n as u64) {
+                    while idx + n < self.per_slice()
+                        && limit(n) < end
+                        && !self.alloc_covering(gc + n as u64)
+                    {
                         match self.entry(slot, idx + n).mapping(cb) {
-                            Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => break,
+                            Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => {
+                                break
+                            }
                             _ => n += 1,
                         }
                     }
@@ -386,9 +464,20 @@ impl Image {
 
     /// The single vectored write of an allocation: COW head, body, COW tail.
     fn issue_alloc_write(&mut self, a: u32) {
-        let req = self.allocs[a as usize].as_ref().map(|x| self.tasks[x.task as usize].as_ref().map(|t| t.req));
+        let req = self.allocs[a as usize]
+            .as_ref()
+            .map(|x| self.tasks[x.task as usize].as_ref().map(|t| t.req));
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
-        let AllocWhat::Data { head, body_start, body_len, body, tail, staged, .. } = &mut alloc.what else {
+        let AllocWhat::Data {
+            head,
+            body_start,
+            body_len,
+            body,
+            tail,
+            staged,
+            ..
+        } = &mut alloc.what
+        else {
             return;
         };
         let mut segs = ArrayVec::new();
@@ -399,7 +488,11 @@ impl Image {
         }
         if *body_len > 0 {
             match (body, req.flatten()) {
-                (Body::Guest, Some(req)) => segs.push(Segment::Guest { req, start: *body_start, len: *body_len }),
+                (Body::Guest, Some(req)) => segs.push(Segment::Guest {
+                    req,
+                    start: *body_start,
+                    len: *body_len,
+                }),
                 _ => segs.push(Segment::Zeroes(*body_len)),
             }
         }
@@ -440,13 +533,26 @@ impl Image {
         self.make_runnable(t);
     }
 
-    pub(super) fn cow_read_done(&mut self, a: u32, part: u8, op: IoOp, result: Result<(), IoError>) {
+    pub(super) fn cow_read_done(
+        &mut self,
+        a: u32,
+        part: u8,
+        op: IoOp,
+        result: Result<(), IoError>,
+    ) {
         let buf = op.segments.into_iter().next().and_then(|s| match s {
             Segment::Buf(b) => Some(b),
             _ => None,
         });
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
-        let AllocWhat::Data { staged, cow_pending, .. } = &mut alloc.what else { return };
+        let AllocWhat::Data {
+            staged,
+            cow_pending,
+            ..
+        } = &mut alloc.what
+        else {
+            return;
+        };
         staged[part as usize] = buf;
         *cow_pending -= 1;
         if let Err(e) = result {
@@ -471,7 +577,12 @@ impl Image {
         let cb = self.geo.cluster_bits;
         let alloc = self.allocs[a as usize].as_ref().expect("live allocation");
         let (host, count) = (alloc.host, alloc.count);
-        let AllocWhat::Data { guest_cluster: gc, .. } = alloc.what else { return Ok(()) };
+        let AllocWhat::Data {
+            guest_cluster: gc, ..
+        } = alloc.what
+        else {
+            return Ok(());
+        };
         let l1i = gc >> self.geo.l2_bits;
         let raw = self.l1[l1i as usize];
         if raw & COPIED == 0 {
@@ -485,11 +596,18 @@ impl Image {
         let (slot, idx) = self.l2_entry_slot(raw & OFFSET_MASK, gc)?;
         for i in 0..count as usize {
             match self.entry(slot, idx + i).mapping(cb) {
-                Mapping::Data { host: h, copied: false } => self.queue_free(h),
+                Mapping::Data {
+                    host: h,
+                    copied: false,
+                } => self.queue_free(h),
                 Mapping::Zero { host: h, .. } if h != 0 => self.queue_free(h),
                 _ => {}
             }
-            self.set_entry(slot, idx + i, L2Entry::data(host + ((i as u64) << cb), true));
+            self.set_entry(
+                slot,
+                idx + i,
+                L2Entry::data(host + ((i as u64) << cb), true),
+            );
         }
         self.drop_alloc(a);
         self.wake_all();
@@ -507,7 +625,11 @@ impl Image {
             Some(off) => off,
             None => 0,
         };
-        let busy = self.allocs.iter().flatten().any(|a| matches!(a.what, AllocWhat::L2Table { l1_index, .. } if l1_index == l1i));
+        let busy = self
+            .allocs
+            .iter()
+            .flatten()
+            .any(|a| matches!(a.what, AllocWhat::L2Table { l1_index, .. } if l1_index == l1i));
         if busy || self.window || !self.op_room(2) {
             return Err(Block::Park);
         }
@@ -536,8 +658,16 @@ impl Image {
             self.recycle(op);
             return self.table_failed(a, e);
         }
-        let host = self.allocs[a as usize].as_ref().expect("live allocation").host;
-        self.issue(Purpose::TableWrite { alloc: a }, IoKind::Write, host, op.segments);
+        let host = self.allocs[a as usize]
+            .as_ref()
+            .expect("live allocation")
+            .host;
+        self.issue(
+            Purpose::TableWrite { alloc: a },
+            IoKind::Write,
+            host,
+            op.segments,
+        );
     }
 
     pub(super) fn table_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
@@ -545,12 +675,18 @@ impl Image {
         if let Err(e) = result {
             return self.table_failed(a, e);
         }
-        self.allocs[a as usize].as_mut().expect("live allocation").state = AllocState::Ready;
+        self.allocs[a as usize]
+            .as_mut()
+            .expect("live allocation")
+            .state = AllocState::Ready;
         self.try_link_table(a);
     }
 
     fn table_failed(&mut self, a: u32, e: IoError) {
-        let t = self.allocs[a as usize].as_ref().expect("live allocation").task;
+        let t = self.allocs[a as usize]
+            .as_ref()
+            .expect("live allocation")
+            .task;
         self.abort_alloc(a);
         if let Some(task) = self.tasks[t as usize].as_mut() {
             task.error.get_or_insert(io_error(e));
@@ -562,7 +698,9 @@ impl Image {
             return;
         }
         let alloc = self.drop_alloc(a);
-        let AllocWhat::L2Table { l1_index, old } = alloc.what else { return };
+        let AllocWhat::L2Table { l1_index, old } = alloc.what else {
+            return;
+        };
         self.l1[l1_index as usize] = L1Entry::new(alloc.host, true).0;
         self.l1_dirty[l1_index as usize * 8 / TABLE_CHUNK] = true;
         if old != 0 {
@@ -574,9 +712,9 @@ impl Image {
     /// Links L2 tables whose writes finished while a cycle was taking its copies.
     pub(super) fn link_ready_tables(&mut self) {
         for a in 0..self.allocs.len() as u32 {
-            let ready = self.allocs[a as usize]
-                .as_ref()
-                .is_some_and(|x| x.state == AllocState::Ready && matches!(x.what, AllocWhat::L2Table { .. }));
+            let ready = self.allocs[a as usize].as_ref().is_some_and(|x| {
+                x.state == AllocState::Ready && matches!(x.what, AllocWhat::L2Table { .. })
+            });
             if ready {
                 self.try_link_table(a);
             }
@@ -594,19 +732,30 @@ impl Image {
         let task = self.task(t);
         let (pos, end) = (task.pos, task.end);
         // Whole clusters only; the image's partial last cluster counts as whole.
-        let full_end = if end == self.hdr.size { end } else { end >> cb << cb };
+        let full_end = if end == self.hdr.size {
+            end
+        } else {
+            end >> cb << cb
+        };
         let gc = pos >> cb;
         let l1i = gc >> self.geo.l2_bits;
         if self.l1_l2(l1i)?.is_none() {
             // No table: everything reads as zero already (no backing file).
-            self.task(t).pos = full_end.max(pos).min((l1i + 1) << (cb + self.geo.l2_bits)).max(pos + 1).min(end);
+            self.task(t).pos = full_end
+                .max(pos)
+                .min((l1i + 1) << (cb + self.geo.l2_bits))
+                .max(pos + 1)
+                .min(end);
             return Ok(());
         }
         let l2 = self.owned_l2(t, l1i)?;
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
         let v3 = self.hdr.version >= 3;
         let mut n = 0;
-        while idx + n < self.per_slice() && (gc + n as u64) << cb < full_end && !self.alloc_covering(gc + n as u64) {
+        while idx + n < self.per_slice()
+            && (gc + n as u64) << cb < full_end
+            && !self.alloc_covering(gc + n as u64)
+        {
             let m = self.mapping(self.entry(slot, idx + n))?;
             let (new, free) = edit_entry(m, edit, v3)?;
             if let Some(e) = new {
@@ -678,7 +827,12 @@ impl Image {
             Err(e) => Err(Block::Fail(e)),
             Ok(None) => {
                 let mut next = l1i + 1;
-                while (next << l2_span) < end && self.l1.get(next as usize).is_some_and(|&e| L1Entry(e).l2_offset() == 0) {
+                while (next << l2_span) < end
+                    && self
+                        .l1
+                        .get(next as usize)
+                        .is_some_and(|&e| L1Entry(e).l2_offset() == 0)
+                {
                     next += 1;
                 }
                 Ok((end.min(next << l2_span), Allocation::Unallocated))
@@ -698,7 +852,9 @@ impl Image {
                     let same = class(m) == class(first)
                         && match (first, m) {
                             (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. })
-                            | (Mapping::Zero { host: a, .. }, Mapping::Zero { host: b, .. }) => b == a + n as u64 * cs,
+                            | (Mapping::Zero { host: a, .. }, Mapping::Zero { host: b, .. }) => {
+                                b == a + n as u64 * cs
+                            }
                             _ => true,
                         };
                     if !same {
@@ -710,7 +866,9 @@ impl Image {
                 let allocation = match first {
                     Mapping::Unallocated => Allocation::Unallocated,
                     Mapping::Zero { host: 0, .. } => Allocation::Zero { host: None },
-                    Mapping::Zero { host, .. } => Allocation::Zero { host: Some(host + inner) },
+                    Mapping::Zero { host, .. } => Allocation::Zero {
+                        host: Some(host + inner),
+                    },
                     Mapping::Data { host, .. } => Allocation::Data { host: host + inner },
                     Mapping::Compressed { .. } => Allocation::Compressed,
                 };
@@ -722,7 +880,11 @@ impl Image {
             Err(Block::Park) => return false,
             Err(Block::Fail(e)) => task.error = Some(e),
             Ok((extent_end, allocation)) => {
-                task.status = Some(BlockStatus { offset: pos, len: extent_end - pos, allocation });
+                task.status = Some(BlockStatus {
+                    offset: pos,
+                    len: extent_end - pos,
+                    allocation,
+                });
             }
         }
         true
@@ -732,7 +894,9 @@ impl Image {
 
     pub(super) fn step_prealloc(&mut self, t: u32) -> bool {
         let cb = self.geo.cluster_bits;
-        let Kind::Prealloc(mode) = self.task(t).kind else { return true };
+        let Kind::Prealloc(mode) = self.task(t).kind else {
+            return true;
+        };
         loop {
             if !self.settle_alloc(t) {
                 return false;
@@ -796,7 +960,11 @@ impl Image {
                 match mode {
                     Preallocation::Falloc => {
                         self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;
-                        self.issue_bare(Purpose::AllocWrite { alloc: a }, IoKind::Allocate { len }, host);
+                        self.issue_bare(
+                            Purpose::AllocWrite { alloc: a },
+                            IoKind::Allocate { len },
+                            host,
+                        );
                     }
                     Preallocation::Full => {
                         self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;

@@ -101,7 +101,9 @@ impl Image {
                 Level::Tables => self.wb_caches(false) && self.wb_table(false),
                 Level::L1 => self.wb_table(true),
                 Level::Header => self.wb_header(),
-                Level::Sync1 | Level::Sync2 | Level::Sync3 | Level::Sync4 => self.wb_sync(level == Level::Sync1),
+                Level::Sync1 | Level::Sync2 | Level::Sync3 | Level::Sync4 => {
+                    self.wb_sync(level == Level::Sync1)
+                }
                 Level::Frees => {
                     let no = self.cycle.as_ref().map_or(0, |c| c.no);
                     match self.release_frees(no) {
@@ -149,7 +151,11 @@ impl Image {
             let off = self.hdr.refcount_table_offset;
             self.wb_issue(Pool::None, off, buf);
         }
-        let n = if rb { self.rb.slots.len() } else { self.l2.slots.len() };
+        let n = if rb {
+            self.rb.slots.len()
+        } else {
+            self.l2.slots.len()
+        };
         for i in 0..n as u32 {
             let cache = if rb { &mut self.rb } else { &mut self.l2 };
             if !cache.slots[i as usize].dirty {
@@ -167,9 +173,17 @@ impl Image {
 
     /// Writes dirty 512-byte chunks of the L1 table (`l1`) or the refcount table.
     fn wb_table(&mut self, l1: bool) -> bool {
-        let n = if l1 { self.l1_dirty.len() } else { self.rt_dirty.len() };
+        let n = if l1 {
+            self.l1_dirty.len()
+        } else {
+            self.rt_dirty.len()
+        };
         for chunk in 0..n {
-            let dirty = if l1 { self.l1_dirty[chunk] } else { self.rt_dirty[chunk] };
+            let dirty = if l1 {
+                self.l1_dirty[chunk]
+            } else {
+                self.rt_dirty[chunk]
+            };
             if !dirty {
                 continue;
             }
@@ -182,7 +196,11 @@ impl Image {
             for (j, &e) in table.iter().skip(chunk * per).take(per).enumerate() {
                 put_be64(buf.as_mut_slice(), j, e);
             }
-            let base = if l1 { self.hdr.l1_table_offset } else { self.hdr.refcount_table_offset };
+            let base = if l1 {
+                self.hdr.l1_table_offset
+            } else {
+                self.hdr.refcount_table_offset
+            };
             if l1 {
                 self.l1_dirty[chunk] = false;
             } else {
@@ -202,7 +220,8 @@ impl Image {
         }
         let len = self.header_write_len();
         let mut buf = IoBuf::zeroed(len);
-        buf.as_mut_slice().copy_from_slice(&self.header_buf.as_slice()[..len]);
+        buf.as_mut_slice()
+            .copy_from_slice(&self.header_buf.as_slice()[..len]);
         self.header_dirty = false;
         self.wb_issue(Pool::None, 0, buf);
         true

@@ -123,23 +123,47 @@ mod tests {
     fn compressed_descriptors_decode_like_qemu_writes_them() {
         // 64 KiB clusters: offset 0x80000, one sector (qemu-io observation).
         let m = L2Entry(0x4000_0000_0008_0000).mapping(16);
-        assert_eq!(m, Mapping::Compressed { host: 0x80000, len: 512 });
+        assert_eq!(
+            m,
+            Mapping::Compressed {
+                host: 0x80000,
+                len: 512
+            }
+        );
         // 2 MiB clusters: iotest 214's 0x4008000000a00000 = 5 sectors at 0xa00000.
         let m = L2Entry(0x4008_0000_00a0_0000).mapping(21);
-        assert_eq!(m, Mapping::Compressed { host: 0xa0_0000, len: 5 * 512 });
+        assert_eq!(
+            m,
+            Mapping::Compressed {
+                host: 0xa0_0000,
+                len: 5 * 512
+            }
+        );
     }
 
     #[test]
     fn standard_entries_classify() {
         assert_eq!(L2Entry(0).mapping(16), Mapping::Unallocated);
-        assert_eq!(L2Entry(1).mapping(16), Mapping::Zero { host: 0, copied: false });
+        assert_eq!(
+            L2Entry(1).mapping(16),
+            Mapping::Zero {
+                host: 0,
+                copied: false
+            }
+        );
         assert_eq!(
             L2Entry(0x8000_0000_0007_0001).mapping(16),
-            Mapping::Zero { host: 0x70000, copied: true }
+            Mapping::Zero {
+                host: 0x70000,
+                copied: true
+            }
         );
         assert_eq!(
             L2Entry(0x8000_0000_0005_0000).mapping(16),
-            Mapping::Data { host: 0x50000, copied: true }
+            Mapping::Data {
+                host: 0x50000,
+                copied: true
+            }
         );
     }
 }

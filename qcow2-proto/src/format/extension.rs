@@ -82,7 +82,12 @@ pub struct FeatureNameSet {
 
 impl Default for FeatureNameSet {
     fn default() -> Self {
-        Self { text: [0; 62], len: 0, named: 0, spans: [(u8::MAX, 0, 0); 4] }
+        Self {
+            text: [0; 62],
+            len: 0,
+            named: 0,
+            spans: [(u8::MAX, 0, 0); 4],
+        }
     }
 }
 
@@ -164,8 +169,13 @@ impl Extensions {
                 ext.end_offset = off.min(end);
                 return Ok(ext);
             }
-            let (head, _) = RawExtensionHeader::read_from_prefix(&cluster0[off..])
-                .map_err(|_| FormatError::ExtensionTooLarge { ext_type: 0, offset: off as u64 })?;
+            let (head, _) =
+                RawExtensionHeader::read_from_prefix(&cluster0[off..]).map_err(|_| {
+                    FormatError::ExtensionTooLarge {
+                        ext_type: 0,
+                        offset: off as u64,
+                    }
+                })?;
             let ext_type = head.ext_type.get();
             let len = head.len.get() as usize;
             if ext_type == END {
@@ -174,11 +184,17 @@ impl Extensions {
             }
             let data = off + 8;
             if len > end - data {
-                return Err(FormatError::ExtensionTooLarge { ext_type, offset: off as u64 });
+                return Err(FormatError::ExtensionTooLarge {
+                    ext_type,
+                    offset: off as u64,
+                });
             }
             let range = ExtRange { start: data, len };
             let bytes = &cluster0[data..data + len];
-            let invalid = FormatError::InvalidExtension { ext_type, offset: off as u64 };
+            let invalid = FormatError::InvalidExtension {
+                ext_type,
+                offset: off as u64,
+            };
             match ext_type {
                 BACKING_FORMAT => {
                     if len >= 16 {
@@ -219,9 +235,13 @@ impl Extensions {
     /// The names of the incompatible bits in `bits`, from the feature name table.
     pub fn incompatible_names(&self, cluster0: &[u8], bits: u64) -> FeatureNameSet {
         let mut set = FeatureNameSet::default();
-        let Some(r) = self.feature_names else { return set };
+        let Some(r) = self.feature_names else {
+            return set;
+        };
         for chunk in cluster0[r.start..r.start + r.len].chunks_exact(48) {
-            let Ok(entry) = RawFeatureName::read_from_bytes(chunk) else { continue };
+            let Ok(entry) = RawFeatureName::read_from_bytes(chunk) else {
+                continue;
+            };
             if entry.kind == 0 && entry.bit < 64 && bits & (1 << entry.bit) != 0 {
                 set.push(entry.bit, &entry.name);
             }

@@ -44,7 +44,12 @@ pub struct Geometry {
 impl Geometry {
     /// The geometry of standard (64-bit) L2 entries.
     pub fn new(cluster_bits: u32, refcount_order: u32) -> Self {
-        Self { cluster_bits, l2_bits: cluster_bits - 3, refcount_order, rb_bits: cluster_bits + 3 - refcount_order }
+        Self {
+            cluster_bits,
+            l2_bits: cluster_bits - 3,
+            refcount_order,
+            rb_bits: cluster_bits + 3 - refcount_order,
+        }
     }
 
     /// Cluster size in bytes.
@@ -108,7 +113,10 @@ pub struct Layout {
 }
 
 fn table_ok(offset: u64, bytes: u64, geo: &Geometry) -> bool {
-    geo.aligned(offset) && offset.checked_add(bytes).is_some_and(|end| end <= i64::MAX as u64)
+    geo.aligned(offset)
+        && offset
+            .checked_add(bytes)
+            .is_some_and(|end| end <= i64::MAX as u64)
 }
 
 impl Layout {
@@ -147,13 +155,21 @@ impl Layout {
             0 | 1 => {}
             t => return Err(FormatError::UnknownCompressionType(t).into()),
         }
-        let area_end = if h.backing_file_offset != 0 { h.backing_file_offset } else { cluster_size };
+        let area_end = if h.backing_file_offset != 0 {
+            h.backing_file_offset
+        } else {
+            cluster_size
+        };
         let area_end = (area_end as usize).min(cluster0.len());
         let ext = Extensions::parse(cluster0, h.header_length as usize, area_end)?;
         let unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
             let names = ext.incompatible_names(cluster0, unknown);
-            return Err(FormatError::UnknownIncompatible { bits: unknown, names }.into());
+            return Err(FormatError::UnknownIncompatible {
+                bits: unknown,
+                names,
+            }
+            .into());
         }
         if h.incompatible_features & incompat::CORRUPT != 0 && !read_only {
             return Err(OpenError::CorruptReadWrite);
@@ -165,7 +181,11 @@ impl Layout {
             return Err(FormatError::EncryptionMethod(h.crypt_method).into());
         }
         if (h.crypt_method == 2) != ext.fde.is_some() {
-            return Err(FormatError::InvalidExtension { ext_type: extension::FDE, offset: 0 }.into());
+            return Err(FormatError::InvalidExtension {
+                ext_type: extension::FDE,
+                offset: 0,
+            }
+            .into());
         }
         let geo = Geometry::new(h.cluster_bits, h.refcount_order);
 
@@ -177,14 +197,16 @@ impl Layout {
         if reftable_bytes > MAX_REFTABLE_BYTES {
             return Err(FormatError::TableTooLarge(Table::Refcount).into());
         }
-        if !table_ok(h.refcount_table_offset, reftable_bytes, &geo) || h.refcount_table_offset == 0 {
+        if !table_ok(h.refcount_table_offset, reftable_bytes, &geo) || h.refcount_table_offset == 0
+        {
             return Err(FormatError::TableOffset(Table::Refcount).into());
         }
         // Snapshot table.
         if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
             return Err(FormatError::TableTooLarge(Table::Snapshot).into());
         }
-        if h.nb_snapshots > 0 && !table_ok(h.snapshots_offset, u64::from(h.nb_snapshots) * 40, &geo) {
+        if h.nb_snapshots > 0 && !table_ok(h.snapshots_offset, u64::from(h.nb_snapshots) * 40, &geo)
+        {
             return Err(FormatError::TableOffset(Table::Snapshot).into());
         }
         // Active L1.
@@ -192,7 +214,8 @@ impl Layout {
         if l1_bytes > MAX_L1_BYTES {
             return Err(FormatError::TableTooLarge(Table::ActiveL1).into());
         }
-        if h.l1_size > 0 && (!table_ok(h.l1_table_offset, l1_bytes, &geo) || h.l1_table_offset == 0) {
+        if h.l1_size > 0 && (!table_ok(h.l1_table_offset, l1_bytes, &geo) || h.l1_table_offset == 0)
+        {
             return Err(FormatError::TableOffset(Table::ActiveL1).into());
         }
         let needed = geo.l1_entries_for(h.size);
@@ -204,7 +227,9 @@ impl Layout {
         }
         // Names.
         let string_at = |start: usize, len: usize| -> Option<String> {
-            cluster0.get(start..start + len).map(|b| String::from_utf8_lossy(b).into_owned())
+            cluster0
+                .get(start..start + len)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
         };
         let backing_file = if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_NAME
@@ -243,6 +268,14 @@ impl Layout {
         } else {
             None
         };
-        Ok(Self { header: h, geo, ext, backing_file, backing_format, data_file, unsupported })
+        Ok(Self {
+            header: h,
+            geo,
+            ext,
+            backing_file,
+            backing_format,
+            data_file,
+            unsupported,
+        })
     }
 }

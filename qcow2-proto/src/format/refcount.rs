@@ -80,7 +80,11 @@ mod tests {
                 set(&mut block, order, i, (i as u64 * 7 + 3) & max(order));
             }
             for i in 0..entries {
-                assert_eq!(get(&block, order, i), (i as u64 * 7 + 3) & max(order), "order {order} entry {i}");
+                assert_eq!(
+                    get(&block, order, i),
+                    (i as u64 * 7 + 3) & max(order),
+                    "order {order} entry {i}"
+                );
             }
         }
     }

@@ -57,7 +57,8 @@ pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotInfo>, FormatError>
     let mut off = 0usize;
     for i in 0..count {
         let bad = FormatError::SnapshotEntry(i);
-        let (h, _) = RawSnapshotHeader::read_from_prefix(table.get(off..).ok_or(bad)?).map_err(|_| bad)?;
+        let (h, _) =
+            RawSnapshotHeader::read_from_prefix(table.get(off..).ok_or(bad)?).map_err(|_| bad)?;
         let extra_len = h.extra_data_size.get();
         if extra_len > MAX_EXTRA_DATA {
             return Err(bad);
