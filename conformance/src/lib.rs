@@ -1,1 +1,156 @@
-//! The conformance suite (being written).
+//! The qcow2 conformance suite, written once and instantiated per runtime.
+//!
+//! A runtime implements the small blocking [`Harness`](harness::Harness) trait (an async
+//! runtime does so with `block_on`) and instantiates the whole case list in its
+//! `tests/conformance.rs` with one macro call, the way rustls runs one suite per crypto
+//! provider:
+//!
+//! ```text
+//! qcow2_conformance::instantiate!(qcow2_conformance::sync::SyncHarness);
+//! ```
+//!
+//! Every case becomes a `#[test]` named `<topic>::<case>` (`cargo test hostile::` runs one
+//! topic). Cases declare the [`Caps`](harness::Caps) they need and print a skip line on
+//! runtimes without them. Cases that need `qemu-img`/`qemu-io` fail when the tools are
+//! missing and `CI` is set; elsewhere they print a skip line.
+//!
+//! Environment knobs: `QCOW2_QC_TESTS` (inputs per property), `QCOW2_SEED` (replays a
+//! property failure), `QCOW2_ALLOC_TRACE=1` (backtrace of the first steady-state
+//! allocation), `QCOW2_CASE_TIMEOUT_SECS` (hang watchdog, default 600).
+
+pub mod cases;
+pub mod counting_alloc;
+pub mod harness;
+pub mod hostile;
+pub mod model;
+pub mod prop;
+pub mod qemu;
+pub mod script;
+#[cfg(feature = "sync")]
+pub mod sync;
+pub mod verify;
+pub mod watchdog;
+
+/// Expands the whole case list into one `#[test]` per case, run against the harness value
+/// `$harness` (an expression evaluated once per test), and installs the
+/// [`CountingAlloc`](counting_alloc::CountingAlloc) global allocator in the test binary.
+///
+/// Invoke it once, at the root of a runtime's `tests/conformance.rs`.
+#[macro_export]
+macro_rules! instantiate {
+    ($harness:expr) => {
+        #[global_allocator]
+        static QCOW2_CONFORMANCE_ALLOCATOR: $crate::counting_alloc::CountingAlloc =
+            $crate::counting_alloc::CountingAlloc;
+
+        $crate::__emit_cases! { $harness;
+            basic {
+                roundtrip,
+                out_of_range,
+                read_only_refuses_writes,
+                resize_rules,
+                block_status,
+            }
+            model {
+                v2_cluster_512,
+                v2_cluster_4k,
+                v2_cluster_64k,
+                v3_cluster_512,
+                v3_cluster_4k,
+                v3_cluster_64k,
+                v3_cluster_4k_direct,
+                v3_cluster_64k_write_through,
+            }
+            interop {
+                qemu_writes_cluster_512,
+                qemu_writes_cluster_4k,
+                qemu_writes_cluster_64k,
+                qemu_writes_cluster_2m,
+                we_write_cluster_512,
+                we_write_cluster_4k,
+                we_write_cluster_64k,
+                we_write_cluster_2m,
+                unaligned_sizes,
+            }
+            create {
+                preallocation_metadata,
+                preallocation_falloc,
+                preallocation_full,
+                lazy_refcounts,
+            }
+            flush {
+                writeback_batch_costs_two_syncs,
+                writeback_new_l2_tables_cost_three_syncs,
+                writethrough_makes_each_write_durable,
+            }
+            no_alloc {
+                reads,
+                overwrites,
+                allocating_writes,
+                flushes,
+            }
+            hostile {
+                base_image_is_valid,
+                bad_magic,
+                versions,
+                cluster_bits,
+                header_length,
+                backing_file_name,
+                l1_table,
+                refcount_table,
+                snapshot_table,
+                refcount_order,
+                crypt_method,
+                unknown_incompatible_bit,
+                corrupt_bit,
+                dirty_bit,
+                unknown_autoclear_bit_cleared,
+                truncated,
+                garbage,
+            }
+            features {
+                backing_file,
+                external_data_file,
+                extended_l2,
+                zstd_compression,
+                encryption,
+                compressed_clusters,
+            }
+            snapshots {
+                shared_clusters_untouched_v2,
+                shared_clusters_untouched_v3,
+            }
+            regressions {
+                shrink_dropping_a_thousand_clusters,
+                flush_of_a_read_only_image,
+                large_write_reusing_freed_clusters,
+            }
+        }
+    };
+}
+
+/// The expansion of [`instantiate!`]: one module per topic, one `#[test]` per case.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __emit_cases {
+    ($harness:expr; $($topic:ident { $($case:ident),* $(,)? })*) => {
+        $(
+            mod $topic {
+                #[allow(unused_imports)]
+                use super::*;
+
+                $(
+                    #[test]
+                    fn $case() {
+                        let _watchdog = $crate::watchdog::Watchdog::arm(concat!(
+                            stringify!($topic),
+                            "::",
+                            stringify!($case)
+                        ));
+                        $crate::cases::$topic::$case(&$harness);
+                    }
+                )*
+            }
+        )*
+    };
+}

@@ -64,6 +64,7 @@ impl Image {
                 let Some((slot, buf)) = cache.start_load(key) else {
                     // Every slot is dirty: a write-back cycle will make room.
                     self.cycle_wanted = true;
+                    self.cache_full = true;
                     return Err(Block::Park);
                 };
                 self.issue_buf(Purpose::Load { rb, slot }, IoKind::Read, key, buf);
@@ -317,8 +318,12 @@ impl Image {
     }
 
     /// Applies every decrement that is now safe; `Park` while a refcount block loads.
+    ///
+    /// When the refcount cache is full of dirty blocks, the rest waits for the next cycle
+    /// (which writes those blocks first) instead of for this one, which would never end.
     pub(super) fn release_frees(&mut self, cycle: u64) -> Result<(), Block> {
         let cb = self.geo.cluster_bits;
+        self.cache_full = false;
         while let Some(f) = self.pending_frees.front().copied() {
             if f.tag >= cycle || self.oldest_data_op() <= f.op_seq {
                 return Ok(());
@@ -335,6 +340,11 @@ impl Image {
                     }
                 }
                 Ok(None) => {}
+                Err(Block::Park) if self.cache_full => {
+                    self.cache_full = false;
+                    self.cycle_wanted = true;
+                    return Ok(());
+                }
                 Err(Block::Park) => return Err(Block::Park),
                 Err(Block::Fail(_)) => {}
             }

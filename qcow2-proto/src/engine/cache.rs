@@ -140,6 +140,14 @@ impl Cache {
         Some(i)
     }
 
+    /// A zero-filled, clean unit for `key` (a table just written as zeroes), if a slot is
+    /// free without write-back.
+    pub(super) fn insert_clean_zeroed(&mut self, key: u64) {
+        if let Some(i) = self.insert_zeroed(key) {
+            self.slots[i as usize].dirty = false;
+        }
+    }
+
     /// Drops `key` from the cache (its contents are stale); it must be clean.
     pub(super) fn forget(&mut self, key: u64) {
         if let Some(&i) = self.map.get(&key) {

@@ -277,6 +277,8 @@ pub struct Image {
     window: bool,
     unsynced_data: bool,
     poisoned: Option<RequestError>,
+    /// Set when a cache had no slot to load into (every slot dirty): only write-back helps.
+    cache_full: bool,
     /// The checker of a running check task.
     checker: Option<Box<Checker>>,
     /// The check task waiting for metadata to be reloaded after a repair.
@@ -347,6 +349,7 @@ impl Image {
             window: false,
             unsynced_data: false,
             poisoned: None,
+            cache_full: false,
             checker: None,
             reload_task: None,
         }
@@ -749,7 +752,8 @@ impl Image {
         let started = self.cycles_started;
         let task = self.task(t);
         let target = *task.wait_cycle.get_or_insert(started + 1);
-        if self.poisoned.is_some() {
+        if self.poisoned.is_some() || self.read_only && !self.header_dirty {
+            // Nothing to write back (read-only), or nothing can be (poisoned).
             return true;
         }
         if self.cycles_done >= target {

@@ -701,6 +701,10 @@ impl Image {
         let AllocWhat::L2Table { l1_index, old } = alloc.what else {
             return;
         };
+        if old == 0 && self.l2.unit as u64 == self.geo.cluster_size() {
+            // The table was just written as zeroes: cache it without reading it back.
+            self.l2.insert_clean_zeroed(alloc.host);
+        }
         self.l1[l1_index as usize] = L1Entry::new(alloc.host, true).0;
         self.l1_dirty[l1_index as usize * 8 / TABLE_CHUNK] = true;
         if old != 0 {

@@ -1,0 +1,147 @@
+//! Creation options qemu-img must find clean: preallocation modes and lazy refcounts.
+
+use std::os::unix::fs::MetadataExt;
+
+use qcow2_proto::{CreateError, OpenError, Preallocation};
+use serde_json::Value;
+
+use super::{layout, must};
+use crate::harness::{Disk, Error, Harness, Mode};
+use crate::model::{pattern, Model};
+use crate::qemu::Qemu;
+use crate::verify::{matches_model, our_check_clean, qemu_agrees, scratch};
+
+fn preallocated<H: Harness>(h: &H, case: &str, mode: Preallocation) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require(case) else { return };
+    for version in [2, 3] {
+        let cell = format!("{case} compat={version}");
+        let dir = scratch();
+        let path = dir.path().join("prealloc.qcow2");
+        let size = 8u64 << 20;
+        let mut opts = layout(size, version, 65536, 16);
+        opts.preallocation = mode;
+        let mut disk = must(
+            h.create(&path, &opts, Mode::writable()),
+            format!("{cell}: create"),
+        );
+        let mut model = Model::new(size);
+        must(
+            matches_model(&mut disk, &model),
+            format!("{cell}: a new image reads as zero"),
+        );
+        // Every cluster is mapped: no extent is unallocated.
+        let mut at = 0;
+        while at < size {
+            let s = must(
+                disk.block_status(at, size - at),
+                format!("{cell}: block_status at {at:#x}"),
+            );
+            assert_eq!(
+                s.offset, at,
+                "{cell}: block_status answered for another offset"
+            );
+            assert!(
+                !matches!(s.allocation, qcow2_proto::Allocation::Unallocated),
+                "{cell}: preallocated image has an unallocated extent {s:?}"
+            );
+            at += s.len;
+        }
+        // Writes into preallocated clusters land where they should.
+        let data = pattern(9, 3 << 20, 70_000);
+        must(disk.write_at(&data, 3 << 20), format!("{cell}: write"));
+        model.write(3 << 20, &data);
+        must(disk.close(), format!("{cell}: close"));
+
+        must(
+            qemu_agrees(&q, &path, &model, dir.path()),
+            format!("{cell}: qemu"),
+        );
+        must(our_check_clean(h, &path), format!("{cell}: our check"));
+        let map: Value = serde_json::from_str(&q.img(&[
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            &path.display().to_string(),
+        ]))
+        .expect("qemu-img map prints JSON");
+        let mut covered = 0;
+        for e in map.as_array().expect("a JSON array") {
+            assert!(
+                e["data"].as_bool() == Some(true) && e["offset"].is_u64(),
+                "{cell}: qemu-img map: {e} not mapped"
+            );
+            covered += e["length"].as_u64().unwrap_or(0);
+        }
+        assert_eq!(covered, size, "{cell}: qemu-img map covers the disk: {map}");
+        if mode != Preallocation::Metadata {
+            let used = std::fs::metadata(&path).expect("metadata").blocks() * 512;
+            assert!(
+                used >= size,
+                "{cell}: {mode:?} left the data sparse ({used} bytes used for {size})"
+            );
+        }
+    }
+}
+
+/// `preallocation=metadata`: every cluster mapped, data sparse.
+pub fn preallocation_metadata<H: Harness>(h: &H) {
+    preallocated(h, "create::preallocation_metadata", Preallocation::Metadata);
+}
+
+/// `preallocation=falloc`: every cluster mapped and allocated on the host.
+pub fn preallocation_falloc<H: Harness>(h: &H) {
+    preallocated(h, "create::preallocation_falloc", Preallocation::Falloc);
+}
+
+/// `preallocation=full`: every cluster mapped and written.
+pub fn preallocation_full<H: Harness>(h: &H) {
+    preallocated(h, "create::preallocation_full", Preallocation::Full);
+}
+
+/// `lazy_refcounts=on`: the bit is set, writes and a clean close leave a clean image; the
+/// option needs compat=1.1.
+pub fn lazy_refcounts<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require("create::lazy_refcounts") else {
+        return;
+    };
+    let dir = scratch();
+    let path = dir.path().join("lazy.qcow2");
+    let size = 16 << 20;
+    let mut opts = layout(size, 3, 65536, 16);
+    opts.lazy_refcounts = true;
+    let mut disk = must(h.create(&path, &opts, Mode::writable()), "create");
+    assert!(disk.info().lazy_refcounts, "info().lazy_refcounts");
+    let mut model = Model::new(size);
+    for i in 0..8u64 {
+        let data = pattern(i as u32, i * 1_000_000, 100_000);
+        must(disk.write_at(&data, i * 1_000_000), "write");
+        model.write(i * 1_000_000, &data);
+    }
+    must(disk.flush(), "flush");
+    must(disk.discard(1 << 20, 1 << 20), "discard");
+    model.discard(1 << 20, 1 << 20, 65536);
+    must(disk.close(), "close");
+    let info = q.info(&path);
+    assert_eq!(
+        info["format-specific"]["data"]["lazy-refcounts"].as_bool(),
+        Some(true),
+        "{info}"
+    );
+    must(qemu_agrees(&q, &path, &model, dir.path()), "qemu");
+    must(our_check_clean(h, &path), "our check");
+
+    opts.version = 2;
+    let r = h
+        .create(&dir.path().join("v2.qcow2"), &opts, Mode::writable())
+        .map(drop);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Open(OpenError::Create(CreateError::NeedsV3(_))))
+        ),
+        "lazy_refcounts with compat=0.10: {r:?}"
+    );
+}

@@ -1,0 +1,115 @@
+//! Internal snapshots (made by `qemu-img snapshot -c`): images with them open, and writes,
+//! zeroes and discards over clusters shared with a snapshot leave the snapshot intact.
+
+use std::path::Path;
+
+use super::must;
+use crate::harness::{Disk, Harness, Mode};
+use crate::model::{first_difference, pattern, Model};
+use crate::qemu::Qemu;
+use crate::verify::{matches_model, our_check_clean, qemu_agrees, scratch};
+
+/// Compares the raw file at `raw` with `model`.
+fn raw_equals(raw: &Path, model: &Model) -> Result<(), String> {
+    let bytes = std::fs::read(raw).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 != model.len() {
+        return Err(format!("raw size {} != {}", bytes.len(), model.len()));
+    }
+    let mut want = vec![0u8; bytes.len()];
+    model.read(0, &mut want);
+    first_difference(&bytes, &want, 0).map_or(Ok(()), Err)
+}
+
+fn shared_clusters_untouched<H: Harness>(h: &H, case: &str, version: u32) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require(case) else { return };
+    let dir = scratch();
+    let path = dir.path().join("snap.qcow2");
+    let size = 4u64 << 20;
+    let cs = 65536u64;
+    let compat = if version == 2 { "0.10" } else { "1.1" };
+    q.create(&path, &format!("compat={compat},cluster_size={cs}"), size);
+    q.io(&path, &["write -P 0xa1 0 1M", "write -P 0xa2 2M 512k"]);
+    let mut before = Model::new(size);
+    before.write(0, &[0xa1; 1 << 20]);
+    before.write(2 << 20, &[0xa2; 512 << 10]);
+    q.img(&["snapshot", "-c", "snap1", &path.display().to_string()]);
+
+    let mut disk = must(
+        h.open(&path, Mode::writable()),
+        "open an image with a snapshot",
+    );
+    let names: Vec<_> = disk
+        .info()
+        .snapshots
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, ["snap1"], "snapshots listed");
+    let mut after = before.clone();
+    // A whole shared cluster, then part of another (copy-on-write of the rest).
+    for (offset, len, seed) in [
+        (0u64, cs as usize, 1u32),
+        (cs + 512, 1000, 2),
+        (5 * cs + 7, 3 * cs as usize, 3),
+    ] {
+        let data = pattern(seed, offset, len);
+        must(
+            disk.write_at(&data, offset),
+            format!("write {offset:#x}+{len:#x} over shared clusters"),
+        );
+        after.write(offset, &data);
+    }
+    must(
+        disk.write_zeroes(2 << 20, cs, false),
+        "write_zeroes over a shared cluster",
+    );
+    after.zero(2 << 20, cs);
+    must(
+        disk.write_zeroes((2 << 20) + cs, cs + 512, true),
+        "write_zeroes with unmap over shared clusters",
+    );
+    after.zero((2 << 20) + cs, cs + 512);
+    must(
+        disk.discard((2 << 20) + 4 * cs, 2 * cs),
+        "discard of shared clusters",
+    );
+    after.discard((2 << 20) + 4 * cs, 2 * cs, cs);
+    let fresh = pattern(4, 3 << 20, 70_000);
+    must(
+        disk.write_at(&fresh, 3 << 20),
+        "write to unallocated clusters",
+    );
+    after.write(3 << 20, &fresh);
+    must(matches_model(&mut disk, &after), "reading back");
+    must(disk.flush(), "flush");
+    must(disk.close(), "close");
+
+    must(our_check_clean(h, &path), "our check");
+    must(
+        qemu_agrees(&q, &path, &after, dir.path()),
+        "the active image",
+    );
+    let raw = dir.path().join("snap1.raw");
+    q.to_raw(&path, Some("snap1"), &raw);
+    must(
+        raw_equals(&raw, &before),
+        "the snapshot's contents after writes to the active image",
+    );
+    let mut disk = must(h.open(&path, Mode::read_only()), "reopen");
+    must(
+        matches_model(&mut disk, &after),
+        "reading back after reopen",
+    );
+    must(disk.close(), "close");
+}
+
+/// compat=0.10.
+pub fn shared_clusters_untouched_v2<H: Harness>(h: &H) {
+    shared_clusters_untouched(h, "snapshots::shared_clusters_untouched_v2", 2);
+}
+
+/// compat=1.1.
+pub fn shared_clusters_untouched_v3<H: Harness>(h: &H) {
+    shared_clusters_untouched(h, "snapshots::shared_clusters_untouched_v3", 3);
+}

@@ -1,0 +1,263 @@
+//! `qemu-img` and `qemu-io`: the reference implementation the suite interoperates with.
+//!
+//! Cases that need them call [`Qemu::require`]: when the tools are missing the case fails if
+//! the `CI` environment variable is set, and otherwise prints a skip line and returns.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The located qemu tools.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    img: PathBuf,
+    io: PathBuf,
+}
+
+/// Whether this is a CI run (`CI` set and not empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `qemu-img check --output=json` counters (absent fields are zero, as qemu-img omits them).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct QemuCheck {
+    /// `corruptions`.
+    pub corruptions: u64,
+    /// `leaks`.
+    pub leaks: u64,
+    /// `check-errors`.
+    pub check_errors: u64,
+    /// The whole output, for failure messages.
+    pub json: String,
+}
+
+impl QemuCheck {
+    /// Whether the image has no corruption, no leak and no check error.
+    pub fn is_clean(&self) -> bool {
+        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
+    }
+}
+
+impl Qemu {
+    /// Finds `qemu-img` and `qemu-io` in `PATH`.
+    pub fn find() -> Option<Self> {
+        Some(Self {
+            img: which("qemu-img")?,
+            io: which("qemu-io")?,
+        })
+    }
+
+    /// The tools, for `case`; `None` (after a printed skip line) when they are missing outside
+    /// CI.
+    ///
+    /// # Panics
+    /// When they are missing and `CI` is set: interop must never be skipped silently there.
+    pub fn require(case: &str) -> Option<Self> {
+        if let Some(q) = Self::find() {
+            return Some(q);
+        }
+        assert!(
+            !in_ci(),
+            "{case}: qemu-img/qemu-io not found in PATH, and CI is set (install qemu-utils)"
+        );
+        println!("skipped: {case} needs qemu-img and qemu-io (install qemu-utils)");
+        None
+    }
+
+    /// The tools for `case`, which runs without them (with a printed line) outside CI.
+    ///
+    /// # Panics
+    /// When they are missing and `CI` is set.
+    pub fn optional(case: &str) -> Option<Self> {
+        if let Some(q) = Self::find() {
+            return Some(q);
+        }
+        assert!(
+            !in_ci(),
+            "{case}: qemu-img/qemu-io not found in PATH, and CI is set (install qemu-utils)"
+        );
+        println!("{case}: qemu-img/qemu-io not found; running without the qemu checks");
+        None
+    }
+
+    fn run(&self, program: &Path, args: &[&OsStr]) -> Output {
+        Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+    }
+
+    fn describe(program: &Path, args: &[&OsStr], out: &Output) -> String {
+        let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+        format!(
+            "{} {} exited with {}\nstdout: {}\nstderr: {}",
+            program.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Runs `qemu-img` with `args` and returns its stdout.
+    ///
+    /// # Panics
+    /// If it exits unsuccessfully.
+    pub fn img<S: AsRef<OsStr>>(&self, args: &[S]) -> String {
+        let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+        let out = self.run(&self.img, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            Self::describe(&self.img, &args, &out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `qemu-img create -f qcow2 -o OPTIONS PATH SIZE`.
+    pub fn create(&self, path: &Path, options: &str, size: u64) {
+        let mut args: Vec<OsString> = ["create", "-q", "-f", "qcow2"].map(OsString::from).to_vec();
+        if !options.is_empty() {
+            args.extend(["-o", options].map(OsString::from));
+        }
+        args.extend([path.as_os_str().to_owned(), size.to_string().into()]);
+        self.img(&args);
+    }
+
+    /// Runs the `qemu-io` commands on the qcow2 image at `path`, in one process.
+    ///
+    /// # Panics
+    /// If qemu-io fails or reports a failed command.
+    pub fn io<S: AsRef<str>>(&self, path: &Path, commands: &[S]) {
+        let mut args: Vec<OsString> = ["-f", "qcow2"].map(OsString::from).to_vec();
+        for c in commands {
+            args.extend(["-c", c.as_ref()].map(OsString::from));
+        }
+        args.push(path.as_os_str().to_owned());
+        let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+        let out = self.run(&self.io, &args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let failed = text.lines().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("failed") || l.contains("error") || l.contains("mismatch")
+        });
+        assert!(
+            out.status.success() && !failed,
+            "{}",
+            Self::describe(&self.io, &args, &out)
+        );
+    }
+
+    /// `qemu-img check --output=json`.
+    pub fn check(&self, path: &Path) -> QemuCheck {
+        let args: [&OsStr; 5] = [
+            "check".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+            path.as_ref(),
+        ];
+        let out = self.run(&self.img, &args);
+        let json = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| {
+            panic!(
+                "qemu-img check printed no JSON ({e}): {}",
+                Self::describe(&self.img, &args, &out)
+            )
+        });
+        let field = |name: &str| v.get(name).and_then(Value::as_u64).unwrap_or(0);
+        QemuCheck {
+            corruptions: field("corruptions"),
+            leaks: field("leaks"),
+            check_errors: field("check-errors"),
+            json,
+        }
+    }
+
+    /// Asserts `qemu-img check` finds no corruption and no leak.
+    ///
+    /// # Panics
+    /// Otherwise, with the JSON.
+    pub fn assert_clean(&self, path: &Path, context: &str) {
+        let c = self.check(path);
+        assert!(
+            c.is_clean(),
+            "{context}: qemu-img check is not clean: {}",
+            c.json
+        );
+    }
+
+    /// `qemu-img compare -f qcow2 -F raw IMAGE RAW`: whether the guest contents are identical.
+    ///
+    /// # Panics
+    /// If qemu-img fails for another reason than a difference.
+    pub fn same_as_raw(&self, image: &Path, raw: &Path) -> Result<(), String> {
+        let args: [&OsStr; 7] = [
+            "compare".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            image.as_ref(),
+        ];
+        let mut all = args.to_vec();
+        all.push(raw.as_os_str());
+        let out = self.run(&self.img, &all);
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(1) => {
+                let verbose: Vec<&OsStr> = all
+                    .iter()
+                    .copied()
+                    .filter(|a| *a != OsStr::new("-q"))
+                    .collect();
+                let why = self.run(&self.img, &verbose);
+                Err(String::from_utf8_lossy(&why.stdout).into_owned())
+            }
+            _ => panic!("{}", Self::describe(&self.img, &all, &out)),
+        }
+    }
+
+    /// `qemu-img info --output=json`.
+    pub fn info(&self, path: &Path) -> Value {
+        let out = self.img(&[
+            "info".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ]);
+        serde_json::from_str(&out).expect("qemu-img info prints JSON")
+    }
+
+    /// Converts the qcow2 image (or its internal snapshot `snapshot`) to a raw file.
+    pub fn to_raw(&self, image: &Path, snapshot: Option<&str>, raw: &Path) {
+        let mut args: Vec<String> = vec![
+            "convert".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-O".into(),
+            "raw".into(),
+        ];
+        if let Some(name) = snapshot {
+            args.extend(["-l".into(), format!("snapshot.name={name}")]);
+        }
+        args.extend([image.display().to_string(), raw.display().to_string()]);
+        self.img(&args);
+    }
+}
