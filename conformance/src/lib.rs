@@ -119,6 +119,7 @@ macro_rules! instantiate {
             snapshots {
                 shared_clusters_untouched_v2,
                 shared_clusters_untouched_v3,
+                bitmaps_invalidated_by_writable_open,
             }
             regressions {
                 shrink_dropping_a_thousand_clusters,

@@ -113,3 +113,59 @@ pub fn shared_clusters_untouched_v2<H: Harness>(h: &H) {
 pub fn shared_clusters_untouched_v3<H: Harness>(h: &H) {
     shared_clusters_untouched(h, "snapshots::shared_clusters_untouched_v3", 3);
 }
+
+/// Reads the autoclear feature field of a v3 header.
+fn autoclear(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("read the image");
+    u64::from_be_bytes(bytes[88..96].try_into().expect("8 bytes"))
+}
+
+/// Persistent bitmaps (made by `qemu-img bitmap --add`): the image opens and lists them; a
+/// read-only open leaves the bitmaps' autoclear bit alone; a writable open clears it before
+/// the first write, so nobody trusts bitmaps this engine does not maintain; data stays right.
+pub fn bitmaps_invalidated_by_writable_open<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require("snapshots::bitmaps_invalidated_by_writable_open") else {
+        return;
+    };
+    let dir = scratch();
+    let path = dir.path().join("bitmaps.qcow2");
+    let size = 4u64 << 20;
+    q.create(&path, "", size);
+    q.io(&path, &["write -P 0x5a 0 256k"]);
+    q.img(&["bitmap", "--add", &path.display().to_string(), "b0"]);
+    assert_eq!(autoclear(&path) & 1, 1, "qemu-img sets the bitmaps bit");
+
+    let disk = must(h.open(&path, Mode::read_only()), "read-only open");
+    let names: Vec<_> = disk.info().bitmaps.iter().map(|b| b.name.clone()).collect();
+    assert_eq!(names, ["b0"], "bitmaps listed");
+    must(disk.close(), "close");
+    assert_eq!(autoclear(&path) & 1, 1, "a read-only open keeps the bit");
+
+    let mut model = Model::new(size);
+    model.write(0, &[0x5a; 256 << 10]);
+    let mut disk = must(h.open(&path, Mode::writable()), "writable open");
+    assert_eq!(
+        autoclear(&path) & 1,
+        0,
+        "a writable open clears the bit before any write"
+    );
+    let data = pattern(7, 1 << 20, 70_000);
+    must(disk.write_at(&data, 1 << 20), "write");
+    model.write(1 << 20, &data);
+    must(matches_model(&mut disk, &model), "reading back");
+    must(disk.close(), "close");
+    assert_eq!(autoclear(&path) & 1, 0, "the bit stays clear after close");
+    // The invalidated bitmaps' clusters are what qemu-img check calls leaked (as it does
+    // after any program lacking bitmap support wrote the image); nothing is corrupt.
+    let c = q.check(&path);
+    assert_eq!(
+        (c.corruptions, c.check_errors),
+        (0, 0),
+        "qemu-img check: {}",
+        c.json
+    );
+    let raw = dir.path().join("model.raw");
+    model.write_raw(&raw).expect("write the model");
+    must(q.same_as_raw(&path, &raw), "qemu reads the same data");
+}
