@@ -62,7 +62,8 @@ impl Image {
                 }
                 let cache = if rb { &mut self.rb } else { &mut self.l2 };
                 let Some((slot, buf)) = cache.start_load(key) else {
-                    // Every slot is dirty: a write-back cycle will make room.
+                    // Every slot is dirty or loading: write-back, or a finished load, makes
+                    // room.
                     self.cycle_wanted = true;
                     self.cache_full = true;
                     return Err(Block::Park);

@@ -6,7 +6,8 @@
 //! 2. A slot is `Loading` while its buffer is out in a read op; nobody touches it then.
 //! 3. A dirty slot is never evicted; write-back copies its contents into a spare buffer
 //!    (so the slot stays usable while the copy is in flight) and marks it clean.
-//! 4. Eviction picks the least recently used clean `Ready` (or failed) slot.
+//! 4. Eviction picks the least recently used clean `Ready` (or failed) slot whose write-back
+//!    copy is not in flight: reloading it before that write lands would read stale bytes.
 
 use hashbrown::HashMap;
 
@@ -25,6 +26,8 @@ pub(super) struct Slot {
     pub(super) buf: Option<IoBuf>,
     pub(super) state: SlotState,
     pub(super) dirty: bool,
+    /// A write-back copy of this slot is in flight.
+    pub(super) writing: bool,
     last_use: u64,
 }
 
@@ -83,6 +86,7 @@ impl Cache {
                 buf: None,
                 state: SlotState::Ready,
                 dirty: false,
+                writing: false,
                 last_use: 0,
             });
             (self.slots.len() - 1) as u32
@@ -91,7 +95,7 @@ impl Cache {
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| !s.dirty && s.state != SlotState::Loading)
+                .filter(|(_, s)| !s.dirty && !s.writing && s.state != SlotState::Loading)
                 .min_by_key(|(_, s)| s.last_use)
                 .map(|(i, _)| i as u32)?;
             let old = self.slots[victim as usize].key;
@@ -188,9 +192,17 @@ impl Cache {
         copy.resize(self.unit);
         let slot = &mut self.slots[i as usize];
         slot.dirty = false;
+        slot.writing = true;
         copy.as_mut_slice()
             .copy_from_slice(slot.buf.as_ref().expect("dirty slots are ready").as_slice());
         (slot.key, copy)
+    }
+
+    /// The write-back copy of slot `i` landed.
+    pub(super) fn written(&mut self, i: u32) {
+        if let Some(slot) = self.slots.get_mut(i as usize) {
+            slot.writing = false;
+        }
     }
 
     pub(super) fn return_spare(&mut self, buf: IoBuf) {

@@ -85,6 +85,7 @@ enum Purpose {
     /// A write-back metadata write (buffer returned to the cache pool when `pool`).
     Writeback {
         pool: Pool,
+        slot: u32,
     },
     /// A write-back fdatasync.
     Sync,
@@ -508,7 +509,7 @@ impl Image {
             Purpose::TableRead { alloc } => self.table_read_done(alloc, op, result),
             Purpose::TableWrite { alloc } => self.table_write_done(alloc, op, result),
             Purpose::Load { rb, slot } => self.load_done(rb, slot, op, result),
-            Purpose::Writeback { pool } => self.writeback_done(pool, op, result),
+            Purpose::Writeback { pool, slot } => self.writeback_done(pool, slot, op, result),
             Purpose::Sync => self.sync_done(result),
             Purpose::TaskIo { task } => {
                 self.recycle(op);
@@ -756,11 +757,28 @@ impl Image {
             // Nothing to write back (read-only), or nothing can be (poisoned).
             return true;
         }
-        if self.cycles_done >= target {
+        if self.cycles_done >= target || self.cycle.is_none() && !self.cycle_has_work() {
+            // Done, or nothing completed before now still waits to be made durable.
             return true;
         }
         self.cycle_wanted = true;
         false
+    }
+
+    /// Whether a write-back cycle would do anything now. Cycles never start empty: a
+    /// parked task asking for one again at once would otherwise spin.
+    fn cycle_has_work(&self) -> bool {
+        self.l2.any_dirty()
+            || self.rb.any_dirty()
+            || self.l1_dirty.iter().any(|&d| d)
+            || self.rt_dirty.iter().any(|&d| d)
+            || self.rt_relocated
+            || self.header_dirty
+            || self.unsynced_data
+            || self
+                .pending_frees
+                .front()
+                .is_some_and(|f| self.oldest_data_op() > f.op_seq)
     }
 
     fn step_flush(&mut self, t: u32) -> bool {

@@ -55,7 +55,10 @@ impl Image {
                 return;
             }
             let Some(cycle) = self.cycle.as_mut() else {
-                if !self.cycle_wanted || self.read_only && !self.header_dirty {
+                if !self.cycle_wanted
+                    || self.read_only && !self.header_dirty
+                    || !self.cycle_has_work()
+                {
                     self.cycle_wanted = false;
                     return;
                 }
@@ -128,8 +131,13 @@ impl Image {
         }
     }
 
-    fn wb_issue(&mut self, pool: Pool, offset: u64, buf: IoBuf) {
-        self.issue_buf(Purpose::Writeback { pool }, IoKind::Write, offset, buf);
+    fn wb_issue(&mut self, pool: Pool, slot: u32, offset: u64, buf: IoBuf) {
+        self.issue_buf(
+            Purpose::Writeback { pool, slot },
+            IoKind::Write,
+            offset,
+            buf,
+        );
         let cycle = self.cycle.as_mut().expect("cycle in progress");
         cycle.pending += 1;
         cycle.wrote = true;
@@ -149,7 +157,7 @@ impl Image {
             self.rt_relocated = false;
             self.rt_dirty.iter_mut().for_each(|d| *d = false);
             let off = self.hdr.refcount_table_offset;
-            self.wb_issue(Pool::None, off, buf);
+            self.wb_issue(Pool::None, 0, off, buf);
         }
         let n = if rb {
             self.rb.slots.len()
@@ -166,7 +174,7 @@ impl Image {
             }
             let cache = if rb { &mut self.rb } else { &mut self.l2 };
             let (key, buf) = cache.take_dirty_copy(i);
-            self.wb_issue(if rb { Pool::Rb } else { Pool::L2 }, key, buf);
+            self.wb_issue(if rb { Pool::Rb } else { Pool::L2 }, i, key, buf);
         }
         true
     }
@@ -206,7 +214,7 @@ impl Image {
             } else {
                 self.rt_dirty[chunk] = false;
             }
-            self.wb_issue(Pool::None, base + (chunk * TABLE_CHUNK) as u64, buf);
+            self.wb_issue(Pool::None, 0, base + (chunk * TABLE_CHUNK) as u64, buf);
         }
         true
     }
@@ -223,7 +231,7 @@ impl Image {
         buf.as_mut_slice()
             .copy_from_slice(&self.header_buf.as_slice()[..len]);
         self.header_dirty = false;
-        self.wb_issue(Pool::None, 0, buf);
+        self.wb_issue(Pool::None, 0, 0, buf);
         true
     }
 
@@ -245,11 +253,23 @@ impl Image {
         true
     }
 
-    pub(super) fn writeback_done(&mut self, pool: Pool, op: IoOp, result: Result<(), IoError>) {
+    pub(super) fn writeback_done(
+        &mut self,
+        pool: Pool,
+        slot: u32,
+        op: IoOp,
+        result: Result<(), IoError>,
+    ) {
         if let Some(Segment::Buf(buf)) = op.segments.into_iter().next() {
             match pool {
-                Pool::L2 => self.l2.return_spare(buf),
-                Pool::Rb => self.rb.return_spare(buf),
+                Pool::L2 => {
+                    self.l2.written(slot);
+                    self.l2.return_spare(buf);
+                }
+                Pool::Rb => {
+                    self.rb.written(slot);
+                    self.rb.return_spare(buf);
+                }
                 Pool::None => {}
             }
         }
