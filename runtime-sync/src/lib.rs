@@ -19,7 +19,7 @@
 //! img.read_at(&mut buf, 1 << 20)?;
 //! assert_eq!(&buf, b"hello, qcow2");
 //! assert_eq!(img.len(), 64 << 20);
-//! # Ok::<(), qcow2_sync::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod exec;
