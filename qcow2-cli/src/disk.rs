@@ -443,10 +443,11 @@ impl Disk {
     /// whether a data extent is a hole (then it reads as zero) and stop at its boundary.
     fn refine_by_host(&mut self, st: &mut Status, host_offset: u64) {
         if self.prealloc.is_none() {
-            let verdict = self
-                .host_file()
-                .map(|f| detect_metadata_preallocation(f).unwrap_or(false));
-            self.prealloc = Some(verdict.unwrap_or(false));
+            let verdict = match &mut self.inner {
+                Inner::Qcow2(img) => detect_metadata_preallocation(img).unwrap_or(false),
+                _ => false,
+            };
+            self.prealloc = Some(verdict);
         }
         if self.prealloc != Some(true) {
             return;

@@ -65,6 +65,8 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// External data file name, if any.
     pub data_file: Option<String>,
+    /// The raw-external-data autoclear bit (the data file is a valid raw image).
+    pub data_file_raw: bool,
     /// Encryption method (0 none, 1 AES, 2 LUKS).
     pub crypt_method: u32,
     /// Internal snapshots.

@@ -76,6 +76,14 @@ pub enum Request {
     },
     /// Write back everything and mark the image clean; the engine accepts nothing after.
     Close,
+    /// Counts host clusters below byte `end` with a non-zero refcount, stopping at `limit`
+    /// (qemu-img's test for metadata-preallocated images needs this).
+    CountRefcounted {
+        /// Host byte offset to stop at.
+        end: u64,
+        /// Stop counting here.
+        limit: u64,
+    },
 }
 
 /// What a guest range is, as [`Request::BlockStatus`] reports it.
@@ -119,4 +127,6 @@ pub enum Outcome {
     Status(BlockStatus),
     /// The answer to [`Request::Check`].
     Check(Box<CheckReport>),
+    /// The answer to [`Request::CountRefcounted`].
+    Count(u64),
 }

@@ -339,6 +339,14 @@ impl<F: HostFile> Image<F> {
         }
     }
 
+    /// Counts host clusters below byte `end` with a non-zero refcount, up to `limit`.
+    pub fn count_refcounted(&mut self, end: u64, limit: u64) -> Result<u64, Error> {
+        match self.run(Request::CountRefcounted { end, limit }, Guest::None)? {
+            Outcome::Count(n) => Ok(n),
+            _ => Err(Error::Stalled),
+        }
+    }
+
     /// Virtual size in bytes.
     pub fn len(&self) -> u64 {
         self.info.size

@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use qcow2_proto::format::header::{autoclear, Header};
 use qcow2_proto::SnapshotInfo;
 use qcow2_sync::ImageInfo;
 use serde_json::{json, Map, Value};
@@ -130,8 +129,7 @@ pub fn node_info(path: &Path, format: Format) -> Result<Value, CliError> {
                 let list: Vec<Value> = info.snapshots.iter().map(snapshot_json).collect();
                 m.insert("snapshots".into(), Value::Array(list));
             }
-            let data_file_raw =
-                info.data_file.is_some() && header_autoclear(&file) & autoclear::RAW_DATA != 0;
+            let data_file_raw = info.data_file.is_some() && info.data_file_raw;
             m.insert(
                 "format-specific".into(),
                 json!({ "type": "qcow2", "data": qcow2_specific(&info, data_file_raw) }),
@@ -143,13 +141,6 @@ pub fn node_info(path: &Path, format: Format) -> Result<Value, CliError> {
         json!([{ "name": "file", "info": child }]),
     );
     Ok(Value::Object(m))
-}
-
-fn header_autoclear(file: &File) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 112];
-    let _ = file.read_at(&mut buf, 0);
-    Header::decode(&buf).map_or(0, |h| h.autoclear_features)
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {

@@ -220,6 +220,32 @@ impl Image {
         }
     }
 
+    /// Counts clusters with a non-zero refcount below byte `task.end`, up to `limit`, a
+    /// refcount block at a time (`task.pos` is the next cluster, `task.aux` the count).
+    pub(super) fn step_count_refcounted(&mut self, t: u32, limit: u64) -> bool {
+        let end = self.task(t).end.div_ceil(self.geo.cluster_size());
+        loop {
+            let task = self.task(t);
+            let (c, count) = (task.pos, task.aux);
+            if c >= end || count >= limit || task.error.is_some() {
+                return true;
+            }
+            let first = c >> self.geo.rb_bits << self.geo.rb_bits;
+            let stop = end.min(first + self.geo.rb_entries());
+            match self.rb_slot(c) {
+                Ok(Some(slot)) => {
+                    let n = (c..stop).filter(|&x| self.refcount(slot, x) != 0).count() as u64;
+                    let task = self.task(t);
+                    task.aux = (count + n).min(limit);
+                }
+                Ok(None) => {}
+                Err(Block::Park) => return false,
+                Err(Block::Fail(e)) => self.task(t).error = Some(e),
+            }
+            self.task(t).pos = stop;
+        }
+    }
+
     /// Takes back refcounts just set by an unfinished exact allocation.
     fn undo(&mut self, start: u64, count: u64) {
         for c in start..start + count {

@@ -125,6 +125,7 @@ enum Kind {
     Status,
     Check { repair: Option<Repair> },
     Close,
+    CountRefcounted { limit: u64 },
     Prealloc(Preallocation),
 }
 
@@ -139,7 +140,11 @@ impl Kind {
     fn writes(self) -> bool {
         !matches!(
             self,
-            Self::Read | Self::Status | Self::Flush | Self::Check { repair: None }
+            Self::Read
+                | Self::Status
+                | Self::Flush
+                | Self::Check { repair: None }
+                | Self::CountRefcounted { .. }
         )
     }
 }
@@ -410,13 +415,17 @@ impl Image {
             Request::BlockStatus { offset, len } => (Kind::Status, offset, len),
             Request::Check { repair } => (Kind::Check { repair }, 0, 0),
             Request::Close => (Kind::Close, 0, 0),
+            Request::CountRefcounted { end, limit } => (Kind::CountRefcounted { limit }, 0, end),
         };
         if let Some(e) = self.poisoned {
             if kind.writes() || kind == Kind::Flush {
                 return Err(e.into());
             }
         }
-        let metadata_only = matches!(kind, Kind::Close | Kind::Flush | Kind::Check { .. });
+        let metadata_only = matches!(
+            kind,
+            Kind::Close | Kind::Flush | Kind::Check { .. } | Kind::CountRefcounted { .. }
+        );
         if let Some(f) = self.layout.as_ref().and_then(|l| l.unsupported) {
             if !metadata_only {
                 return Err(RequestError::Unsupported(f).into());
@@ -698,6 +707,7 @@ impl Image {
             Kind::Resize { .. } => self.step_resize(t),
             Kind::Prealloc(_) => self.step_prealloc(t),
             Kind::Check { repair } => self.step_check(t, repair),
+            Kind::CountRefcounted { limit } => self.step_count_refcounted(t, limit),
         };
         if finished {
             self.finish(t);
@@ -714,10 +724,11 @@ impl Image {
         }
         let result = match task.error {
             Some(e) => Err(e),
-            None => Ok(match (task.status, task.report) {
-                (Some(s), _) => Outcome::Status(s),
-                (None, Some(r)) => Outcome::Check(r),
-                (None, None) => Outcome::Done,
+            None => Ok(match (task.status, task.report, task.kind) {
+                (Some(s), _, _) => Outcome::Status(s),
+                (None, Some(r), _) => Outcome::Check(r),
+                (None, None, Kind::CountRefcounted { .. }) => Outcome::Count(task.aux),
+                (None, None, _) => Outcome::Done,
             }),
         };
         if task.kind == Kind::Close && result.is_ok() {

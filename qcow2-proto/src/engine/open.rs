@@ -336,6 +336,7 @@ impl Image {
             backing_file: layout.backing_file.clone(),
             backing_format: layout.backing_format.clone(),
             data_file: layout.data_file.clone(),
+            data_file_raw: h.autoclear_features & autoclear::RAW_DATA != 0,
             crypt_method: h.crypt_method,
             snapshots,
             bitmaps: Vec::new(),
