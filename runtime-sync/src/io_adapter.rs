@@ -5,6 +5,28 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use crate::{Error, HostFile, Image};
 
 /// A cursor over the guest disk. Reads stop at the end of the disk; writes past it fail.
+///
+/// ```
+/// use std::io::{Read, Seek, SeekFrom, Write};
+/// use qcow2_sync::{CreateOptions, Image, OpenOptions};
+///
+/// let dir = tempfile::tempdir()?;
+/// let mut img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20), &OpenOptions::default())?;
+/// let mut io = img.io();
+/// io.seek(SeekFrom::Start(4000))?;
+/// io.write_all(b"across a sector boundary")?;
+/// io.flush()?;
+/// io.seek(SeekFrom::Current(-24))?;
+/// let mut back = [0u8; 24];
+/// io.read_exact(&mut back)?;
+/// assert_eq!(&back, b"across a sector boundary");
+/// // Reading stops at the end of the disk.
+/// io.seek(SeekFrom::End(-10))?;
+/// let mut tail = Vec::new();
+/// assert_eq!(io.read_to_end(&mut tail)?, 10);
+/// assert!(io.write_all(b"past the end").is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct ImageIo<'a, F: HostFile> {
     image: &'a mut Image<F>,
