@@ -9,15 +9,19 @@ use crate::format::entry::{COPIED, L1_RESERVED, L2_RESERVED, ZERO};
 use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED};
 use crate::format::MAX_L1_BYTES;
 
+use super::imrt::OutOfMemory;
 use super::pass::{alt_hex, Fix, Flow, Pass, Req, Stage};
 use super::walk::{self, BitmapTable, Cur, Kind, TableCursor};
 
-/// Waiting points of an L1 walk.
+/// What an L1 walk waits for.
 #[derive(Debug)]
 pub(super) enum L1Wait {
     Nothing,
+    /// The next chunk of the L1 table.
     Chunk,
+    /// The L2 table at this offset.
     L2(u64),
+    /// A repair write (or its flush).
     Fix,
 }
 
@@ -30,16 +34,20 @@ pub(super) struct L1Walk {
     fixes: VecDeque<Req>,
 }
 
-/// The parts of `calculate_refcounts`.
+/// The parts of `calculate_refcounts`, in order.
 #[derive(Debug)]
 pub(super) enum Calc {
+    /// The header cluster, then the active L1.
     Start,
+    /// Walking an L1 table: the active one (`None`) or snapshot `i`'s.
     L1(L1Walk, Option<usize>),
+    /// Snapshot `i`'s L1 table is next.
     Snapshot(usize),
+    /// The snapshot table, the refcount table and the LUKS header.
     Tail,
-    BitmapDir {
-        waiting: bool,
-    },
+    /// The bitmap directory (`waiting` for its read).
+    BitmapDir { waiting: bool },
+    /// The bitmap tables, one by one.
     Bitmaps {
         list: Vec<BitmapTable>,
         idx: usize,
@@ -58,8 +66,9 @@ impl Pass {
         }
     }
 
-    /// `qcow2_inc_refcounts_imrt`. `Err` means the IMRT could not grow (check error).
-    pub(super) fn inc(&mut self, offset: u64, size: u64) -> Result<(), ()> {
+    /// `qcow2_inc_refcounts_imrt`: one more reference to each cluster `offset..offset +
+    /// size` touches. `Err` when the IMRT could not grow (counted as a check error).
+    pub(super) fn inc(&mut self, offset: u64, size: u64) -> Result<(), OutOfMemory> {
         if size == 0 {
             return Ok(());
         }
@@ -78,7 +87,7 @@ impl Pass {
         for k in first..=last {
             if k >= self.imrt.len() && self.imrt.grow(k + 1, &mut self.budget).is_err() {
                 self.counts.check_errors += 1;
-                return Err(());
+                return Err(OutOfMemory);
             }
             let r = self.imrt.get(k);
             if r == self.imrt.max_value() {
@@ -99,6 +108,7 @@ impl Pass {
         Ok(())
     }
 
+    /// Steps `calculate_refcounts` from `calc`.
     pub(super) fn calc(&mut self, calc: Calc) -> Flow {
         match calc {
             Calc::Start => {
@@ -187,6 +197,7 @@ impl Pass {
         }
     }
 
+    /// Counts an L1 table (`None`: the active one) and starts walking it.
     pub(super) fn start_l1(&mut self, offset: u64, size: u32, snapshot: Option<usize>) -> Flow {
         if size > 0 && self.inc(offset, u64::from(size) * 8).is_err() {
             return self.out_of_memory();
@@ -409,6 +420,7 @@ impl Pass {
         Ok(fixes)
     }
 
+    /// `qcow2_check_bitmaps_refcounts`, first part: counts and parses the directory.
     pub(super) fn bitmap_directory(&mut self, waiting: bool) -> Flow {
         let Some((nb, off, size)) = self.img.bitmaps else {
             self.stage = Stage::Refblocks {
@@ -461,6 +473,7 @@ impl Pass {
         }
     }
 
+    /// `qcow2_check_bitmaps_refcounts`, second part: each bitmap table and its clusters.
     pub(super) fn bitmap_tables(
         &mut self,
         list: Vec<BitmapTable>,

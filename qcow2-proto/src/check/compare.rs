@@ -12,12 +12,15 @@ use super::imrt::RefArray;
 use super::pass::{Block, Counts, Fix, Flow, Pass, Req, Stage};
 use super::repair::{self, RebuildPlan};
 
-/// One write or flush of the rebuild.
+/// One op of the rebuild, in order: refblocks, reftable, flush, header, flush.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum RebuildOp {
+    /// Write IMRT block `index` as the refblock at `offset`.
     Block(u64, u64),
+    /// Write the new reftable.
     Table,
     Flush,
+    /// Point the header at the new reftable (offset and size, 12 bytes at 48).
     Header,
 }
 
@@ -33,6 +36,7 @@ pub(super) fn last_used(a: &RefArray, start: u64, end: u64) -> Option<u64> {
 }
 
 impl Pass {
+    /// Sizes the array of stored refcounts like the IMRT and starts loading it.
     pub(super) fn begin_load(&mut self) -> Flow {
         let nb = self.imrt.len();
         let geo = Geometry::new(self.img.cluster_bits, self.img.order);
@@ -51,6 +55,7 @@ impl Pass {
         Flow::Next
     }
 
+    /// Reads the refblocks covering the file into the array of stored refcounts.
     pub(super) fn load(&mut self, mut block: u64, waiting: bool) -> Flow {
         let cs = self.img.cluster_size as usize;
         if waiting {
@@ -113,6 +118,10 @@ impl Pass {
                 Block::Zero | Block::Loaded => None,
             };
             if let Some(reason) = reason {
+                if state == Block::Unaligned {
+                    let off = self.reftable[b as usize] & REFTABLE_OFFSET_MASK;
+                    self.signal_unaligned_refblock(b, off);
+                }
                 for c in start..end {
                     say!(self, "Can't get refcount for cluster {c}: {reason}");
                     self.counts.check_errors += 1;
@@ -169,6 +178,7 @@ impl Pass {
         self.highest = Some(highest);
     }
 
+    /// The comparison and QEMU's choice of repairs after it (`qcow2_check_refcounts`).
     pub(super) fn compare_stage(&mut self) -> Flow {
         if self.round == 2 {
             return self.after_rebuild();
@@ -230,6 +240,7 @@ impl Pass {
         self.begin_copied()
     }
 
+    /// Writes the planned refcount structure, then recounts everything against it.
     pub(super) fn rebuild(&mut self, plan: RebuildPlan, mut ops: VecDeque<RebuildOp>) -> Flow {
         if let Some(Err(e)) = self.take() {
             return self.fail_io("ERROR writing the rebuilt refcount structure", e);
@@ -301,6 +312,7 @@ impl Pass {
         self.begin_write_dirty()
     }
 
+    /// Starts writing back the refblocks the comparison repaired.
     pub(super) fn begin_write_dirty(&mut self) -> Flow {
         let blocks: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         self.stage = Stage::WriteDirty {
@@ -311,6 +323,7 @@ impl Pass {
         Flow::Next
     }
 
+    /// Writes the repaired refblocks, then flushes them before any COPIED repair.
     pub(super) fn write_dirty(&mut self, blocks: Vec<u64>, next: usize, flushed: bool) -> Flow {
         if let Some(Err(e)) = self.take() {
             return self.fail_io("ERROR: could not write a refcount block", e);

@@ -9,54 +9,73 @@ use super::pass::{Block, Flow, Pass, Req, Stage};
 use super::repair::{self, MetaMap};
 use super::walk::{self, Cur, Kind, TableCursor};
 
-/// Waiting points of the COPIED check.
+/// What the COPIED check waits for.
 #[derive(Debug)]
 pub(super) enum CopiedWait {
     Nothing,
+    /// The next chunk of the active L1 table.
     Chunk,
+    /// Refblock `index`, for a refcount past the loaded ones.
     Refblock(u64),
+    /// The repaired L1 entry (its new value) to be written.
     L1Write(u64),
+    /// The L2 table at this offset.
     L2Read(u64),
+    /// The repaired L2 table to be written.
     L2Write,
 }
 
+/// An L2 table being scanned.
 #[derive(Debug)]
 pub(super) struct L2Scan {
     offset: u64,
     table: Vec<u8>,
+    /// The next entry to look at.
     next: u64,
+    /// Entries repaired in `table`, not yet written.
     dirty: u64,
 }
 
-/// `check_oflag_copied`.
+/// `check_oflag_copied`: where it is in the active L1 table.
 #[derive(Debug)]
 pub(super) struct Copied {
     repair: bool,
     l1: TableCursor,
+    /// The current L1 entry's own flag was checked.
     checked: bool,
     wait: CopiedWait,
     scan: Option<L2Scan>,
 }
 
-/// A refcount looked up on disk.
+/// A stored refcount looked up.
 pub(super) enum Lookup {
     Value(u64),
+    /// It cannot be read (QEMU skips the entry).
     Error,
+    /// The refblock's reftable entry is not cluster aligned: `(index, offset)`.
+    Unaligned(u64, u64),
+    /// Refblock `(index, offset)` must be read first.
     Read(u64, u64),
 }
 
 /// What the COPIED scan of an L2 table needs next.
 pub(super) enum ScanOut {
+    /// The table is done (and written, if it had to be).
     Finished,
+    /// The repaired table would overwrite this metadata.
     Overlap(&'static str),
+    /// Read refblock `(index, offset)`.
     Refblock(u64, u64),
+    /// Write the repaired table: `(offset, bytes)`.
     Write(u64, Vec<u8>),
 }
 
 /// Refblocks kept for COPIED lookups past the loaded range.
-pub(super) const EXTRA_BLOCKS: usize = 64;
+pub(super) const EXTRA_BLOCKS: usize = 8;
 
 impl Pass {
+    /// Starts `check_oflag_copied`; repairs only under `-r all`, or `-r leaks` with
+    /// nothing else left (as QEMU decides).
     pub(super) fn begin_copied(&mut self) -> Flow {
         let repair = if self.fix.errors {
             true
@@ -87,7 +106,7 @@ impl Pass {
             return Lookup::Value(0);
         }
         if !self.img.aligned(off) {
-            return Lookup::Error;
+            return Lookup::Unaligned(index, off);
         }
         match self.blocks.get(index as usize) {
             Some(Block::Loaded) => return Lookup::Value(self.disk.get(cluster)),
@@ -104,6 +123,7 @@ impl Pass {
         }
     }
 
+    /// Steps the COPIED check over the active L1 table and its L2 tables.
     pub(super) fn copied(&mut self, mut c: Copied) -> Flow {
         let cs = self.img.cluster_size;
         loop {
@@ -202,6 +222,11 @@ impl Pass {
                                 c.l1.advance();
                                 continue;
                             }
+                            Lookup::Unaligned(index, off) => {
+                                self.signal_unaligned_refblock(index, off);
+                                c.l1.advance();
+                                continue;
+                            }
                             Lookup::Read(index, off) => {
                                 c.wait = CopiedWait::Refblock(index);
                                 self.stage = Stage::Copied(c);
@@ -249,6 +274,11 @@ impl Pass {
                     match self.stored((e & walk::L2_OFFSET_MASK) >> self.img.cluster_bits) {
                         Lookup::Value(r) => r,
                         Lookup::Error => {
+                            scan.next += 1;
+                            continue;
+                        }
+                        Lookup::Unaligned(index, off) => {
+                            self.signal_unaligned_refblock(index, off);
                             scan.next += 1;
                             continue;
                         }
@@ -332,6 +362,8 @@ impl Pass {
         say!(self, "{then}");
         self.counts.check_errors += 1;
         self.mark_corrupt = true;
+        self.signaled = true;
+        self.poisoned = true;
         self.fail()
     }
 }

@@ -102,6 +102,7 @@ impl RefArray {
         self.bytes.fill(0);
     }
 
+    /// Entries the allocated blocks hold.
     fn capacity(&self) -> u64 {
         self.blocks() << self.block_bits
     }

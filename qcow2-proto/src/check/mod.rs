@@ -94,13 +94,54 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
 /// A sans-IO `qemu-img check`: hand its ops to a runtime, their results back, and collect
 /// the report.
 ///
-/// At most one op is outstanding at a time. Drive it like this:
+/// At most one op is outstanding at a time: after each [`complete`](Self::complete), ask
+/// [`poll_io`](Self::poll_io) for the next op, and [`poll_result`](Self::poll_result) once
+/// there is none.
 ///
-/// ```text
-/// loop {
-///     while let Some(op) = checker.poll_io() { run op; checker.complete(op, result) }
-///     if let Some(report) = checker.poll_result() { break report }
+/// ```
+/// use qcow2_proto::check::Checker;
+/// use qcow2_proto::create::initial_image;
+/// use qcow2_proto::{CreateOptions, IoKind, Repair, Segment};
+///
+/// // An empty 64 MiB image in memory, with a leaked cluster appended.
+/// let init = initial_image(&CreateOptions::new(64 << 20)).unwrap();
+/// let mut disk = vec![0u8; init.file_len as usize];
+/// for (off, bytes) in &init.writes {
+///     disk[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes);
 /// }
+/// disk.resize(5 << 16, 0);
+/// disk[0x20000 + 9] = 1; // refblock 0, cluster 4: refcount 1, nothing refers to it
+///
+/// let mut checker = Checker::new(disk.len() as u64, Some(Repair::Leaks));
+/// let report = loop {
+///     while let Some(mut op) = checker.poll_io() {
+///         let at = op.offset as usize;
+///         let n = match (op.kind, op.segments.first_mut()) {
+///             (IoKind::Read, Some(Segment::Buf(b))) => {
+///                 let n = disk.len().saturating_sub(at).min(b.len());
+///                 b.as_mut_slice().fill(0);
+///                 b.as_mut_slice()[..n].copy_from_slice(&disk[at..at + n]);
+///                 n
+///             }
+///             (IoKind::Write, Some(Segment::Buf(b))) => {
+///                 disk.resize(disk.len().max(at + b.len()), 0);
+///                 disk[at..at + b.len()].copy_from_slice(b.as_slice());
+///                 b.len()
+///             }
+///             (IoKind::SetLen, _) => {
+///                 disk.resize(at, 0);
+///                 0
+///             }
+///             _ => 0, // flush
+///         };
+///         checker.complete(op, Ok(n));
+///     }
+///     if let Some(result) = checker.poll_result() {
+///         break result.unwrap();
+///     }
+/// };
+/// assert_eq!((report.leaks_fixed, report.leaks, report.corruptions), (1, 0, 0));
+/// assert_eq!(report.messages[0], "Leaked cluster 4 refcount=1 reference=0");
 /// ```
 #[derive(Debug)]
 pub struct Checker {
@@ -226,6 +267,7 @@ impl Checker {
         }
     }
 
+    /// Ends a pass: starts qemu-img's double check after a repair, or builds the report.
     fn pass_done(&mut self, done: PassResult) {
         if let Some(e) = done.header_error {
             if !self.second {
@@ -234,16 +276,29 @@ impl Checker {
                 return;
             }
         }
-        let again = !self.second
-            && !done.failed
-            && (done.counts.corruptions_fixed > 0 || done.counts.leaks_fixed > 0);
-        if again {
+        let fixed = done.counts.corruptions_fixed > 0 || done.counts.leaks_fixed > 0;
+        if !self.second && !done.failed && fixed && !done.poisoned {
+            // qemu-img double-checks a repaired image and reports that check.
             self.second = true;
             self.pass = Some(Pass::new(done.file_len, Fix::default(), self.memory_limit));
             self.first = Some(done);
             return;
         }
         let mut report = report_of(&done);
+        if !self.second && fixed && done.poisoned {
+            // QEMU makes the image unusable once it marked it corrupt, so the double check
+            // after the repair fails ("No medium found").
+            report.check_errors = report.check_errors.max(1);
+            report
+                .messages
+                .push("Check failed: the image was marked corrupt while it was repaired".into());
+        }
+        if let Some(e) = &done.header_error {
+            report.check_errors = report.check_errors.max(1);
+            report.messages.push(format!(
+                "Check failed: the repaired image cannot be opened: {e}"
+            ));
+        }
         if let Some(first) = self.first.take() {
             report.leaks_fixed = first.counts.leaks_fixed;
             report.corruptions_fixed = first.counts.corruptions_fixed;
@@ -255,6 +310,7 @@ impl Checker {
         self.result = Some(Ok(report));
     }
 
+    /// Turns a request of the pass into a numbered op with an owned buffer.
     fn make_op(&mut self, req: Req) -> IoOp {
         let id = OpId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);

@@ -11,16 +11,15 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use super::calc::Calc;
-use super::compare::RebuildOp;
-use super::copied::Copied;
-
 use crate::error::{FormatError, OpenError};
 use crate::format::extension::BITMAPS;
 use crate::format::header::{autoclear, incompat, Header, INCOMPATIBLE_OFFSET};
 use crate::format::{Geometry, Layout};
 use crate::io::{IoBuf, IoError};
 
+use super::calc::Calc;
+use super::compare::RebuildOp;
+use super::copied::Copied;
 use super::imrt::{Budget, RefArray};
 use super::repair::{MetaMap, RebuildPlan};
 use super::walk::{self, Snap, SnapParse};
@@ -55,6 +54,7 @@ pub(crate) struct Fix {
 }
 
 impl Fix {
+    /// Whether any repair is allowed.
     pub(super) fn any(self) -> bool {
         self.leaks || self.errors
     }
@@ -75,18 +75,24 @@ pub(crate) struct Counts {
 
 /// Most detail lines kept per pass; the rest are only counted.
 const MAX_LINES: usize = 10_000;
+/// Most bytes of detail lines kept per pass.
+const MAX_LOG_BYTES: usize = 4 << 20;
 
-/// The detail lines of a pass, bounded.
+/// The detail lines of a pass, bounded in number and bytes.
 #[derive(Debug, Default)]
 pub(crate) struct Log {
     pub lines: Vec<String>,
     pub dropped: u64,
+    bytes: usize,
 }
 
 impl Log {
+    /// Adds a line, or counts it when the log is full.
     pub(super) fn push(&mut self, args: fmt::Arguments<'_>) {
-        if self.lines.len() < MAX_LINES {
-            self.lines.push(args.to_string());
+        if self.lines.len() < MAX_LINES && self.bytes < MAX_LOG_BYTES {
+            let line = args.to_string();
+            self.bytes += line.len();
+            self.lines.push(line);
         } else {
             self.dropped += 1;
         }
@@ -112,6 +118,8 @@ pub(crate) struct PassResult {
     pub total_clusters: u64,
     /// The check could not complete (QEMU's "Check failed").
     pub failed: bool,
+    /// The image was marked corrupt while repairing (QEMU then refuses to check it again).
+    pub poisoned: bool,
     /// The header could not be read or accepted.
     pub header_error: Option<OpenError>,
     /// The file length after the pass's own writes and resizes.
@@ -147,42 +155,60 @@ pub(super) struct Img {
 }
 
 impl Img {
+    /// Whether `off` is cluster aligned.
     pub(super) fn aligned(&self, off: u64) -> bool {
         off & (self.cluster_size - 1) == 0
     }
 }
 
+/// Where a pass is, in QEMU's order.
 #[derive(Debug)]
 pub(super) enum Stage {
+    /// Read the first 4 KiB of cluster 0.
     Header,
-    HeaderRest(Vec<u8>),
+    /// Read the rest of a cluster 0 larger than 4 KiB: `(first 4 KiB, bytes to read)`.
+    HeaderRest(Vec<u8>, u64),
+    /// Read the snapshot table, in growing chunks, until every entry parses.
     SnapTable(Vec<u8>),
+    /// Read the refcount table.
     Reftable,
+    /// Build the IMRT from the tables.
     Calc(Calc),
-    Refblocks {
-        i: usize,
-        resizing: Option<u64>,
-    },
-    Load {
-        block: u64,
-        waiting: bool,
-    },
+    /// `check_refblocks`, from reftable entry `i`; `resizing` while a `SetLen` is out.
+    Refblocks { i: usize, resizing: Option<u64> },
+    /// Load the stored refcounts, refblock by refblock.
+    Load { block: u64, waiting: bool },
+    /// Compare, then choose the repairs.
     Compare,
+    /// Write a new refcount structure.
     Rebuild {
         plan: RebuildPlan,
         ops: VecDeque<RebuildOp>,
     },
+    /// Write back the refblocks the comparison repaired, then flush.
     WriteDirty {
         blocks: Vec<u64>,
         next: usize,
         flushed: bool,
     },
+    /// Check (and repair) the COPIED flags.
     Copied(Copied),
+    /// Clear the dirty and corrupt bits after a successful repair.
     Clean(u8),
-    Finish {
-        flushed: bool,
-    },
+    /// Set the corrupt bit if a repair was refused, and flush.
+    Finish { flushed: bool },
+    /// Over.
     Done,
+}
+
+/// The op in flight, for what its success changes in the pass's view of the file.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Inflight {
+    Read,
+    /// A write ending at this offset.
+    Write(u64),
+    Flush,
+    SetLen(u64),
 }
 
 /// Internal control flow of the stage functions.
@@ -222,11 +248,15 @@ pub(crate) struct Pass {
     pub(super) meta_map: Option<MetaMap>,
     /// A repair was refused for overlapping metadata: set the corrupt bit, as QEMU does.
     pub(super) mark_corrupt: bool,
+    /// A corruption was signalled (said once, as QEMU does).
+    pub(super) signaled: bool,
+    /// The image was marked corrupt while repairing: it cannot be checked again.
+    pub(super) poisoned: bool,
     pub(super) total_clusters: u64,
     pub(super) header_error: Option<OpenError>,
     pub(super) stage: Stage,
     pub(super) input: Option<Result<(IoBuf, usize), IoError>>,
-    pub(super) inflight: Option<(u8, u64, u64)>,
+    pub(super) inflight: Option<Inflight>,
 }
 
 impl Pass {
@@ -262,6 +292,8 @@ impl Pass {
             active_l2s: Vec::new(),
             meta_map: None,
             mark_corrupt: false,
+            signaled: false,
+            poisoned: false,
             total_clusters: 0,
             header_error: None,
             stage: Stage::Header,
@@ -278,15 +310,15 @@ impl Pass {
     /// Hands in the result of the op the last [`step`](Self::step) asked for: the buffer
     /// (for reads) and the bytes transferred.
     pub fn complete(&mut self, result: Result<(IoBuf, usize), IoError>) {
-        if let (Ok(_), Some((kind, offset, len))) = (&result, self.inflight.take()) {
-            match kind {
-                1 => {
-                    self.file_len = self.file_len.max(offset.saturating_add(len));
+        if let (Ok(_), Some(op)) = (&result, self.inflight.take()) {
+            match op {
+                Inflight::Write(end) => {
+                    self.file_len = self.file_len.max(end);
                     self.unflushed = true;
                 }
-                2 => self.unflushed = false,
-                3 => self.file_len = offset,
-                _ => {}
+                Inflight::Flush => self.unflushed = false,
+                Inflight::SetLen(len) => self.file_len = len,
+                Inflight::Read => {}
             }
         }
         self.input = Some(result);
@@ -309,30 +341,56 @@ impl Pass {
             image_end_offset,
             total_clusters: self.total_clusters,
             failed: self.failed,
+            poisoned: self.poisoned,
             header_error: self.header_error,
             file_len: self.file_len,
         }
     }
 
+    /// The result of the op the current stage waits for, if it came.
     pub(super) fn take(&mut self) -> Option<Result<(IoBuf, usize), IoError>> {
         self.input.take()
     }
 
+    /// Asks for `req` (and remembers what its success changes).
     pub(super) fn io(&mut self, req: Req) -> Flow {
-        self.inflight = match &req {
-            Req::Read { .. } => Some((0, 0, 0)),
-            Req::Write { offset, data } => Some((1, *offset, data.len() as u64)),
-            Req::Flush => Some((2, 0, 0)),
-            Req::SetLen(len) => Some((3, *len, 0)),
-        };
+        self.inflight = Some(match &req {
+            Req::Read { .. } => Inflight::Read,
+            Req::Write { offset, data } => {
+                Inflight::Write(offset.saturating_add(data.len() as u64))
+            }
+            Req::Flush => Inflight::Flush,
+            Req::SetLen(len) => Inflight::SetLen(*len),
+        });
         Flow::Io(req)
     }
 
+    /// Asks for a read of `len` bytes at `offset`.
     pub(super) fn read(&mut self, offset: u64, len: u64) -> Flow {
         self.io(Req::Read {
             offset,
             len: len as usize,
         })
+    }
+
+    /// QEMU's `qcow2_signal_corruption` for an unaligned refblock found by a refcount
+    /// lookup: said once; when repairing, the image is marked corrupt and (as QEMU makes the
+    /// node unusable) the check cannot run again after the repair.
+    pub(super) fn signal_unaligned_refblock(&mut self, index: u64, offset: u64) {
+        if self.signaled {
+            return;
+        }
+        self.signaled = true;
+        say!(
+            self,
+            "qcow2: Marking image as corrupt: Refblock offset {} unaligned (reftable index: {}); further corruption events will be suppressed",
+            alt_hex(offset),
+            alt_hex(index)
+        );
+        if self.fix.any() {
+            self.mark_corrupt = true;
+            self.poisoned = true;
+        }
     }
 
     /// The check cannot go on: count a check error if nothing did yet, flush what was
@@ -346,12 +404,14 @@ impl Pass {
         Flow::Next
     }
 
+    /// An op failed: a check error, and the check stops.
     pub(super) fn fail_io(&mut self, what: &str, e: IoError) -> Flow {
         self.counts.check_errors += 1;
         say!(self, "{what}: {e}");
         self.fail()
     }
 
+    /// The memory budget is exhausted: a check error, and the check stops.
     pub(super) fn out_of_memory(&mut self) -> Flow {
         self.counts.check_errors += 1;
         say!(
@@ -368,7 +428,7 @@ impl Pass {
             let stage = std::mem::replace(&mut self.stage, Stage::Done);
             let flow = match stage {
                 Stage::Header => self.header(None),
-                Stage::HeaderRest(first) => self.header(Some(first)),
+                Stage::HeaderRest(first, rest) => self.header(Some((first, rest))),
                 Stage::SnapTable(buf) => self.snapshot_table(buf),
                 Stage::Reftable => self.read_reftable(),
                 Stage::Calc(calc) => self.calc(calc),
@@ -394,12 +454,17 @@ impl Pass {
 
     // ---- header and snapshot table -------------------------------------------------
 
-    fn header(&mut self, first: Option<Vec<u8>>) -> Flow {
+    /// Reads and validates cluster 0 (as QEMU opens the image for a check).
+    fn header(&mut self, first: Option<(Vec<u8>, u64)>) -> Flow {
         let input = self.take();
         let bytes = match (first, input) {
             (None, None) => {
                 self.stage = Stage::Header;
                 return self.read(0, 4096);
+            }
+            (Some((first, rest)), None) => {
+                self.stage = Stage::HeaderRest(first, rest);
+                return self.read(4096, rest);
             }
             (_, Some(Err(e))) => {
                 self.header_error = Some(OpenError::Io(e));
@@ -414,23 +479,33 @@ impl Pass {
                     _ => 0,
                 };
                 if n == 4096 && cluster_size > 4096 {
-                    self.stage = Stage::HeaderRest(bytes);
-                    return self.read(4096, cluster_size - 4096);
+                    let rest = cluster_size - 4096;
+                    self.stage = Stage::HeaderRest(bytes, rest);
+                    return self.read(4096, rest);
                 }
                 bytes
             }
-            (Some(mut first), Some(Ok((buf, n)))) => {
+            (Some((mut first, _)), Some(Ok((buf, n)))) => {
                 first.extend_from_slice(&buf.as_slice()[..n.min(buf.len())]);
                 first
             }
-            (Some(first), None) => {
-                let cluster_size =
-                    Header::decode(&first).map_or(4096, |h| 1u64 << h.cluster_bits.clamp(12, 21));
-                self.stage = Stage::HeaderRest(first);
-                return self.read(4096, cluster_size - 4096);
-            }
         };
-        match Layout::parse(&bytes, true) {
+        let mut parsed = Layout::parse(&bytes, true);
+        if let Ok(layout) = &parsed {
+            // QEMU refuses some extension areas the format parser lets through.
+            let h = &layout.header;
+            let end = if h.backing_file_offset != 0 {
+                h.backing_file_offset
+            } else {
+                layout.geo.cluster_size()
+            };
+            if let Some((offset, ext_type)) =
+                walk::extension_too_large(&bytes, h.header_length as usize, end as usize)
+            {
+                parsed = Err(FormatError::ExtensionTooLarge { ext_type, offset }.into());
+            }
+        }
+        match parsed {
             Ok(layout) => self.accept_layout(&layout),
             Err(e) => {
                 self.header_error = Some(e);
@@ -441,6 +516,7 @@ impl Pass {
         }
     }
 
+    /// Takes the geometry and the tables to walk from a valid header.
     fn accept_layout(&mut self, layout: &Layout) -> Flow {
         let h = layout.header;
         let geo = layout.geo;
@@ -489,6 +565,7 @@ impl Pass {
         Flow::Next
     }
 
+    /// `qcow2_check_read_snapshot_table`: reads and parses the snapshot table.
     fn snapshot_table(&mut self, mut buf: Vec<u8>) -> Flow {
         let count = self.img.hdr.nb_snapshots;
         let base = self.img.hdr.snapshots_offset;
@@ -560,6 +637,7 @@ impl Pass {
         Flow::Next
     }
 
+    /// Reads the refcount table.
     fn read_reftable(&mut self) -> Flow {
         let h = self.img.hdr;
         let len = u64::from(h.refcount_table_clusters) << self.img.cluster_bits;

@@ -163,31 +163,24 @@ impl Extensions {
         let mut ext = Self::default();
         let mut off = start;
         let end = end.min(cluster0.len());
-        loop {
-            if off + 8 > end {
-                // No room for an end marker: the list simply ends here.
-                ext.end_offset = off.min(end);
-                return Ok(ext);
-            }
-            let (head, _) =
-                RawExtensionHeader::read_from_prefix(&cluster0[off..]).map_err(|_| {
-                    FormatError::ExtensionTooLarge {
-                        ext_type: 0,
-                        offset: off as u64,
-                    }
-                })?;
-            let ext_type = head.ext_type.get();
-            let len = head.len.get() as usize;
-            if ext_type == END {
-                ext.end_offset = off;
-                return Ok(ext);
-            }
+        // Like QEMU: every extension's head and data must fit before `end`, tested before its
+        // type is looked at (an end marker with too large a length is refused too).
+        while off < end {
+            let mut head = [0u8; 8];
+            let avail = (end - off).min(8);
+            head[..avail].copy_from_slice(&cluster0[off..off + avail]);
+            let head = RawExtensionHeader::read_from_bytes(&head).expect("8 bytes");
+            let (ext_type, len) = (head.ext_type.get(), head.len.get() as usize);
             let data = off + 8;
-            if len > end - data {
+            if data > end || len > end - data {
                 return Err(FormatError::ExtensionTooLarge {
                     ext_type,
                     offset: off as u64,
                 });
+            }
+            if ext_type == END {
+                ext.end_offset = off;
+                return Ok(ext);
             }
             let range = ExtRange { start: data, len };
             let bytes = &cluster0[data..data + len];
@@ -230,6 +223,8 @@ impl Extensions {
             }
             off = data + len.next_multiple_of(8);
         }
+        ext.end_offset = off.min(end);
+        Ok(ext)
     }
 
     /// The names of the incompatible bits in `bits`, from the feature name table.
