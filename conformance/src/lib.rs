@@ -107,6 +107,7 @@ macro_rules! instantiate {
                 unknown_autoclear_bit_cleared,
                 truncated,
                 garbage,
+                mutated_metadata,
             }
             features {
                 backing_file,

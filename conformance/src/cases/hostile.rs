@@ -615,3 +615,82 @@ pub fn garbage<H: Harness>(h: &H) {
         }
     }
 }
+
+/// Whether a request's result is acceptable on a damaged image: success or a typed error.
+fn typed<T: std::fmt::Debug>(what: &str, op: &str, r: Result<T, Error>) {
+    assert!(
+        !matches!(r, Err(Error::Other(_))),
+        "{what}: {op}: untyped error {r:?}"
+    );
+}
+
+/// A real image (data under several L2 tables, a snapshot sharing clusters) with random
+/// bytes of its metadata area overwritten: opening, reading everything, writing, zeroing,
+/// discarding, flushing, checking and closing give results or typed errors, never a
+/// panic or a hang.
+pub fn mutated_metadata<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require("hostile::mutated_metadata") else {
+        return;
+    };
+    let dir = scratch();
+    let base = dir.path().join("base.qcow2");
+    q.create(&base, "cluster_size=4096", 8 << 20);
+    q.io(
+        &base,
+        &[
+            "write -P 0x11 0 300k",
+            "write -P 0x22 2M 64k",
+            "write -z 3M 64k",
+        ],
+    );
+    q.img(&["snapshot", "-c", "s1", &base.display().to_string()]);
+    q.io(&base, &["write -P 0x33 4k 8k", "discard 2M 16k"]);
+    let pristine = std::fs::read(&base).expect("read the image");
+    // The metadata lives in the first clusters: header, reftable, refblock, L1, L2s.
+    let meta_end = pristine.len().min(40 * 4096);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let path = dir.path().join("mutated.qcow2");
+    let mut opened = 0;
+    for i in 0..1000u32 {
+        let mut bytes = pristine.clone();
+        for _ in 0..1 + rng.next() % 8 {
+            let at = (rng.next() % meta_end as u64) as usize & !7;
+            let v = rng.next() >> (rng.next() % 64);
+            bytes[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        std::fs::write(&path, &bytes).expect("write the mutated image");
+        let what = format!("mutated image {i}");
+        for mode in [Mode::read_only(), Mode::writable()] {
+            let mut disk = match h.open(&path, mode) {
+                Err(Error::Open(_)) => continue,
+                Err(other) => panic!("{what} ({mode:?}): untyped open error {other}"),
+                Ok(d) => d,
+            };
+            opened += 1;
+            let len = disk.len();
+            let mut buf = vec![0u8; 256 << 10];
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                typed(&what, "read", disk.read_at(&mut buf[..n], off));
+                off += n as u64;
+            }
+            if mode == Mode::writable() {
+                typed(&what, "write", disk.write_at(&buf[..12 << 10], 6 << 10));
+                typed(&what, "write", disk.write_at(&buf[..4096], len / 2));
+                typed(
+                    &what,
+                    "zeroes",
+                    disk.write_zeroes(64 << 10, 64 << 10, false),
+                );
+                typed(&what, "discard", disk.discard(1 << 20, 128 << 10));
+                typed(&what, "flush", disk.flush());
+            }
+            typed(&what, "check", disk.check(None));
+            typed(&what, "close", disk.close());
+        }
+    }
+    // Most damage is past the header: the requests above really ran on damaged tables.
+    assert!(opened > 1000, "only {opened} of 2000 opens succeeded");
+}
