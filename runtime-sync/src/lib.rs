@@ -40,6 +40,9 @@ use qcow2_proto::{CacheMode, Event, ImageConfig, Outcome, Request, SubmitError};
 
 use exec::Guest;
 
+/// Largest piece of a guest buffer sent as one request (well below the engine's limit).
+const MAX_PIECE: usize = 256 << 20;
+
 /// QEMU's cache modes.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
 pub enum Cache {
@@ -281,22 +284,37 @@ impl<F: HostFile> Image<F> {
 
     /// Reads `buf.len()` guest bytes at `offset`.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        if buf.is_empty() {
-            return Ok(());
+        let mut done = 0;
+        // Requests larger than the engine's limit go in pieces.
+        for piece in buf.chunks_mut(MAX_PIECE) {
+            let len = piece.len() as u64;
+            self.run(
+                Request::Read {
+                    offset: offset + done,
+                    len,
+                },
+                Guest::Read(piece),
+            )?;
+            done += len;
         }
-        let len = buf.len() as u64;
-        self.run(Request::Read { offset, len }, Guest::Read(buf))
-            .map(drop)
+        Ok(())
     }
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        if buf.is_empty() {
-            return Ok(());
+        let mut done = 0;
+        for piece in buf.chunks(MAX_PIECE) {
+            let len = piece.len() as u64;
+            self.run(
+                Request::Write {
+                    offset: offset + done,
+                    len,
+                },
+                Guest::Write(piece),
+            )?;
+            done += len;
         }
-        let len = buf.len() as u64;
-        self.run(Request::Write { offset, len }, Guest::Write(buf))
-            .map(drop)
+        Ok(())
     }
 
     /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.
