@@ -50,6 +50,7 @@ macro_rules! instantiate {
                 read_only_refuses_writes,
                 resize_rules,
                 block_status,
+                space_reused_across_sessions,
             }
             model {
                 v2_cluster_512,

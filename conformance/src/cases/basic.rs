@@ -221,3 +221,39 @@ pub fn block_status<H: Harness>(h: &H) {
     must(disk.close(), "close");
     must(our_check_clean(h, &path), "check");
 }
+
+/// Space discarded in one session is reused by allocations in the next (first fit from the
+/// start of the file, like QEMU), so a disk that keeps rewriting does not grow its file.
+pub fn space_reused_across_sessions<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let dir = scratch();
+    let path = dir.path().join("disk.qcow2");
+    let size = 64 << 20;
+    let mut model = Model::new(size);
+    let mut disk = must(
+        h.create(&path, &layout(size, 3, 65536, 16), Mode::writable()),
+        "create",
+    );
+    let data = pattern(1, 0, 4 << 20);
+    must(disk.write_at(&data, 0), "write 4 MiB");
+    must(disk.discard(0, 4 << 20), "discard it");
+    must(disk.close(), "close");
+    let grown = std::fs::metadata(&path).expect("stat").len();
+    for round in 0..3u32 {
+        let mut disk = must(h.open(&path, Mode::writable()), "reopen");
+        let offset = (8 + 8 * u64::from(round)) << 20;
+        let data = pattern(2 + round, offset, 4 << 20);
+        must(disk.write_at(&data, offset), "write 4 MiB elsewhere");
+        model.write(offset, &data);
+        must(disk.discard(offset, 4 << 20), "discard it");
+        model.write(offset, &vec![0; 4 << 20]);
+        must(matches_model(&mut disk, &model), "reading back");
+        must(disk.close(), "close");
+    }
+    let len = std::fs::metadata(&path).expect("stat").len();
+    assert!(
+        len <= grown + (1 << 20),
+        "the file grew from {grown} to {len} bytes instead of reusing space"
+    );
+    must(our_check_clean(h, &path), "check");
+}

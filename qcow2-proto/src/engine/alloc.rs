@@ -1,9 +1,10 @@
 //! Host cluster allocation and refcount updates.
 //!
-//! New clusters come from clusters freed during this session first, then from `next_free`,
-//! which starts at the end of the file: sequential allocations get contiguous host space.
-//! Every candidate's refcount is read before use (a crash may leave refcounted clusters past
-//! the end of the file). Decrements wait in `pending_frees` until a write-back cycle made the
+//! New clusters come from clusters freed during this session first, then from a first-fit
+//! scan that starts at cluster 1 when the image opens and only moves forward (`next_free`):
+//! holes left by earlier sessions are reused, and past the last used cluster sequential
+//! allocations get contiguous host space. Every candidate's refcount is read before use (a
+//! crash may leave refcounted clusters past the end of the file). Decrements wait in `pending_frees` until a write-back cycle made the
 //! dropping entry durable (rule B).
 
 use crate::error::{CorruptReason, RequestError, Structure, Table};

@@ -377,7 +377,9 @@ impl Image {
         self.l2 = Cache::new(slice as usize, (budget / slice) as usize);
         let rb_budget = self.config.refcount_cache_bytes.unwrap_or(4 * cs);
         self.rb = Cache::new(cs as usize, (rb_budget / cs) as usize);
-        self.next_free = self.config.file_len.div_ceil(cs).max(1);
+        // First fit from the start, like QEMU: space freed by earlier sessions is reused
+        // (the scan reads each refcount block once per session, as allocation proceeds).
+        self.next_free = 1;
         self.file_end = self.file_end.max(self.config.file_len);
     }
 
