@@ -104,17 +104,8 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
         cluster0[at + 4..at + 8].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
         cluster0[at + 8..at + 8 + bytes.len()].copy_from_slice(bytes);
     }
-    let header_len = if v3 {
-        cluster0.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
-    } else {
-        72
-    };
-    cluster0.truncate(
-        header_len
-            .next_multiple_of(8)
-            .max(V3_HEADER_LEN as usize)
-            .min(cs as usize),
-    );
+    // The whole first cluster is written, as qemu-img does (and qemu-img's heuristics on
+    // allocated host space then see the same file).
 
     let mut reftable = vec![0u8; (rt_clusters * cs) as usize];
     for i in 0..rb_count {

@@ -214,6 +214,8 @@ struct Alloc {
     host: u64,
     count: u64,
     state: AllocState,
+    /// Data-side ops (write, edge allocations) still outstanding.
+    io_pending: u8,
 }
 
 /// A refcount decrement waiting for the entry that dropped the reference to be durable.

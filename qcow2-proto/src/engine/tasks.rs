@@ -443,6 +443,7 @@ impl Image {
                     host,
                     count: got,
                     state: AllocState::Io,
+                    io_pending: 0,
                 });
                 let task = self.task(t);
                 task.alloc = Some(a);
@@ -502,31 +503,58 @@ impl Image {
             None => {}
         }
         let mut host = alloc.host;
-        // Clusters past the end of the file read as zero already: skip writing zeroes at
-        // the edges of a fresh allocation.
+        let mut edges = [None, None];
+        // Clusters past the end of the file read as zero already: instead of writing zeroes
+        // around the data of a fresh allocation, allocate those edges (like QEMU's zero
+        // range over the new cluster), concurrently, since the ranges are disjoint.
         if host >= self.file_end {
-            if let Some(Segment::Zeroes(n)) = segs.first() {
-                host += *n as u64;
+            if let Some(&Segment::Zeroes(n)) = segs.first() {
+                edges[0] = Some((host, n as u64));
+                host += n as u64;
                 segs.remove(0);
             }
-            if segs.len() > 1 && matches!(segs.last(), Some(Segment::Zeroes(_))) {
-                segs.pop();
+            if segs.len() > 1 {
+                if let Some(&Segment::Zeroes(n)) = segs.last() {
+                    let data: u64 = segs.iter().map(|s| s.len() as u64).sum();
+                    edges[1] = Some((host + data - n as u64, n as u64));
+                    segs.pop();
+                }
             }
         }
         if segs.is_empty() {
             segs.push(Segment::Zeroes(0));
         }
         self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
+        let mut pending = 1;
+        for (offset, len) in edges.into_iter().flatten() {
+            // Optional (the bytes read as zero either way): only when an op slot is free.
+            if self.op_room(1) {
+                self.issue_bare(
+                    Purpose::AllocWrite { alloc: a },
+                    IoKind::Allocate { len },
+                    offset,
+                );
+                pending += 1;
+            }
+        }
+        self.allocs[a as usize]
+            .as_mut()
+            .expect("live allocation")
+            .io_pending = pending;
     }
 
     pub(super) fn alloc_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
         self.recycle(op);
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
-        alloc.state = match result {
-            Ok(()) => AllocState::Ready,
-            Err(e) => AllocState::Failed(io_error(e)),
-        };
-        if result.is_ok() {
+        alloc.io_pending -= 1;
+        if let Err(e) = result {
+            alloc.state = AllocState::Failed(io_error(e));
+        }
+        if alloc.io_pending > 0 {
+            return;
+        }
+        if alloc.state == AllocState::Io {
+            alloc.state = AllocState::Ready;
             self.unsynced_data = true;
         }
         let t = alloc.task;
@@ -640,6 +668,7 @@ impl Image {
             host,
             count: 1,
             state: AllocState::Io,
+            io_pending: 0,
         });
         let cs = self.geo.cluster_size() as usize;
         if old == 0 {
@@ -959,6 +988,7 @@ impl Image {
                     host,
                     count: got,
                     state: AllocState::Ready,
+                    io_pending: 1,
                 });
                 let len = got << cb;
                 match mode {
