@@ -174,3 +174,32 @@ fn compressed_clusters_like_qemu() {
     assert_eq!(common::stdout(&ours), common::stdout(&theirs));
     assert_eq!(common::messages(&ours), common::messages(&theirs));
 }
+
+/// The same writes through us and through qemu-io give images qemu-img maps identically
+/// (offsets included): fresh clusters are laid out and allocated on the host like qemu's.
+#[test]
+fn our_writes_map_like_qemu_io_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    let writes = [
+        "write -P 1 0 4k",
+        "write -P 2 1M 100k",
+        "write -P 3 3M 64k",
+        "write -z 2M 64k",
+        "write -z 5M 4k",
+        "write -z -u 3M 64k",
+        "discard 1M 64k",
+        "write -P 4 6M 4k",
+    ];
+    sc.ours_ok(&["create", "-q", "-f", "qcow2", "ours.qcow2", "8M"]);
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "theirs.qcow2", "8M"]);
+    for w in writes {
+        sc.ours_ok(&["io", "-c", w, "ours.qcow2"]);
+        sc.qemu_io_ok(&["-c", w, "theirs.qcow2"]);
+    }
+    let ours = sc.qemu_img_ok(&["map", "--output=json", "ours.qcow2"]);
+    let theirs = sc.qemu_img_ok(&["map", "--output=json", "theirs.qcow2"]);
+    assert_eq!(ours, theirs, "qemu-img map of our image vs qemu-io's");
+}

@@ -39,6 +39,9 @@ fn edit_entry(
         (Mapping::Compressed { .. }, _) => {
             return Err(RequestError::Unsupported(Feature::CompressedClusters))
         }
+        // Like QEMU, zeroing sets the zero flag even where nothing is allocated (a backing
+        // file must not show through; without one, qemu-img map then calls it present).
+        (Mapping::Unallocated, Edit::Zero { .. }) if v3 => (Some(L2Entry::zero(0, false)), None),
         (Mapping::Unallocated, _) => (None, None),
         (Mapping::Zero { host: 0, .. }, Edit::Full) => (Some(L2Entry(0)), None),
         (Mapping::Zero { host: 0, .. }, _) => (None, None),
@@ -396,7 +399,11 @@ impl Image {
                 Ok(())
             }
             Mapping::Unallocated | Mapping::Zero { .. } if body == Body::Zeroes => {
-                // A partial zero write into a cluster that reads as zero: nothing to do.
+                // A partial zero write into a cluster that reads as zero: like QEMU, the
+                // whole cluster gets the zero flag (v3), nothing is written.
+                if first == Mapping::Unallocated && self.hdr.version >= 3 {
+                    self.set_entry(slot, idx, L2Entry::zero(0, false));
+                }
                 self.task(t).pos = end.min(limit(1));
                 Ok(())
             }
@@ -772,7 +779,8 @@ impl Image {
         };
         let gc = pos >> cb;
         let l1i = gc >> self.geo.l2_bits;
-        if self.l1_l2(l1i)?.is_none() {
+        let v3 = self.hdr.version >= 3;
+        if self.l1_l2(l1i)?.is_none() && !(v3 && matches!(edit, Edit::Zero { .. })) {
             // No table: everything reads as zero already (no backing file).
             self.task(t).pos = full_end
                 .max(pos)
@@ -783,7 +791,6 @@ impl Image {
         }
         let l2 = self.owned_l2(t, l1i)?;
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
-        let v3 = self.hdr.version >= 3;
         let mut n = 0;
         while idx + n < self.per_slice()
             && (gc + n as u64) << cb < full_end
