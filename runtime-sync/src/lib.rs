@@ -357,8 +357,9 @@ impl<F: HostFile> Image<F> {
         }
     }
 
-    /// Counts host clusters below byte `end` with a non-zero refcount, up to `limit`.
-    pub fn count_refcounted(&mut self, end: u64, limit: u64) -> Result<u64, Error> {
+    /// Counts the host clusters below byte `end` that the image accounts as in use, up to
+    /// `limit` (qemu-img's metadata-preallocation test needs it).
+    pub fn count_used_clusters(&mut self, end: u64, limit: u64) -> Result<u64, Error> {
         match self.run(Request::CountRefcounted { end, limit }, Guest::None)? {
             Outcome::Count(n) => Ok(n),
             _ => Err(Error::Stalled),
