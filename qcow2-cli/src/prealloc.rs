@@ -18,7 +18,7 @@ pub fn detect_metadata_preallocation(img: &mut Image) -> std::io::Result<bool> {
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let file_len = file.metadata()?.len();
     let count = img
-        .count_refcounted(file_len, threshold)
+        .count_used_clusters(file_len, threshold)
         .map_err(std::io::Error::other)?;
     Ok(count >= threshold)
 }
