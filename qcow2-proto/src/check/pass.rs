@@ -490,22 +490,7 @@ impl Pass {
                 first
             }
         };
-        let mut parsed = Layout::parse(&bytes, true);
-        if let Ok(layout) = &parsed {
-            // QEMU refuses some extension areas the format parser lets through.
-            let h = &layout.header;
-            let end = if h.backing_file_offset != 0 {
-                h.backing_file_offset
-            } else {
-                layout.geo.cluster_size()
-            };
-            if let Some((offset, ext_type)) =
-                walk::extension_too_large(&bytes, h.header_length as usize, end as usize)
-            {
-                parsed = Err(FormatError::ExtensionTooLarge { ext_type, offset }.into());
-            }
-        }
-        match parsed {
+        match Layout::parse(&bytes, true) {
             Ok(layout) => self.accept_layout(&layout),
             Err(e) => {
                 self.header_error = Some(e);

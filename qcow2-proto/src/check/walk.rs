@@ -220,17 +220,6 @@ pub(crate) fn parse_snapshots(buf: &[u8], count: u32) -> SnapParse {
     SnapParse::Done { snaps, size: off }
 }
 
-/// QEMU's `qcow2_read_extensions` bounds test over cluster 0's extension area
-/// (`start..end`): each extension's 8-byte head and its data must fit before `end`, tested
-/// before its type is looked at (so an end marker with a length too large is refused too).
-/// Returns `(byte offset, type)` of the first extension that does not fit.
-pub(crate) fn extension_too_large(cluster0: &[u8], start: usize, end: usize) -> Option<(u64, u32)> {
-    match crate::format::extension::Extensions::parse(cluster0, start, end) {
-        Err(crate::FormatError::ExtensionTooLarge { ext_type, offset }) => Some((offset, ext_type)),
-        _ => None,
-    }
-}
-
 /// A bitmap's table, from the bitmap directory.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub(crate) struct BitmapTable {
@@ -416,19 +405,6 @@ mod tests {
             parse_snapshots(&snap_entry(2000, "", ""), 1),
             SnapParse::TooMuchExtra(0)
         );
-    }
-
-    #[test]
-    fn extension_bounds_like_qemu() {
-        let mut c = vec![0u8; 512];
-        assert_eq!(extension_too_large(&c, 112, 512), None);
-        // An end marker whose length runs past the area is refused.
-        c[116..120].copy_from_slice(&1000u32.to_be_bytes());
-        assert_eq!(extension_too_large(&c, 112, 512), Some((112, 0)));
-        // Fewer than 8 bytes left before the end of the area.
-        let c = vec![0u8; 512];
-        assert_eq!(extension_too_large(&c, 508, 512), Some((508, 0)));
-        assert_eq!(extension_too_large(&c, 512, 512), None);
     }
 
     #[test]

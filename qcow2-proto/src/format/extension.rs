@@ -266,3 +266,29 @@ pub fn default_feature_names() -> Vec<RawFeatureName> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_bounds_like_qemu() {
+        let mut c = vec![0u8; 512];
+        assert!(Extensions::parse(&c, 112, 512).is_ok());
+        // An end marker whose length runs past the area is refused.
+        c[116..120].copy_from_slice(&1000u32.to_be_bytes());
+        let too_large = FormatError::ExtensionTooLarge {
+            ext_type: 0,
+            offset: 112,
+        };
+        assert_eq!(Extensions::parse(&c, 112, 512), Err(too_large));
+        // Fewer than 8 bytes left before the end of the area.
+        let c = vec![0u8; 512];
+        let too_large = FormatError::ExtensionTooLarge {
+            ext_type: 0,
+            offset: 508,
+        };
+        assert_eq!(Extensions::parse(&c, 508, 512), Err(too_large));
+        assert!(Extensions::parse(&c, 512, 512).is_ok());
+    }
+}
