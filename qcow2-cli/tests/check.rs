@@ -170,6 +170,36 @@ fn dirty_images_check_and_repair_like_qemu() {
     assert_eq!(sc.qemu_img(&["check", "d.qcow2"]).status.code(), Some(0));
 }
 
+/// An empty refcount table (refcount_table_clusters = 0): only check mode opens it, and
+/// `-r all` rebuilds the refcount structure, as qemu-img does.
+#[test]
+fn empty_refcount_table_checks_and_rebuilds_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "z.qcow2", "8M"]);
+    sc.qemu_io_ok(&["-c", "write -P 5 0 64k", "z.qcow2"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sc.path("z.qcow2"))
+        .unwrap();
+    f.write_all_at(&0u32.to_be_bytes(), 56).unwrap();
+    drop(f);
+    assert_eq!(same_check(&sc, "z.qcow2", &[]), Some(2));
+    same_check(&sc, "z.qcow2", &["-r", "all"]);
+    sc.ours_ok(&["check", "-r", "all", "z.qcow2"]);
+    sc.ours_ok(&[
+        "io",
+        "-c",
+        "read -P 5 0 64k",
+        "-c",
+        "write -P 6 1M 64k",
+        "z.qcow2",
+    ]);
+    assert_eq!(sc.qemu_img(&["check", "z.qcow2"]).status.code(), Some(0));
+}
+
 #[test]
 fn raw_images_have_no_check() {
     if !have_qemu() {

@@ -490,7 +490,7 @@ impl Pass {
                 first
             }
         };
-        match Layout::parse(&bytes, true) {
+        match Layout::parse_with(&bytes, true, true) {
             Ok(layout) => self.accept_layout(&layout),
             Err(e) => {
                 self.header_error = Some(e);

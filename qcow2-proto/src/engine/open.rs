@@ -230,7 +230,11 @@ impl Image {
             Step::CreateSync => Some(Step::Header),
             Step::Header => {
                 // Fail early on what makes the cluster size meaningless.
-                match Layout::parse(self.header_buf.as_slice(), self.parse_read_only()) {
+                match Layout::parse_with(
+                    self.header_buf.as_slice(),
+                    self.parse_read_only(),
+                    self.config.check_only,
+                ) {
                     Err(OpenError::Format(
                         e @ (FormatError::BadMagic
                         | FormatError::UnsupportedVersion(_)
@@ -261,7 +265,11 @@ impl Image {
     }
 
     fn after_cluster0(&mut self) -> Option<Step> {
-        let layout = match Layout::parse(self.header_buf.as_slice(), self.parse_read_only()) {
+        let layout = match Layout::parse_with(
+            self.header_buf.as_slice(),
+            self.parse_read_only(),
+            self.config.check_only,
+        ) {
             Ok(l) => l,
             Err(e) => {
                 self.fail_open(e);

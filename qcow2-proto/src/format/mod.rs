@@ -123,6 +123,16 @@ impl Layout {
     /// Validates cluster 0 the way QEMU does at open (same order, same limits).
     /// `cluster0` holds at least the first cluster (or the whole file, if shorter).
     pub fn parse(cluster0: &[u8], read_only: bool) -> Result<Self, OpenError> {
+        Self::parse_with(cluster0, read_only, false)
+    }
+
+    /// Like [`parse`](Self::parse); `check_mode` (QEMU's check mode) also accepts an empty
+    /// refcount table, which only a check can repair (by rebuilding it).
+    pub fn parse_with(
+        cluster0: &[u8],
+        read_only: bool,
+        check_mode: bool,
+    ) -> Result<Self, OpenError> {
         let h = Header::decode(cluster0).ok_or(FormatError::Truncated(cluster0.len() as u64))?;
         if u32::from_be_bytes([cluster0[0], cluster0[1], cluster0[2], cluster0[3]]) != MAGIC {
             return Err(FormatError::BadMagic.into());
@@ -190,7 +200,7 @@ impl Layout {
         let geo = Geometry::new(h.cluster_bits, h.refcount_order);
 
         // Refcount table.
-        if h.refcount_table_clusters == 0 {
+        if h.refcount_table_clusters == 0 && !check_mode {
             return Err(FormatError::NoRefcountTable.into());
         }
         let reftable_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
