@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use arrayvec::ArrayVec;
 
 use crate::check::{CheckReport, Checker, Repair};
-use crate::config::{CacheMode, CreateOptions, ImageConfig, Preallocation};
+use crate::config::{CreateOptions, ImageConfig, Preallocation};
 use crate::error::{CorruptReason, Corruption, RequestError, Structure, SubmitError};
 use crate::event::Event;
 use crate::format::header::{incompat, Header};
@@ -994,6 +994,3 @@ fn be64(b: &[u8], i: usize) -> u64 {
 fn put_be64(b: &mut [u8], i: usize, v: u64) {
     b[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
 }
-
-#[allow(dead_code)]
-fn _assert_types(_: CacheMode) {}
