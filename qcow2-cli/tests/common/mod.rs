@@ -12,22 +12,9 @@ use serde_json::Value;
 pub const QCOW2: &str = env!("CARGO_BIN_EXE_qcow2");
 
 /// Whether `qemu-img` and `qemu-io` can run. When they cannot: panics if `CI` is set,
-/// else prints why the test is skipped and returns false.
+/// else prints why the test is skipped and returns false (the conformance suite's rule).
 pub fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img/qemu-io are required when CI is set"
-        );
-        eprintln!("skipping: qemu-img/qemu-io not found (install qemu-utils)");
-    }
-    ok
+    qcow2_conformance::qemu::Qemu::require("qcow2-cli tests").is_some()
 }
 
 /// A test's scratch directory.

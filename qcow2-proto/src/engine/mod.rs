@@ -781,6 +781,15 @@ impl Image {
     /// Whether a write-back cycle would do anything now. Cycles never start empty: a
     /// parked task asking for one again at once would otherwise spin.
     fn cycle_has_work(&self) -> bool {
+        self.unwritten()
+            || self
+                .pending_frees
+                .front()
+                .is_some_and(|f| self.oldest_data_op() > f.op_seq)
+    }
+
+    /// Whether metadata or completed data still waits to be written back or made durable.
+    fn unwritten(&self) -> bool {
         self.l2.any_dirty()
             || self.rb.any_dirty()
             || self.l1_dirty.iter().any(|&d| d)
@@ -788,10 +797,6 @@ impl Image {
             || self.rt_relocated
             || self.header_dirty
             || self.unsynced_data
-            || self
-                .pending_frees
-                .front()
-                .is_some_and(|f| self.oldest_data_op() > f.op_seq)
     }
 
     fn step_flush(&mut self, t: u32) -> bool {
@@ -814,14 +819,7 @@ impl Image {
     }
 
     fn has_dirty_state(&self) -> bool {
-        self.l2.any_dirty()
-            || self.rb.any_dirty()
-            || self.l1_dirty.iter().any(|&d| d)
-            || self.rt_dirty.iter().any(|&d| d)
-            || self.rt_relocated
-            || self.header_dirty
-            || !self.pending_frees.is_empty()
-            || self.unsynced_data
+        self.unwritten() || !self.pending_frees.is_empty()
     }
 
     /// Check: write everything back, run the checker over the file, and reload the metadata
