@@ -25,6 +25,45 @@ pub struct Caps {
     /// Steady-state requests are expected to perform no heap allocation in the engine and
     /// the runtime (checked by the counting allocator `instantiate!` installs).
     pub alloc_free: bool,
+    /// [`Disk::run_batch`] runs its requests concurrently (all in flight at once).
+    pub concurrent: bool,
+}
+
+/// One request of a concurrent batch ([`Disk::run_batch`]).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum BatchOp {
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Guest offset.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Write zeroes.
+    Zeroes {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// Let host space go.
+        unmap: bool,
+    },
+    /// Discard whole clusters.
+    Discard {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Flush.
+    Flush,
 }
 
 /// When writes become durable, as QEMU's cache modes name it.
@@ -152,6 +191,13 @@ pub trait Disk {
     fn flush_count(&self) -> u64;
     /// Writes everything back, marks the image clean and closes it.
     fn close(self) -> Result<(), Error>;
+    /// Runs every request of `batch` at once (all in flight together, from separate tasks)
+    /// and returns each one's result in order: the data for reads, empty otherwise. `None`
+    /// when the runtime runs one request at a time (no [`Caps::concurrent`]).
+    fn run_batch(&mut self, batch: &[BatchOp]) -> Option<Vec<Result<Vec<u8>, Error>>> {
+        let _ = batch;
+        None
+    }
 }
 
 /// Skips the calling case (with a printed line) unless the harness has every named

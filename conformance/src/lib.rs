@@ -18,6 +18,8 @@
 //! property failure), `QCOW2_ALLOC_TRACE=1` (backtrace of the first steady-state
 //! allocation), `QCOW2_CASE_TIMEOUT_SECS` (hang watchdog, default 600).
 
+#[cfg(any(feature = "smol", feature = "uring"))]
+pub mod async_rt;
 pub mod cases;
 pub mod counting_alloc;
 pub mod harness;
@@ -26,8 +28,11 @@ pub mod model;
 pub mod prop;
 pub mod qemu;
 pub mod script;
-#[cfg(feature = "sync")]
+#[cfg(feature = "smol")]
+pub mod smol;
 pub mod sync;
+#[cfg(feature = "uring")]
+pub mod uring;
 pub mod verify;
 pub mod watchdog;
 
@@ -122,6 +127,13 @@ macro_rules! instantiate {
                 shared_clusters_untouched_v2,
                 shared_clusters_untouched_v3,
                 bitmaps_invalidated_by_writable_open,
+            }
+            concurrency {
+                overlapping_writes_cluster_64k,
+                overlapping_writes_cluster_4k,
+                overlapping_writes_cluster_512,
+                write_through_group_commit,
+                same_script_same_image,
             }
             regressions {
                 shrink_dropping_a_thousand_clusters,

@@ -47,6 +47,7 @@ impl Harness for SyncHarness {
             write_through: true,
             direct_io: true,
             alloc_free: true,
+            concurrent: false,
         }
     }
 

@@ -1,26 +1,37 @@
 //! Executes one op against the host file: the whole "runtime" part of this crate.
+//!
+//! Public so that other runtimes can run ops the same way (qcow2-smol runs each op on the
+//! blocking pool; qcow2-uring falls back to it for ops io_uring cannot take as they are).
 
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment};
 
 use crate::file::HostFile;
 
-/// The guest buffer of the request being run.
-pub(crate) enum Guest<'a> {
+/// The guest buffer of the request an op belongs to.
+#[derive(Debug)]
+pub enum Guest<'a> {
+    /// The buffer a read fills.
     Read(&'a mut [u8]),
+    /// The buffer a write takes its data from.
     Write(&'a [u8]),
+    /// The op touches no guest memory.
     None,
 }
 
 const ALIGN: u64 = 4096;
 static ZEROES: [u8; 65536] = [0; 65536];
 
+/// Runs ops with positional I/O; keeps the bounce buffer O_DIRECT needs for unaligned guest
+/// memory, and counts bounced bytes and syncs.
 #[derive(Debug)]
-pub(crate) struct Executor {
+pub struct Executor {
     direct: bool,
     ignore_flush: bool,
     bounce: IoBuf,
-    pub(crate) bounced: u64,
-    pub(crate) syncs: u64,
+    /// Guest bytes copied through the bounce buffer.
+    pub bounced: u64,
+    /// `fdatasync` calls (counted even when `unsafe` cache ignores them).
+    pub syncs: u64,
 }
 
 fn err(e: std::io::Error) -> IoError {
@@ -35,7 +46,14 @@ fn guest_missing() -> IoError {
 }
 
 impl Executor {
-    pub(crate) fn new(direct: bool, ignore_flush: bool) -> Self {
+    /// An executor for files opened with `cache`.
+    pub fn for_cache(cache: crate::Cache) -> Self {
+        Self::new(cache.direct(), cache == crate::Cache::Unsafe)
+    }
+
+    /// An executor; `direct` when the file is opened `O_DIRECT`, `ignore_flush` to skip
+    /// `fdatasync` (QEMU's `unsafe`).
+    pub fn new(direct: bool, ignore_flush: bool) -> Self {
         Self {
             direct,
             ignore_flush,
@@ -45,7 +63,9 @@ impl Executor {
         }
     }
 
-    pub(crate) fn run<F: HostFile>(
+    /// Runs `op`; returns the bytes read (a read past the end of file fills zeroes and
+    /// counts only the bytes read) or written.
+    pub fn run<F: HostFile>(
         &mut self,
         file: &F,
         op: &mut IoOp,
@@ -89,7 +109,7 @@ impl Executor {
 
     /// Whether the op can go to the kernel as it is under O_DIRECT: sector-aligned offset and
     /// lengths, page-aligned memory, no zero segments (those come from an unaligned static).
-    fn direct_ok(op: &IoOp, guest: &Guest<'_>) -> bool {
+    pub fn direct_ok(op: &IoOp, guest: &Guest<'_>) -> bool {
         let addr_ok =
             |p: *const u8, len: usize| (p as usize) % ALIGN as usize == 0 && len % 512 == 0;
         op.offset % 512 == 0

@@ -22,7 +22,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod exec;
+pub mod exec;
 mod file;
 mod io_adapter;
 
@@ -38,7 +38,7 @@ pub use qcow2_proto::{
 };
 use qcow2_proto::{CacheMode, Event, ImageConfig, Outcome, Request, SubmitError};
 
-use exec::Guest;
+use exec::{Executor, Guest};
 
 /// Largest piece of a guest buffer sent as one request (well below the engine's limit).
 const MAX_PIECE: usize = 256 << 20;
@@ -72,11 +72,13 @@ impl Cache {
         })
     }
 
-    fn direct(self) -> bool {
+    /// Whether the mode bypasses the host page cache (`O_DIRECT`).
+    pub fn direct(self) -> bool {
         matches!(self, Self::None | Self::DirectSync)
     }
 
-    fn mode(self) -> CacheMode {
+    /// The engine's durability mode for this cache mode.
+    pub fn mode(self) -> CacheMode {
         match self {
             Self::WriteThrough | Self::DirectSync => CacheMode::WriteThrough,
             _ => CacheMode::WriteBack,
@@ -135,6 +137,17 @@ pub enum Error {
     /// The engine stopped producing work before finishing a request (a bug).
     #[error("internal error: the engine stalled")]
     Stalled,
+    /// The image was closed (or its driver stopped) before the request could run.
+    #[error("the image is closed")]
+    Closed,
+    /// The runtime could not set itself up (an async runtime's ring or driver).
+    #[error("{what}: {source}")]
+    Runtime {
+        /// What was being set up.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 impl From<SubmitError> for Error {
@@ -156,7 +169,9 @@ pub struct Image<F: HostFile = File> {
     closed: bool,
 }
 
-fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<File, Error> {
+/// Opens (or creates and truncates) the host file at `path` as `cache` requires: `O_DIRECT`
+/// for `none` and `directsync`. Shared by every runtime.
+pub fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<File, Error> {
     let mut o = FsOpenOptions::new();
     o.read(true).write(write);
     if create {
@@ -169,6 +184,50 @@ fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<Fil
         path: path.to_owned(),
         source,
     })
+}
+
+/// The engine configuration for a host file opened with `options`.
+pub fn engine_config<F: HostFile>(file: &F, options: &OpenOptions) -> Result<ImageConfig, Error> {
+    let len = file.len().map_err(|source| Error::File {
+        path: "<image>".into(),
+        source,
+    })?;
+    let mut config = ImageConfig::new(len);
+    config.read_only = options.read_only;
+    config.cache_mode = options.cache.mode();
+    config.l2_cache_bytes = options.l2_cache_bytes;
+    config.refcount_cache_bytes = options.refcount_cache_bytes;
+    config.inspect_only = options.inspect_only;
+    config.check_only = options.check_only;
+    Ok(config)
+}
+
+/// Runs an opening (or creating) engine's plan to its end with blocking I/O: the async
+/// runtimes open this way too (opening reads a few tables, once).
+pub fn drive_open<F: HostFile>(
+    engine: &mut qcow2_proto::Image,
+    file: &F,
+    exec: &mut Executor,
+) -> Result<ImageInfo, Error> {
+    loop {
+        let mut progressed = false;
+        while let Some(mut op) = engine.poll_io() {
+            progressed = true;
+            let r = exec.run(file, &mut op, &mut Guest::None);
+            engine.complete(op, r);
+        }
+        while let Some(ev) = engine.poll_event() {
+            progressed = true;
+            match ev {
+                Event::Opened(info) => return Ok(*info),
+                Event::OpenFailed(e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        if !progressed {
+            return Err(Error::Stalled);
+        }
+    }
 }
 
 impl Image<File> {
@@ -192,24 +251,9 @@ impl Image<File> {
 }
 
 impl<F: HostFile> Image<F> {
-    fn config(file: &F, options: &OpenOptions) -> Result<ImageConfig, Error> {
-        let len = file.len().map_err(|source| Error::File {
-            path: "<image>".into(),
-            source,
-        })?;
-        let mut config = ImageConfig::new(len);
-        config.read_only = options.read_only;
-        config.cache_mode = options.cache.mode();
-        config.l2_cache_bytes = options.l2_cache_bytes;
-        config.refcount_cache_bytes = options.refcount_cache_bytes;
-        config.inspect_only = options.inspect_only;
-        config.check_only = options.check_only;
-        Ok(config)
-    }
-
     /// Opens an image in an already opened host file.
     pub fn from_file(file: F, options: &OpenOptions) -> Result<Self, Error> {
-        let engine = qcow2_proto::Image::open(Self::config(&file, options)?);
+        let engine = qcow2_proto::Image::open(engine_config(&file, options)?);
         Self::finish_open(engine, file, options)
     }
 
@@ -219,44 +263,24 @@ impl<F: HostFile> Image<F> {
         create: &CreateOptions,
         options: &OpenOptions,
     ) -> Result<Self, Error> {
-        let engine = qcow2_proto::Image::create(Self::config(&file, options)?, *create);
+        let engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
         Self::finish_open(engine, file, options)
     }
 
     fn finish_open(
-        engine: qcow2_proto::Image,
+        mut engine: qcow2_proto::Image,
         file: F,
         options: &OpenOptions,
     ) -> Result<Self, Error> {
-        let mut exec = exec::Executor::new(options.cache.direct(), options.cache == Cache::Unsafe);
-        let mut engine = engine;
-        loop {
-            let mut progressed = false;
-            while let Some(mut op) = engine.poll_io() {
-                progressed = true;
-                let r = exec.run(&file, &mut op, &mut Guest::None);
-                engine.complete(op, r);
-            }
-            while let Some(ev) = engine.poll_event() {
-                progressed = true;
-                match ev {
-                    Event::Opened(info) => {
-                        return Ok(Self {
-                            engine,
-                            file,
-                            exec,
-                            info: *info,
-                            closed: false,
-                        });
-                    }
-                    Event::OpenFailed(e) => return Err(e.into()),
-                    _ => {}
-                }
-            }
-            if !progressed {
-                return Err(Error::Stalled);
-            }
-        }
+        let mut exec = Executor::for_cache(options.cache);
+        let info = drive_open(&mut engine, &file, &mut exec)?;
+        Ok(Self {
+            engine,
+            file,
+            exec,
+            info,
+            closed: false,
+        })
     }
 
     fn run(&mut self, req: Request, mut guest: Guest<'_>) -> Result<Outcome, Error> {

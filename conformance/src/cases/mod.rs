@@ -2,6 +2,7 @@
 //! failure; [`instantiate!`](crate::instantiate) lists them all.
 
 pub mod basic;
+pub mod concurrency;
 pub mod create;
 pub mod features;
 pub mod flush;

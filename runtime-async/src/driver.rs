@@ -1,0 +1,269 @@
+//! [`Driver`]: the single owner of the engine. A runtime's driver loop feeds it commands and
+//! completions and executes the ops it yields; the request table here pairs each engine
+//! request with its caller's reply channel and guest buffer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_channel::{Receiver, RecvError, Sender, TryRecvError};
+use hashbrown::HashMap;
+use qcow2_proto::{Event, ImageInfo, Outcome, ReqId, Request, SubmitError};
+
+use crate::buf::GuestBuf;
+use crate::handle::{Cmd, Image, Reply, Shared, Wake};
+use crate::Error;
+
+/// Where a request's guest buffer is while the request runs.
+#[derive(Default)]
+pub enum GuestSlot {
+    /// The request has no buffer.
+    #[default]
+    None,
+    /// Held by the driver.
+    Owned(Box<dyn GuestBuf>),
+    /// Moved into an op for the time of its I/O; [`Driver::restore`] brings it back.
+    Lent,
+    /// Shared read-only with the ops of a write (the driver unwraps it at the reply).
+    Shared(Arc<Box<dyn GuestBuf>>),
+}
+
+impl std::fmt::Debug for GuestSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "None",
+            Self::Owned(_) => "Owned",
+            Self::Lent => "Lent",
+            Self::Shared(_) => "Shared",
+        })
+    }
+}
+
+impl GuestSlot {
+    fn take_box(&mut self) -> Option<Box<dyn GuestBuf>> {
+        match std::mem::take(self) {
+            Self::Owned(b) => Some(b),
+            // Every op holding a clone dropped it before its completion was fed back, and
+            // the engine reports a request done only after all its ops completed.
+            Self::Shared(arc) => Arc::into_inner(arc),
+            Self::None | Self::Lent => None,
+        }
+    }
+}
+
+/// A request the engine is running.
+struct Pending {
+    reply: Option<Sender<Reply>>,
+    slot: GuestSlot,
+    base: usize,
+}
+
+impl Pending {
+    fn reply(&mut self, result: Result<Outcome, Error>) {
+        if let Some(tx) = self.reply.take() {
+            let buf = self.slot.take_box();
+            // The caller may have stopped waiting: the buffer is dropped with the reply.
+            let _ = tx.try_send(Reply { result, buf });
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// A request dropped without an answer (driver shutting down) still gets one, with its
+    /// buffer.
+    fn drop(&mut self) {
+        self.reply(Err(Error::Closed));
+    }
+}
+
+/// The engine with its request table. Exactly one exists per open image.
+pub struct Driver {
+    /// The engine; the runtime drains its `poll_io` and feeds `complete`.
+    pub engine: qcow2_proto::Image,
+    rx: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    reqs: HashMap<ReqId, Pending>,
+    /// Commands the engine refused as `Busy`, in arrival order.
+    backlog: VecDeque<Cmd>,
+    disconnected: bool,
+    close_sent: bool,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("requests", &self.reqs.len())
+            .field("backlog", &self.backlog.len())
+            .field("disconnected", &self.disconnected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// Wraps an engine that finished opening (`info` from its `Opened` event) and makes the
+    /// first handle. `wake` is called after each command is sent (and when a handle drops).
+    pub fn start(
+        engine: qcow2_proto::Image,
+        info: ImageInfo,
+        wake: Option<Box<dyn Wake>>,
+    ) -> (Self, Image) {
+        let (image, rx) = Image::new(info, wake);
+        let driver = Self {
+            engine,
+            rx,
+            shared: image.shared(),
+            reqs: HashMap::new(),
+            backlog: VecDeque::new(),
+            disconnected: false,
+            close_sent: false,
+        };
+        (driver, image)
+    }
+
+    /// Waits for the next command; never resolves once every handle is gone.
+    pub async fn recv(&self) -> Result<Cmd, RecvError> {
+        if self.disconnected {
+            std::future::pending().await
+        } else {
+            self.rx.recv().await
+        }
+    }
+
+    /// Takes the result of [`recv`](Self::recv).
+    pub fn take(&mut self, cmd: Result<Cmd, RecvError>) {
+        match cmd {
+            Ok(cmd) => self.accept(cmd),
+            Err(RecvError) => self.disconnect(),
+        }
+    }
+
+    /// Accepts every command already queued, without waiting.
+    pub fn accept_ready(&mut self) {
+        while !self.disconnected {
+            match self.rx.try_recv() {
+                Ok(cmd) => self.accept(cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => self.disconnect(),
+            }
+        }
+    }
+
+    fn accept(&mut self, cmd: Cmd) {
+        if self.backlog.is_empty() {
+            if let Some(cmd) = self.submit(cmd) {
+                self.backlog.push_back(cmd);
+            }
+        } else {
+            self.backlog.push_back(cmd);
+        }
+    }
+
+    /// Submits a command; gives it back when the engine is busy.
+    fn submit(&mut self, cmd: Cmd) -> Option<Cmd> {
+        // The engine reuses a finished request's id: answer every queued `Done` before an id
+        // can come back, so that a table entry is never replaced.
+        self.answer();
+        let close = matches!(cmd.req, Request::Close);
+        match self.engine.submit(cmd.req) {
+            Ok(id) => {
+                self.close_sent |= close;
+                let slot = cmd.buf.map_or(GuestSlot::None, GuestSlot::Owned);
+                let pending = Pending {
+                    reply: Some(cmd.reply),
+                    slot,
+                    base: cmd.base,
+                };
+                self.reqs.insert(id, pending);
+                None
+            }
+            Err(SubmitError::Busy) => Some(cmd),
+            Err(e) => {
+                let _ = cmd.reply.try_send(Reply {
+                    result: Err(e.into()),
+                    buf: cmd.buf,
+                });
+                None
+            }
+        }
+    }
+
+    /// Every handle is gone: close a writable image that nobody closed.
+    fn disconnect(&mut self) {
+        self.disconnected = true;
+        if !self.close_sent && !self.shared.info.read_only {
+            self.close_sent = true;
+            if let Ok(id) = self.engine.submit(Request::Close) {
+                let pending = Pending {
+                    reply: None,
+                    slot: GuestSlot::None,
+                    base: 0,
+                };
+                self.reqs.insert(id, pending);
+            }
+        }
+    }
+
+    /// Drains the engine's events: answers finished requests, then retries the backlog.
+    pub fn events(&mut self) {
+        self.answer();
+        // Retried whenever something waits: `submit` answers requests too, so room may
+        // have appeared without a `Done` here.
+        loop {
+            let Some(cmd) = self.backlog.pop_front() else {
+                break;
+            };
+            if let Some(cmd) = self.submit(cmd) {
+                self.backlog.push_front(cmd);
+                break;
+            }
+        }
+        if self.disconnected && !self.backlog.is_empty() && self.reqs.is_empty() {
+            // Nothing in flight can make room any more; answer what is left.
+            for cmd in self.backlog.drain(..) {
+                let _ = cmd.reply.try_send(Reply {
+                    result: Err(Error::Closed),
+                    buf: cmd.buf,
+                });
+            }
+        }
+    }
+
+    /// Answers the finished requests; returns whether there were any.
+    fn answer(&mut self) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.engine.poll_event() {
+            if let Event::Done { req, result } = ev {
+                any = true;
+                if let Some(mut p) = self.reqs.remove(&req) {
+                    p.reply(result.map_err(Error::Request));
+                }
+            }
+        }
+        any
+    }
+
+    /// The guest buffer slot of request `req`, and the offset into the buffer of the
+    /// request's byte 0 (add it to every `Segment::Guest::start`).
+    pub fn guest(&mut self, req: ReqId) -> Option<(&mut GuestSlot, usize)> {
+        self.reqs.get_mut(&req).map(|p| (&mut p.slot, p.base))
+    }
+
+    /// Puts a lent buffer back.
+    pub fn restore(&mut self, req: ReqId, buf: Box<dyn GuestBuf>) {
+        if let Some(p) = self.reqs.get_mut(&req) {
+            p.slot = GuestSlot::Owned(buf);
+        }
+    }
+
+    /// Whether the driver loop may end: every handle gone, every request answered, and no
+    /// op of the runtime's (`inflight`) outstanding.
+    pub fn finished(&self, inflight: usize) -> bool {
+        self.disconnected && self.reqs.is_empty() && self.backlog.is_empty() && inflight == 0
+    }
+
+    /// Adds to the counters the handles report.
+    pub fn count(&self, syncs: u64, bounced: u64) {
+        self.shared.syncs.fetch_add(syncs, Ordering::Relaxed);
+        self.shared.bounced.fetch_add(bounced, Ordering::Relaxed);
+    }
+}
