@@ -1,0 +1,650 @@
+//! The ring thread: the engine's single owner. It turns every op into a submission entry,
+//! submits them in batches, and feeds completions back. All of the crate's unsafe code is
+//! here; `UNSAFE.md` lists each block.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use qcow2_async::{Driver, GuestSlot, Wake};
+use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment};
+use qcow2_sync::exec::{Executor, Guest};
+use qcow2_sync::{Cache, Error};
+
+/// `user_data` of the eventfd poll; ops use their slot index.
+const WAKE: u64 = u64::MAX;
+/// Memory alignment O_DIRECT gets from us (the core's pages).
+const ALIGN: usize = 4096;
+/// Offset and length granularity of O_DIRECT.
+const SECTOR: u64 = 512;
+
+/// Builds an entry against the image file: the registered index when registration
+/// worked, the raw descriptor otherwise.
+macro_rules! on_file {
+    ($l:expr, |$fd:ident| $build:expr) => {
+        if $l.fixed {
+            let $fd = types::Fixed(0);
+            $build
+        } else {
+            let $fd = types::Fd($l.file.as_raw_fd());
+            $build
+        }
+    };
+}
+
+/// A ring that passed the probe.
+pub(crate) struct Ring(IoUring);
+
+impl Ring {
+    /// Sets up a ring of `entries` and checks every opcode the runtime uses.
+    pub(crate) fn new(entries: u32) -> Result<Self, Error> {
+        let ring = IoUring::new(entries).map_err(|source| Error::Runtime {
+            what: "io_uring_setup failed (this kernel lacks io_uring, or it is disabled by \
+                   kernel.io_uring_disabled or a seccomp filter)",
+            source,
+        })?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|source| Error::Runtime {
+                what: "io_uring opcode probe failed (IORING_REGISTER_PROBE needs Linux 5.6)",
+                source,
+            })?;
+        match missing_opcode(|code| probe.is_supported(code)) {
+            None => Ok(Self(ring)),
+            Some(what) => Err(Error::Runtime {
+                what,
+                source: io::ErrorKind::Unsupported.into(),
+            }),
+        }
+    }
+}
+
+/// The first opcode the runtime needs that `supported` lacks, named for the error.
+fn missing_opcode(supported: impl Fn(u8) -> bool) -> Option<&'static str> {
+    [
+        (opcode::Readv::CODE, "io_uring lacks IORING_OP_READV"),
+        (opcode::Writev::CODE, "io_uring lacks IORING_OP_WRITEV"),
+        (opcode::Fsync::CODE, "io_uring lacks IORING_OP_FSYNC"),
+        (
+            opcode::Fallocate::CODE,
+            "io_uring lacks IORING_OP_FALLOCATE (needs Linux 5.6)",
+        ),
+        (opcode::PollAdd::CODE, "io_uring lacks IORING_OP_POLL_ADD"),
+    ]
+    .into_iter()
+    .find(|(code, _)| !supported(*code))
+    .map(|(_, what)| what)
+}
+
+/// Wakes the ring thread: handles write its eventfd, which the ring polls.
+#[derive(Clone)]
+pub(crate) struct EventWake(Arc<OwnedFd>);
+
+impl EventWake {
+    pub(crate) fn new() -> Result<Self, Error> {
+        use rustix::event::{eventfd, EventfdFlags};
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
+            Error::Runtime {
+                what: "eventfd",
+                source: e.into(),
+            }
+        })?;
+        Ok(Self(Arc::new(fd)))
+    }
+
+    /// Resets the counter after the poll fired.
+    fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&*self.0, &mut b);
+    }
+}
+
+impl Wake for EventWake {
+    fn wake(&self) {
+        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+    }
+}
+
+/// A read or write in flight: its op, the iovecs the kernel reads (boxed: stable address),
+/// and the aligned bounce buffer when the guest memory could not go to O_DIRECT as it is.
+struct Flight {
+    op: IoOp,
+    /// The op's memory, in file order.
+    mem: [libc::iovec; 3],
+    nmem: usize,
+    /// What the kernel is given: `mem`, or the bounce buffer; advanced after short I/O.
+    iov: [libc::iovec; 3],
+    niov: usize,
+    /// Bytes of the I/O done so far.
+    done: usize,
+    /// The I/O's host offset and length (the bounce span, when bouncing).
+    offset: u64,
+    len: usize,
+    /// Bounce buffer covering `offset..offset + len`; the op's bytes start `head` into it.
+    bounce: Option<IoBuf>,
+    head: usize,
+}
+
+fn iovec(ptr: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    }
+}
+
+fn invalid() -> IoError {
+    IoError {
+        kind: io::ErrorKind::InvalidInput,
+        raw_os_error: None,
+    }
+}
+
+fn os_error(res: i32) -> IoError {
+    IoError::from(&io::Error::from_raw_os_error(-res))
+}
+
+struct Loop {
+    ring: IoUring,
+    d: Driver,
+    file: File,
+    fixed: bool,
+    wake: EventWake,
+    direct: bool,
+    ignore_flush: bool,
+    /// Runs the few ops io_uring does not take (set-len, fallocate fallbacks) in-thread.
+    exec: Executor,
+    /// Ops in flight by slot; `None` for free slots and for non-I/O ops (flush, fallocate)
+    /// whose `IoOp` sits in `plain`.
+    flights: Vec<Option<Box<Flight>>>,
+    plain: Vec<Option<IoOp>>,
+    free: Vec<usize>,
+    inflight: usize,
+    /// Zeroes for `Segment::Zeroes` in writes; grows, never shrinks while in use.
+    zeroes: Vec<IoBuf>,
+    syncs: u64,
+    bounced: u64,
+}
+
+/// Aborts if the ring thread unwinds with I/O in flight: the kernel may still write into
+/// buffers the unwinding would free.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "qcow2-uring: the ring thread panicked; aborting to keep in-flight I/O sound"
+            );
+            std::process::abort();
+        }
+    }
+}
+
+/// The ring thread's body: runs until every handle is gone and nothing is in flight.
+pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cache) {
+    let _guard = AbortOnUnwind;
+    let fixed = ring
+        .0
+        .submitter()
+        .register_files(&[file.as_raw_fd()])
+        .is_ok();
+    let mut l = Loop {
+        ring: ring.0,
+        d,
+        file,
+        fixed,
+        wake,
+        direct: cache.direct(),
+        ignore_flush: cache == Cache::Unsafe,
+        exec: Executor::for_cache(cache),
+        flights: Vec::new(),
+        plain: Vec::new(),
+        free: Vec::new(),
+        inflight: 0,
+        zeroes: Vec::new(),
+        syncs: 0,
+        bounced: 0,
+    };
+    let mut armed = false;
+    loop {
+        if !armed {
+            let poll = opcode::PollAdd::new(types::Fd(l.wake.0.as_raw_fd()), libc::POLLIN as u32)
+                .build()
+                .user_data(WAKE);
+            l.push(poll);
+            armed = true;
+        }
+        l.d.accept_ready();
+        while let Some(op) = l.d.engine.poll_io() {
+            l.start(op);
+        }
+        // Counts first: a caller that sees its request done sees its syncs counted.
+        l.flush_counts();
+        l.d.events();
+        if l.d.finished(l.inflight) {
+            break;
+        }
+        // A command sent after `accept_ready` wrote the eventfd: the poll fires.
+        match l.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => panic!("io_uring_enter failed: {e}"),
+        }
+        let cqes: Vec<(u64, i32)> = l
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (token, res) in cqes {
+            if token == WAKE {
+                l.wake.drain();
+                armed = false;
+            } else {
+                l.finish(token as usize, res);
+            }
+        }
+    }
+    // Nothing is in flight but the eventfd poll, which holds no memory of ours.
+}
+
+impl Loop {
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry points only at memory that stays valid and unmoved until
+            // its completion is reaped: iovecs and bounce buffers in a boxed `Flight` kept in
+            // `flights`, guest buffers boxed in the driver's request table (a request is not
+            // done, so its buffer not released, before all its ops complete), core buffers
+            // inside the op the `Flight` holds. Entries without memory hold nothing.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // The queue is full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    panic!("io_uring_enter failed: {e}");
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn slot(&mut self) -> usize {
+        self.inflight += 1;
+        self.free.pop().unwrap_or_else(|| {
+            self.flights.push(None);
+            self.plain.push(None);
+            self.flights.len() - 1
+        })
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.inflight -= 1;
+        self.free.push(slot);
+    }
+
+    fn flush_counts(&mut self) {
+        let (syncs, bounced) = (
+            self.syncs + std::mem::take(&mut self.exec.syncs),
+            self.bounced + std::mem::take(&mut self.exec.bounced),
+        );
+        if syncs + bounced > 0 {
+            self.d.count(syncs, bounced);
+            (self.syncs, self.bounced) = (0, 0);
+        }
+    }
+
+    fn start(&mut self, mut op: IoOp) {
+        match op.kind {
+            IoKind::Read | IoKind::Write => self.start_rw(op),
+            IoKind::ZeroFill => {
+                let r = self.zero_fill(&mut op);
+                self.d.engine.complete(op, r);
+            }
+            IoKind::Flush if self.ignore_flush => {
+                self.syncs += 1;
+                self.d.engine.complete(op, Ok(0));
+            }
+            IoKind::Flush => {
+                let e = on_file!(self, |fd| opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build());
+                self.start_plain(op, e);
+            }
+            IoKind::Allocate { len } => {
+                let e = on_file!(self, |fd| opcode::Fallocate::new(fd, len)
+                    .offset(op.offset)
+                    .build());
+                self.start_plain(op, e);
+            }
+            IoKind::PunchHole { len } => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let e = on_file!(self, |fd| opcode::Fallocate::new(fd, len)
+                    .offset(op.offset)
+                    .mode(mode)
+                    .build());
+                self.start_plain(op, e);
+            }
+            IoKind::WriteZeroes { len } => {
+                let e = on_file!(self, |fd| opcode::Fallocate::new(fd, len)
+                    .offset(op.offset)
+                    .mode(libc::FALLOC_FL_ZERO_RANGE)
+                    .build());
+                self.start_plain(op, e);
+            }
+            // Set-len, and anything newer: in-thread, the blocking way.
+            _ => {
+                let r = self.exec.run(&self.file, &mut op, &mut Guest::None);
+                self.d.engine.complete(op, r);
+            }
+        }
+    }
+
+    fn start_plain(&mut self, op: IoOp, entry: squeue::Entry) {
+        let slot = self.slot();
+        self.plain[slot] = Some(op);
+        self.push(entry.user_data(slot as u64));
+    }
+
+    /// The request's guest memory: the start of byte 0 of the request, and the bytes there.
+    fn guest(&mut self, op: &IoOp) -> Option<(*mut u8, usize)> {
+        let req = op.segments.iter().find_map(|s| match s {
+            Segment::Guest { req, .. } => Some(*req),
+            _ => None,
+        })?;
+        match self.d.guest(req)? {
+            (GuestSlot::Owned(buf), base) => {
+                let s = &mut buf.as_mut_slice()[base..];
+                Some((s.as_mut_ptr(), s.len()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The op's memory as iovecs; `None` when a guest span is out of its buffer.
+    fn memory(&mut self, op: &mut IoOp) -> Option<([libc::iovec; 3], usize)> {
+        let guest = self.guest(op);
+        let mut mem = [iovec(std::ptr::null_mut(), 0); 3];
+        let mut n = 0;
+        for seg in op.segments.iter_mut() {
+            mem[n] = match seg {
+                Segment::Guest { start, len, .. } => {
+                    let (base, avail) = guest?;
+                    if start.checked_add(*len)? > avail {
+                        return None;
+                    }
+                    // In bounds of the buffer, checked just above.
+                    iovec(base.wrapping_add(*start), *len)
+                }
+                Segment::Buf(b) => iovec(b.as_mut_slice().as_mut_ptr(), b.len()),
+                Segment::Zeroes(len) => {
+                    if op.kind == IoKind::Read {
+                        // Reads never carry zero segments; refuse rather than guess.
+                        return None;
+                    }
+                    iovec(self.zero_memory(*len), *len)
+                }
+                _ => return None,
+            };
+            n += 1;
+        }
+        Some((mem, n))
+    }
+
+    /// `len` bytes of zeroes that stay put until the thread ends.
+    fn zero_memory(&mut self, len: usize) -> *mut u8 {
+        if self.zeroes.last().is_none_or(|z| z.len() < len) {
+            self.zeroes.push(IoBuf::zeroed(len.max(1 << 20)));
+        }
+        let z = self.zeroes.last_mut().expect("just ensured");
+        z.as_mut_slice().as_mut_ptr()
+    }
+
+    fn zero_fill(&mut self, op: &mut IoOp) -> Result<usize, IoError> {
+        let (mem, n) = self.memory(op).ok_or_else(invalid)?;
+        for m in &mem[..n] {
+            // SAFETY: `memory` checked each span against its buffer; zero-fill ops never
+            // share a guest span with an op in flight (the core's contract).
+            unsafe { std::ptr::write_bytes(m.iov_base.cast::<u8>(), 0, m.iov_len) };
+        }
+        Ok(op.len() as usize)
+    }
+
+    fn start_rw(&mut self, mut op: IoOp) {
+        let Some((mem, nmem)) = self.memory(&mut op) else {
+            return self.d.engine.complete(op, Err(invalid()));
+        };
+        let total = op.len() as usize;
+        let aligned = op.offset % SECTOR == 0
+            && mem[..nmem]
+                .iter()
+                .all(|m| m.iov_base as usize % ALIGN == 0 && m.iov_len as u64 % SECTOR == 0);
+        let mut f = Box::new(Flight {
+            offset: op.offset,
+            op,
+            mem,
+            nmem,
+            iov: mem,
+            niov: nmem,
+            done: 0,
+            len: total,
+            bounce: None,
+            head: 0,
+        });
+        if self.direct && !aligned {
+            if let Err(e) = self.bounce(&mut f) {
+                return self.d.engine.complete(f.op, Err(e));
+            }
+        }
+        let slot = self.slot();
+        self.flights[slot] = Some(f);
+        self.submit_rw(slot);
+    }
+
+    /// Routes the op through an aligned buffer spanning whole sectors: writes copy their
+    /// data in (reading the partial edge sectors first), reads copy out at completion.
+    fn bounce(&mut self, f: &mut Flight) -> Result<(), IoError> {
+        let start = f.offset / SECTOR * SECTOR;
+        let end = (f.offset + f.len as u64).div_ceil(SECTOR) * SECTOR;
+        let span = (end - start) as usize;
+        let head = (f.offset - start) as usize;
+        let mut b = IoBuf::zeroed(span);
+        if f.op.kind == IoKind::Write {
+            let buf = b.as_mut_slice();
+            if head != 0 || span != head + f.len {
+                // Read-modify-write of the partial sectors: rare (unaligned guest offsets under
+                // O_DIRECT), so done right here with blocking reads.
+                let mut edge = IoBuf::zeroed(SECTOR as usize);
+                for sector in [start, end - SECTOR] {
+                    let at = (sector - start) as usize;
+                    read_full(&self.file, edge.as_mut_slice(), sector)
+                        .map_err(|e| IoError::from(&e))?;
+                    buf[at..at + SECTOR as usize].copy_from_slice(edge.as_slice());
+                }
+            }
+            let mut pos = head;
+            for m in &f.mem[..f.nmem] {
+                // SAFETY: `memory` checked the span; the op only reads it.
+                let src = unsafe { std::slice::from_raw_parts(m.iov_base.cast::<u8>(), m.iov_len) };
+                buf[pos..pos + src.len()].copy_from_slice(src);
+                pos += src.len();
+            }
+        }
+        self.bounced += f.len as u64;
+        f.iov[0] = iovec(b.as_mut_slice().as_mut_ptr(), span);
+        f.niov = 1;
+        f.offset = start;
+        f.len = span;
+        f.head = head;
+        f.bounce = Some(b);
+        Ok(())
+    }
+
+    fn submit_rw(&mut self, slot: usize) {
+        let f = self.flights[slot].as_ref().expect("in flight");
+        let at = f.offset + f.done as u64;
+        let (iov, n) = (f.iov.as_ptr(), f.niov as u32);
+        let entry = if f.op.kind == IoKind::Read {
+            on_file!(self, |fd| opcode::Readv::new(fd, iov, n).offset(at).build())
+        } else {
+            on_file!(self, |fd| opcode::Writev::new(fd, iov, n)
+                .offset(at)
+                .build())
+        };
+        self.push(entry.user_data(slot as u64));
+    }
+
+    fn finish(&mut self, slot: usize, res: i32) {
+        if let Some(op) = self.plain[slot].take() {
+            self.release(slot);
+            return self.finish_plain(op, res);
+        }
+        let mut f = self.flights[slot]
+            .take()
+            .expect("a completion for a slot in flight");
+        let read = f.op.kind == IoKind::Read;
+        let result = if res < 0 {
+            Err(os_error(res))
+        } else if res == 0 && f.done < f.len && !read {
+            Err(IoError {
+                kind: io::ErrorKind::WriteZero,
+                raw_os_error: None,
+            })
+        } else {
+            let n = res as usize;
+            f.done += n;
+            if f.done < f.len && n > 0 {
+                // Short I/O: go on from where it stopped.
+                advance(&mut f.iov, &mut f.niov, n);
+                self.flights[slot] = Some(f);
+                return self.submit_rw(slot);
+            }
+            Ok(())
+        };
+        self.release(slot);
+        let r = result.map(|()| {
+            if read {
+                self.finish_read(&mut f)
+            } else {
+                f.op.len() as usize
+            }
+        });
+        self.d.engine.complete(f.op, r);
+    }
+
+    /// Zero-fills what lay past the end of file and copies bounced bytes out; returns the
+    /// bytes of the op actually read from the file.
+    fn finish_read(&mut self, f: &mut Flight) -> usize {
+        let want = f.op.len() as usize;
+        if let Some(b) = &mut f.bounce {
+            b.as_mut_slice()[f.done..].fill(0);
+            let mut pos = f.head;
+            for m in &f.mem[..f.nmem] {
+                // SAFETY: `memory` checked the span, and no other op in flight touches it.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(m.iov_base.cast::<u8>(), m.iov_len) };
+                dst.copy_from_slice(&b.as_slice()[pos..pos + dst.len()]);
+                pos += dst.len();
+            }
+            return f.done.saturating_sub(f.head).min(want);
+        }
+        let mut skip = f.done;
+        for m in &f.mem[..f.nmem] {
+            let keep = skip.min(m.iov_len);
+            skip -= keep;
+            // SAFETY: as above; only the part past what the kernel filled is zeroed.
+            unsafe {
+                std::ptr::write_bytes(m.iov_base.cast::<u8>().add(keep), 0, m.iov_len - keep)
+            };
+        }
+        f.done
+    }
+
+    fn finish_plain(&mut self, mut op: IoOp, res: i32) {
+        if op.kind == IoKind::Flush {
+            self.syncs += 1;
+        }
+        let r = match res {
+            0.. => Ok(0),
+            // fallocate modes this filesystem lacks: the blocking executor has fallbacks.
+            _ if matches!(
+                op.kind,
+                IoKind::Allocate { .. } | IoKind::PunchHole { .. } | IoKind::WriteZeroes { .. }
+            ) && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL) =>
+            {
+                self.exec.run(&self.file, &mut op, &mut Guest::None)
+            }
+            _ => Err(os_error(res)),
+        };
+        self.d.engine.complete(op, r);
+    }
+}
+
+/// Drops the first `n` bytes from `iov[..*niov]` after a short transfer.
+fn advance(iov: &mut [libc::iovec; 3], niov: &mut usize, mut n: usize) {
+    let mut i = 0;
+    while i < *niov && n >= iov[i].iov_len {
+        n -= iov[i].iov_len;
+        i += 1;
+    }
+    iov.copy_within(i..*niov, 0);
+    *niov -= i;
+    if n > 0 {
+        iov[0].iov_base = iov[0].iov_base.cast::<u8>().wrapping_add(n).cast();
+        iov[0].iov_len -= n;
+    }
+}
+
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_opcode_is_named() {
+        assert_eq!(missing_opcode(|_| true), None);
+        let what = missing_opcode(|code| code != opcode::Fallocate::CODE).expect("missing");
+        assert!(what.contains("IORING_OP_FALLOCATE"), "{what}");
+    }
+
+    #[test]
+    fn short_transfers_advance_the_iovecs() {
+        let (a, b) = ([0u8; 100], [0u8; 50]);
+        let (pa, pb) = (a.as_ptr() as *mut u8, b.as_ptr() as *mut u8);
+        let mut iov = [
+            iovec(pa, 100),
+            iovec(pb, 50),
+            iovec(std::ptr::null_mut(), 0),
+        ];
+        let mut n = 2;
+        advance(&mut iov, &mut n, 40);
+        assert_eq!(
+            (n, iov[0].iov_len, iov[0].iov_base as usize),
+            (2, 60, pa as usize + 40)
+        );
+        advance(&mut iov, &mut n, 80);
+        assert_eq!(
+            (n, iov[0].iov_len, iov[0].iov_base as usize),
+            (1, 30, pb as usize + 20)
+        );
+        advance(&mut iov, &mut n, 30);
+        assert_eq!(n, 0);
+    }
+}
