@@ -249,17 +249,6 @@ impl Disk {
         }
     }
 
-    /// Wraps an already open raw image.
-    pub fn from_raw(path: &Path, raw: RawDisk) -> Self {
-        Self {
-            path: path.to_owned(),
-            format: Format::Raw,
-            inner: Inner::Raw(raw),
-            prealloc: None,
-            host: None,
-        }
-    }
-
     /// The qcow2 image, if it is one.
     pub fn qcow2(&mut self) -> Option<&mut Image> {
         match &mut self.inner {

@@ -15,6 +15,7 @@ mod json;
 mod prealloc;
 mod progress;
 mod raw;
+mod runtime;
 mod size;
 
 use std::path::PathBuf;
@@ -186,6 +187,10 @@ pub struct ConvertArgs {
     /// The target is known to read as zero already.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
+    /// Runtime writing a qcow2 target: sync, smol or uring (default: uring where the kernel
+    /// has io_uring, else sync). The async ones keep several writes in flight.
+    #[arg(long)]
+    pub runtime: Option<String>,
     /// Source images (concatenated) and the target.
     #[arg(required = true, num_args = 2..)]
     pub files: Vec<PathBuf>,
@@ -315,6 +320,13 @@ pub struct BenchArgs {
     /// Seconds per measurement (default 1, 0.25 with --quick).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Runtimes driving the qcow2 images, comma-separated: sync, smol, uring (default: the
+    /// fastest available, uring where the kernel has io_uring).
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Queue depths, comma-separated (default 1); the sync runtime runs depth 1 only.
+    #[arg(long)]
+    pub depths: Option<String>,
 }
 
 fn run(cli: Cli) -> Result<i32, CliError> {

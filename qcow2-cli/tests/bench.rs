@@ -59,3 +59,65 @@ fn bench_table_has_ratios() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_runs_every_runtime_at_every_depth() {
+    let sc = Scratch::new();
+    let dir = sc.path("");
+    let out = sc.ours_ok(&[
+        "bench",
+        "--json",
+        "-t",
+        "writeback",
+        "--size",
+        "1M",
+        "--seconds",
+        "0.01",
+        "--runtime",
+        "sync,smol,uring",
+        "--depths",
+        "1,4",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    let doc = json(&out);
+    let results = doc["results"].as_array().unwrap();
+    let count = |image: &str, runtime: Option<&str>, depth: u64| {
+        results
+            .iter()
+            .filter(|r| {
+                r["image"] == image && r["runtime"].as_str() == runtime && r["depth"] == depth
+            })
+            .count()
+    };
+    for depth in [1, 4] {
+        // 3 block sizes x 4 scenarios for raw and full, x 2 write scenarios growing.
+        assert_eq!(count("raw", None, depth), 12, "{out}");
+        for rt in ["smol", "uring"] {
+            assert_eq!(
+                count("qcow2-full", Some(rt), depth),
+                12,
+                "{rt} {depth}: {out}"
+            );
+            assert_eq!(
+                count("qcow2-grow", Some(rt), depth),
+                6,
+                "{rt} {depth}: {out}"
+            );
+        }
+    }
+    // The blocking runtime runs one request at a time: depth 1 only.
+    assert_eq!(count("qcow2-full", Some("sync"), 1), 12, "{out}");
+    assert_eq!(count("qcow2-full", Some("sync"), 4), 0, "{out}");
+    for r in results {
+        assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["ratio_to_raw"].is_f64(), r["image"] != "raw", "{r}");
+    }
+    let bad = sc.ours(&["bench", "--runtime", "tokio"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        common::stderr(&bad).contains("Unknown runtime 'tokio' (expected sync, smol or uring)"),
+        "{}",
+        common::stderr(&bad)
+    );
+}

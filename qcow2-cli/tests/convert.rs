@@ -120,6 +120,46 @@ fn round_trips_compare_identical() {
 }
 
 #[test]
+fn every_runtime_writes_the_same_guest_data() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    source_images(&sc);
+    for rt in ["sync", "smol", "uring"] {
+        for cache in ["writeback", "none"] {
+            for src in ["src.qcow2", "src.raw"] {
+                let dst = format!("{src}.{rt}.{cache}.qcow2");
+                sc.ours_ok(&[
+                    "convert",
+                    "--runtime",
+                    rt,
+                    "-t",
+                    cache,
+                    "-O",
+                    "qcow2",
+                    src,
+                    &dst,
+                ]);
+                identical(&sc, src, &dst);
+                sc.qemu_img_ok(&["check", &dst]);
+            }
+        }
+    }
+    let out = sc.ours(&[
+        "convert",
+        "--runtime",
+        "nope",
+        "-O",
+        "qcow2",
+        "src.raw",
+        "x.qcow2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr(&out).contains("Unknown runtime 'nope'"));
+}
+
+#[test]
 fn sparse_output_like_qemu() {
     if !have_qemu() {
         return;

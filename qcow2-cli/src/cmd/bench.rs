@@ -1,11 +1,16 @@
 //! `bench`: sequential and random reads and writes at 4, 64 and 256 KiB against a fully
-//! allocated qcow2 image, a growing (empty) qcow2 image and a raw file, all through the same
-//! blocking path and cache flags, with each qcow2 figure as a ratio to raw. Reads of the
+//! allocated qcow2 image, a growing (empty) qcow2 image and a raw file, with the same cache
+//! flags, at each queue depth asked for (`--depths`), through each runtime asked for
+//! (`--runtime`); each qcow2 figure is a ratio to the raw file at the same depth, measured in
+//! the same run. The raw file at depth N is N threads doing positional I/O. Reads of the
 //! growing image are left out: its clusters are unallocated, so they cost no I/O.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use qcow2_proto::IoBuf;
 use qcow2_sync::{Cache, CreateOptions, Image, OpenOptions};
 use serde_json::json;
 
@@ -13,6 +18,7 @@ use crate::cmd::{create::create_raw, parse_cache, parse_size_arg};
 use crate::disk::{engine_error, Disk, Format};
 use crate::error::{strerror, CliError, CmdResult};
 use crate::raw::{AlignedBuf, RawDisk};
+use crate::runtime::Runtime;
 use crate::BenchArgs;
 
 /// Block sizes measured.
@@ -62,8 +68,6 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Self; 3] = [Self::Raw, Self::Full, Self::Grow];
-
     fn name(self) -> &'static str {
         match self {
             Self::Raw => "raw",
@@ -79,6 +83,9 @@ struct Sample {
     pattern: Pattern,
     block_size: u64,
     kind: Kind,
+    /// The runtime driving a qcow2 image (`None` for the raw file).
+    runtime: Option<Runtime>,
+    depth: usize,
     ops: u64,
     bytes: u64,
     elapsed: Duration,
@@ -93,6 +100,10 @@ impl Sample {
     fn iops(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    fn runtime_name(&self) -> &'static str {
+        self.runtime.map_or("-", Runtime::name)
+    }
 }
 
 /// xorshift64*: a fast, seeded generator for random offsets.
@@ -104,6 +115,36 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// The offsets one run visits, shared by its workers (threads or tasks).
+struct Plan {
+    pattern: Pattern,
+    bs: u64,
+    blocks: u64,
+    /// A growing image stays growing: sequential writes never wrap around.
+    no_wrap: bool,
+    deadline: Instant,
+    next: AtomicU64,
+}
+
+impl Plan {
+    /// The next offset, or `None` once the run is over.
+    fn next(&self, rng: &mut Rng) -> Option<u64> {
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        let block = if self.pattern.random() {
+            rng.next() % self.blocks
+        } else {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if self.no_wrap && i >= self.blocks {
+                return None;
+            }
+            i % self.blocks
+        };
+        Some(block * self.bs)
     }
 }
 
@@ -181,79 +222,171 @@ impl Bench {
             .map_err(|e| fail("close growing qcow2", engine_error(&e)))
     }
 
-    fn open(&self, kind: Kind) -> Result<Disk, CliError> {
-        let path = self.path(kind);
-        match kind {
-            Kind::Raw => {
-                let raw = RawDisk::open(&path, false, self.cache, false)
-                    .map_err(|e| fail("open raw", strerror(&e)))?;
-                Ok(Disk::from_raw(&path, raw))
-            }
-            Kind::Full | Kind::Grow => {
-                let o = OpenOptions {
-                    cache: self.cache,
-                    ..OpenOptions::default()
-                };
-                let img =
-                    Image::open(&path, &o).map_err(|e| fail("open qcow2", engine_error(&e)))?;
-                Ok(Disk::from_image(&path, img))
-            }
+    fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            cache: self.cache,
+            ..OpenOptions::default()
         }
     }
 
-    fn run(&self, pattern: Pattern, bs: u64, kind: Kind) -> Result<Sample, CliError> {
+    fn run(
+        &self,
+        pattern: Pattern,
+        bs: u64,
+        kind: Kind,
+        runtime: Option<Runtime>,
+        depth: usize,
+    ) -> Result<Sample, CliError> {
         if kind == Kind::Grow {
             self.fresh_grow()?;
         }
-        let mut disk = self.open(kind)?;
-        let mut buf = AlignedBuf::new(bs as usize);
-        buf.as_mut_slice().fill(0xa5);
-        let blocks = (self.size / bs).max(1);
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ bs);
-        let syncs_before = disk.flush_count();
-        let (mut ops, mut i) = (0u64, 0u64);
+        let plan = Plan {
+            pattern,
+            bs,
+            blocks: (self.size / bs).max(1),
+            no_wrap: kind == Kind::Grow && pattern.writes(),
+            deadline: Instant::now() + self.run_time,
+            next: AtomicU64::new(0),
+        };
         let start = Instant::now();
-        loop {
-            if start.elapsed() >= self.run_time {
-                break;
-            }
-            let block = if pattern.random() {
-                rng.next() % blocks
-            } else if kind == Kind::Grow && pattern.writes() && i >= blocks {
-                break; // a growing image stays growing: never wrap around
-            } else {
-                i % blocks
-            };
-            i += 1;
-            let offset = block * bs;
-            let r = if pattern.writes() {
-                disk.write_at(buf.as_slice(), offset)
-            } else {
-                disk.read_at(buf.as_mut_slice(), offset)
-            };
-            r.map_err(|e| {
-                fail(
-                    &format!("{} {} at {offset}", kind.name(), pattern.name()),
-                    e,
-                )
-            })?;
-            ops += 1;
-        }
-        if pattern.writes() {
-            disk.flush().map_err(|e| fail("flush", e))?;
-        }
-        let elapsed = start.elapsed();
-        let fdatasyncs = pattern.writes().then(|| disk.flush_count() - syncs_before);
-        disk.close().map_err(|e| fail("close", e))?;
+        let what = |e: &dyn std::fmt::Display| {
+            let name = runtime.map_or("raw", Runtime::name);
+            fail(&format!("{} {} ({name})", kind.name(), pattern.name()), e)
+        };
+        let (ops, fdatasyncs) = match runtime {
+            None => self
+                .run_raw(&plan, depth)
+                .map_err(|e| what(&strerror(&e)))?,
+            Some(Runtime::Sync) => self.run_sync(&plan, kind).map_err(|e| what(&e))?,
+            Some(rt) => self
+                .run_async(&plan, kind, rt, depth)
+                .map_err(|e| what(&e))?,
+        };
         Ok(Sample {
             pattern,
             block_size: bs,
             kind,
+            runtime,
+            depth,
             ops,
             bytes: ops * bs,
-            elapsed,
-            fdatasyncs,
+            elapsed: start.elapsed(),
+            fdatasyncs: pattern.writes().then_some(fdatasyncs),
         })
+    }
+
+    /// The raw file: `depth` threads, each with its own buffer, positional I/O on one file.
+    fn run_raw(&self, plan: &Plan, depth: usize) -> std::io::Result<(u64, u64)> {
+        let file = crate::raw::open_file(&self.path(Kind::Raw), true, self.cache)?;
+        let ops = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..depth)
+                .map(|t| {
+                    let file = &file;
+                    s.spawn(move || -> std::io::Result<u64> {
+                        let mut buf = AlignedBuf::new(plan.bs as usize);
+                        buf.as_mut_slice().fill(0xa5);
+                        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ plan.bs ^ t as u64);
+                        let mut ops = 0;
+                        while let Some(off) = plan.next(&mut rng) {
+                            if plan.pattern.writes() {
+                                file.write_all_at(buf.as_slice(), off)?;
+                            } else {
+                                file.read_exact_at(buf.as_mut_slice(), off)?;
+                            }
+                            ops += 1;
+                        }
+                        Ok(ops)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("bench worker panicked"))
+                .sum::<std::io::Result<u64>>()
+        })?;
+        if plan.pattern.writes() && self.cache != Cache::Unsafe {
+            file.sync_data()?;
+            return Ok((ops, 1));
+        }
+        Ok((ops, 0))
+    }
+
+    /// The blocking runtime: one request at a time.
+    fn run_sync(&self, plan: &Plan, kind: Kind) -> Result<(u64, u64), String> {
+        let path = self.path(kind);
+        let img = Image::open(&path, &self.open_options()).map_err(|e| engine_error(&e))?;
+        let mut disk = Disk::from_image(&path, img);
+        let mut buf = AlignedBuf::new(plan.bs as usize);
+        buf.as_mut_slice().fill(0xa5);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ plan.bs);
+        let before = disk.flush_count();
+        let mut ops = 0;
+        while let Some(off) = plan.next(&mut rng) {
+            if plan.pattern.writes() {
+                disk.write_at(buf.as_slice(), off)?;
+            } else {
+                disk.read_at(buf.as_mut_slice(), off)?;
+            }
+            ops += 1;
+        }
+        if plan.pattern.writes() {
+            disk.flush()?;
+        }
+        let syncs = disk.flush_count() - before;
+        disk.close()?;
+        Ok((ops, syncs))
+    }
+
+    /// An async runtime: `depth` tasks with a request each in flight.
+    fn run_async(
+        &self,
+        plan: &Plan,
+        kind: Kind,
+        rt: Runtime,
+        depth: usize,
+    ) -> Result<(u64, u64), String> {
+        let img = rt
+            .open_async(&self.path(kind), &self.open_options())
+            .expect("an async runtime")
+            .map_err(|e| engine_error(&e))?;
+        let before = img.flush_count();
+        let ex = smol::LocalExecutor::new();
+        let workers: Vec<_> = (0..depth)
+            .map(|t| {
+                let img = &img;
+                ex.spawn(async move {
+                    let mut buf = IoBuf::zeroed(plan.bs as usize);
+                    buf.as_mut_slice().fill(0xa5);
+                    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ plan.bs ^ t as u64);
+                    let mut ops = 0u64;
+                    while let Some(off) = plan.next(&mut rng) {
+                        let (r, back) = if plan.pattern.writes() {
+                            img.write_at(buf, off).await
+                        } else {
+                            img.read_at(buf, off).await
+                        };
+                        buf = back;
+                        r.map_err(|e| engine_error(&e))?;
+                        ops += 1;
+                    }
+                    Ok::<u64, String>(ops)
+                })
+            })
+            .collect();
+        let ops = smol::block_on(ex.run(async {
+            let mut sum = 0;
+            for w in workers {
+                sum += w.await?;
+            }
+            if plan.pattern.writes() {
+                img.flush().await.map_err(|e| engine_error(&e))?;
+            }
+            Ok::<u64, String>(sum)
+        }))?;
+        drop(ex);
+        let syncs = img.flush_count() - before;
+        smol::block_on(img.close()).map_err(|e| engine_error(&e))?;
+        Ok((ops, syncs))
     }
 }
 
@@ -265,16 +398,19 @@ fn ratio(samples: &[Sample], s: &Sample) -> Option<f64> {
     if s.kind == Kind::Raw {
         return None;
     }
-    let raw = samples
-        .iter()
-        .find(|r| r.kind == Kind::Raw && r.pattern == s.pattern && r.block_size == s.block_size)?;
+    let raw = samples.iter().find(|r| {
+        r.kind == Kind::Raw
+            && r.pattern == s.pattern
+            && r.block_size == s.block_size
+            && r.depth == s.depth
+    })?;
     (raw.mb_per_s() > 0.0).then(|| s.mb_per_s() / raw.mb_per_s())
 }
 
 fn table(samples: &[Sample]) -> String {
     let mut out = format!(
-        "{:<11} {:>5}  {:<11} {:>10} {:>10} {:>7} {:>10}\n",
-        "scenario", "bs", "image", "MB/s", "IOPS", "x raw", "fdatasync"
+        "{:<11} {:>5} {:>5}  {:<11} {:<7} {:>10} {:>10} {:>7} {:>10}\n",
+        "scenario", "bs", "depth", "image", "runtime", "MB/s", "IOPS", "x raw", "fdatasync"
     );
     for s in samples {
         let r = ratio(samples, s).map_or_else(|| "-".to_string(), |r| format!("{r:.2}"));
@@ -282,10 +418,12 @@ fn table(samples: &[Sample]) -> String {
             .fdatasyncs
             .map_or_else(|| "-".to_string(), |n| n.to_string());
         out.push_str(&format!(
-            "{:<11} {:>5}  {:<11} {:>10.1} {:>10.0} {:>7} {:>10}\n",
+            "{:<11} {:>5} {:>5}  {:<11} {:<7} {:>10.1} {:>10.0} {:>7} {:>10}\n",
             s.pattern.name(),
             bs_name(s.block_size),
+            s.depth,
             s.kind.name(),
+            s.runtime_name(),
             s.mb_per_s(),
             s.iops(),
             r,
@@ -319,6 +457,25 @@ pub fn run(a: &BenchArgs) -> CmdResult {
         ));
     }
     let seconds = a.seconds.unwrap_or(if a.quick { 0.25 } else { 1.0 });
+    let runtimes = match a.runtime.as_deref() {
+        None => vec![Runtime::parse_or_default(None)?],
+        Some(list) => list
+            .split(',')
+            .map(|r| Runtime::parse_or_default(Some(r.trim())))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let depths = match a.depths.as_deref() {
+        None => vec![1],
+        Some(list) => list
+            .split(',')
+            .map(|d| match d.trim().parse::<usize>() {
+                Ok(n @ 1..=256) => Ok(n),
+                _ => Err(CliError::new(format!(
+                    "bench: invalid depth '{d}' (expected 1 to 256)"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     let base = a.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::Builder::new()
         .prefix("qcow2-bench")
@@ -343,10 +500,13 @@ pub fn run(a: &BenchArgs) -> CmdResult {
         if let Some(n) = &note {
             eprintln!("{n}");
         }
+        let names: Vec<_> = runtimes.iter().map(|r| r.name()).collect();
         println!(
-            "qcow2 bench: {} images, {seconds} s per run, cache={}, in {}",
+            "qcow2 bench: {} images, {seconds} s per run, cache={}, runtimes {}, depths {:?}, in {}",
             crate::size::size_to_str(size),
             cache_name(cache),
+            names.join(","),
+            depths,
             base.display()
         );
     }
@@ -354,12 +514,21 @@ pub fn run(a: &BenchArgs) -> CmdResult {
     let mut samples = Vec::new();
     for bs in BLOCK_SIZES {
         for pattern in Pattern::ALL {
-            for kind in Kind::ALL {
-                // Reads of a growing image hit no clusters (zero-fill without I/O): not measured.
-                if kind == Kind::Grow && !pattern.writes() {
-                    continue;
+            for &depth in &depths {
+                samples.push(bench.run(pattern, bs, Kind::Raw, None, depth)?);
+                for &rt in &runtimes {
+                    // The blocking runtime runs one request at a time.
+                    if rt == Runtime::Sync && depth > 1 {
+                        continue;
+                    }
+                    for kind in [Kind::Full, Kind::Grow] {
+                        // Reads of a growing image hit no clusters (zero-fill, no I/O).
+                        if kind == Kind::Grow && !pattern.writes() {
+                            continue;
+                        }
+                        samples.push(bench.run(pattern, bs, kind, Some(rt), depth)?);
+                    }
                 }
-                samples.push(bench.run(pattern, bs, kind)?);
             }
         }
     }
@@ -371,6 +540,8 @@ pub fn run(a: &BenchArgs) -> CmdResult {
                     "scenario": s.pattern.name(),
                     "block_size": s.block_size,
                     "image": s.kind.name(),
+                    "runtime": s.runtime.map(Runtime::name),
+                    "depth": s.depth,
                     "ops": s.ops,
                     "bytes": s.bytes,
                     "seconds": s.elapsed.as_secs_f64(),

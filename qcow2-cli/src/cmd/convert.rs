@@ -2,19 +2,24 @@
 //! sparse: ranges the source reports as zero or unallocated are skipped, and so are runs of
 //! zero bytes at least `-S` long (default 4 KiB) inside data.
 
-use qcow2_sync::Cache;
+use std::collections::VecDeque;
+
+use qcow2_sync::{Cache, OpenOptions};
 
 use crate::cmd::create::{create_image, plan, split_options, wants_help};
 use crate::cmd::{parse_cache, parse_size_arg};
-use crate::disk::{resolve_format, Disk, DiskOptions, Format};
+use crate::disk::{engine_error, open_error, resolve_format, Disk, DiskOptions, Format};
 use crate::error::{CliError, CmdResult};
 use crate::progress::Progress;
+use crate::runtime::Runtime;
 use crate::ConvertArgs;
 
 /// Bytes copied per read, like qemu-img's buffer.
 const CHUNK: u64 = 2 << 20;
 /// Sector size of the zero scan.
 const SECTOR: usize = 512;
+/// Writes an async runtime keeps in flight.
+const WINDOW: usize = 8;
 
 /// Runs `convert`.
 pub fn run(a: &ConvertArgs) -> CmdResult {
@@ -54,6 +59,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             v
         }
     };
+    let runtime = Runtime::parse_or_default(a.runtime.as_deref())?;
     let src_cache = parse_cache(a.source_cache.as_deref(), Cache::WriteBack)?;
     let dst_cache = parse_cache(a.target_cache.as_deref(), Cache::WriteBack)?;
 
@@ -87,15 +93,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         }
         create_image(dst_path, &plan).map_err(|e| CliError::new(format!("{dst_name}: {e}")))?;
     }
-    let mut dst = Disk::open(
-        dst_path,
-        target_format,
-        DiskOptions {
-            read_only: false,
-            cache: dst_cache,
-        },
-        false,
-    )?;
+    let mut dst = Sink::open(dst_path, target_format, dst_cache, runtime)?;
     if dst.len() < total {
         return Err(CliError::new(format!(
             "Target image is too small: {} bytes for {total} bytes of source data",
@@ -154,8 +152,122 @@ fn data_bytes(src: &mut Disk) -> Result<u64, CliError> {
     Ok(sum)
 }
 
+/// The target: a disk written one request at a time, or a qcow2 image on an async runtime
+/// with up to [`WINDOW`] writes in flight (convert writes disjoint ranges, so they may
+/// complete in any order).
+enum Sink {
+    Disk(Disk),
+    Async {
+        img: qcow2_async::Image,
+        inflight: VecDeque<smol::Task<(Result<(), String>, Vec<u8>)>>,
+        spare: Vec<Vec<u8>>,
+    },
+}
+
+impl Sink {
+    fn open(
+        path: &std::path::Path,
+        format: Format,
+        cache: Cache,
+        rt: Runtime,
+    ) -> Result<Self, CliError> {
+        let opts = OpenOptions {
+            cache,
+            ..OpenOptions::default()
+        };
+        match (format, rt.open_async(path, &opts)) {
+            (Format::Qcow2, Some(img)) => {
+                let img = img.map_err(|e| match &e {
+                    qcow2_sync::Error::File { source, .. } => open_error(path, source),
+                    _ => CliError::new(format!(
+                        "Could not open '{}': {}",
+                        path.display(),
+                        engine_error(&e)
+                    )),
+                })?;
+                Ok(Self::Async {
+                    img,
+                    inflight: VecDeque::new(),
+                    spare: Vec::new(),
+                })
+            }
+            _ => Ok(Self::Disk(Disk::open(
+                path,
+                format,
+                DiskOptions {
+                    read_only: false,
+                    cache,
+                },
+                false,
+            )?)),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Self::Disk(d) => d.len(),
+            Self::Async { img, .. } => img.len(),
+        }
+    }
+
+    /// Waits for in-flight writes until fewer than `keep` remain.
+    fn drain(&mut self, keep: usize) -> Result<(), String> {
+        if let Self::Async {
+            inflight, spare, ..
+        } = self
+        {
+            while inflight.len() > keep {
+                let task = inflight.pop_front().expect("non-empty");
+                let (r, buf) = smol::block_on(task);
+                spare.push(buf);
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), String> {
+        self.drain(WINDOW - 1)?;
+        match self {
+            Self::Disk(d) => d.write_at(buf, offset),
+            Self::Async {
+                img,
+                inflight,
+                spare,
+            } => {
+                let mut data = spare.pop().unwrap_or_default();
+                data.clear();
+                data.extend_from_slice(buf);
+                let img = img.clone();
+                inflight.push_back(smol::spawn(async move {
+                    let (r, data) = img.write_at(data, offset).await;
+                    (r.map_err(|e| engine_error(&e)), data)
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), String> {
+        match self {
+            Self::Disk(d) => d.write_zeroes(offset, len, unmap),
+            Self::Async { img, .. } => {
+                smol::block_on(img.write_zeroes(offset, len, unmap)).map_err(|e| engine_error(&e))
+            }
+        }
+    }
+
+    fn close(mut self) -> Result<(), String> {
+        self.drain(0)?;
+        match self {
+            Self::Disk(d) => d.close(),
+            Self::Async { img, .. } => smol::block_on(img.close()).map_err(|e| engine_error(&e)),
+        }
+    }
+}
+
 struct Copier<'a> {
-    dst: &'a mut Disk,
+    dst: &'a mut Sink,
     target_zero: bool,
     sparse: u64,
     data_total: u64,
