@@ -152,6 +152,9 @@ fn data_bytes(src: &mut Disk) -> Result<u64, CliError> {
     Ok(sum)
 }
 
+/// A write in flight on an async runtime; it hands its buffer back for reuse.
+type WriteTask = smol::Task<(Result<(), String>, Vec<u8>)>;
+
 /// The target: a disk written one request at a time, or a qcow2 image on an async runtime
 /// with up to [`WINDOW`] writes in flight (convert writes disjoint ranges, so they may
 /// complete in any order).
@@ -159,7 +162,7 @@ enum Sink {
     Disk(Disk),
     Async {
         img: qcow2_async::Image,
-        inflight: VecDeque<smol::Task<(Result<(), String>, Vec<u8>)>>,
+        inflight: VecDeque<WriteTask>,
         spare: Vec<Vec<u8>>,
     },
 }
