@@ -3,7 +3,10 @@
 //! Every op of the engine's plans becomes one submission entry (vectored reads and writes,
 //! `fdatasync`, `fallocate`), submitted in batches: everything the engine yields between two
 //! waits goes to the kernel with one `io_uring_enter`. Completions go straight back into the
-//! engine. The image file is registered with the ring.
+//! engine. The image file is registered with the ring (no descriptor lookup per entry).
+//! Buffers are not registered: guest buffers arrive with each request from the caller, and
+//! pinning them per request costs more than the lookup it saves; the core's metadata buffers
+//! are off the hot path.
 //!
 //! # Where progress happens: a ring thread per image
 //! Each open image has one thread that owns the engine and the ring. [`Image`] handles

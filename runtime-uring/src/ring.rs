@@ -618,6 +618,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_setup_is_a_clear_error() {
+        // Zero entries make io_uring_setup fail here as a kernel without io_uring would
+        // (with another errno): the error must say what failed, not hang or panic.
+        let Err(e) = Ring::new(0) else {
+            panic!("a ring of zero entries was set up")
+        };
+        let msg = e.to_string();
+        assert!(msg.starts_with("io_uring_setup failed"), "{msg}");
+        assert!(msg.contains("kernel.io_uring_disabled"), "{msg}");
+    }
+
+    #[test]
     fn a_missing_opcode_is_named() {
         assert_eq!(missing_opcode(|_| true), None);
         let what = missing_opcode(|code| code != opcode::Fallocate::CODE).expect("missing");
