@@ -144,14 +144,14 @@ impl Loop {
                 *slot = GuestSlot::Owned(buf);
                 self.d.engine.complete(op, r);
             }
-            (_, GuestSlot::Owned(mut buf)) => {
+            (IoKind::Read, GuestSlot::Owned(mut buf)) => {
                 *slot = GuestSlot::Lent;
                 self.spawn(op, move |exec, file, op| {
                     let r = exec.run(file, op, &mut Guest::Read(&mut buf.as_mut_slice()[base..]));
                     (r, Back::Lent(req, buf))
                 });
             }
-            (_, GuestSlot::Lent) => {
+            (IoKind::Read | IoKind::ZeroFill, GuestSlot::Lent) => {
                 *slot = GuestSlot::Lent;
                 // Another op of this read holds the buffer: fill a staging buffer instead.
                 let (lo, hi) = op
@@ -168,6 +168,7 @@ impl Loop {
                     (r, Back::Staged(req, lo, staging))
                 });
             }
+            // A write's buffer is never lent, a read's never shared: nothing else occurs.
             (_, other) => {
                 *slot = other;
                 self.d.engine.complete(op, Err(refused()));

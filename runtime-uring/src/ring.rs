@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use qcow2_async::{Driver, GuestSlot, Wake};
@@ -20,6 +22,10 @@ const WAKE: u64 = u64::MAX;
 const ALIGN: usize = 4096;
 /// Offset and length granularity of O_DIRECT.
 const SECTOR: u64 = 512;
+/// How long the ring thread polls for completions and commands after its last piece of work
+/// before sleeping in the kernel: a few I/O latencies, so that queue-depth-1 callers do not
+/// pay a wake-up per request.
+const POLL: Duration = Duration::from_micros(50);
 
 /// Builds an entry against the image file: the registered index when registration
 /// worked, the raw descriptor otherwise.
@@ -80,9 +86,15 @@ fn missing_opcode(supported: impl Fn(u8) -> bool) -> Option<&'static str> {
     .map(|(_, what)| what)
 }
 
-/// Wakes the ring thread: handles write its eventfd, which the ring polls.
+/// Wakes the ring thread: handles write its eventfd, which the ring polls, but only when the
+/// thread says it is about to sleep (while it polls, it sees commands by itself).
 #[derive(Clone)]
-pub(crate) struct EventWake(Arc<OwnedFd>);
+pub(crate) struct EventWake(Arc<WakeState>);
+
+struct WakeState {
+    fd: OwnedFd,
+    sleeping: AtomicBool,
+}
 
 impl EventWake {
     pub(crate) fn new() -> Result<Self, Error> {
@@ -93,19 +105,33 @@ impl EventWake {
                 source: e.into(),
             }
         })?;
-        Ok(Self(Arc::new(fd)))
+        Ok(Self(Arc::new(WakeState {
+            fd,
+            sleeping: AtomicBool::new(false),
+        })))
     }
 
     /// Resets the counter after the poll fired.
     fn drain(&self) {
         let mut b = [0u8; 8];
-        let _ = rustix::io::read(&*self.0, &mut b);
+        let _ = rustix::io::read(&self.0.fd, &mut b);
+    }
+
+    /// Announces (or ends) a sleep. After announcing, the thread must look for news once
+    /// more before sleeping: either it sees a command sent meanwhile, or the sender sees the
+    /// flag and writes the eventfd (both sides fence, Dekker-style).
+    fn set_sleeping(&self, sleeping: bool) {
+        self.0.sleeping.store(sleeping, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
     }
 }
 
 impl Wake for EventWake {
     fn wake(&self) {
-        let _ = rustix::io::write(&*self.0, &1u64.to_ne_bytes());
+        fence(Ordering::SeqCst);
+        if self.0.sleeping.load(Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.0.fd, &1u64.to_ne_bytes());
+        }
     }
 }
 
@@ -210,11 +236,13 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
         bounced: 0,
     };
     let mut armed = false;
+    let mut cqes: Vec<(u64, i32)> = Vec::new();
     loop {
         if !armed {
-            let poll = opcode::PollAdd::new(types::Fd(l.wake.0.as_raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(WAKE);
+            let poll =
+                opcode::PollAdd::new(types::Fd(l.wake.0.fd.as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(WAKE);
             l.push(poll);
             armed = true;
         }
@@ -228,19 +256,10 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
         if l.d.finished(l.inflight) {
             break;
         }
-        // A command sent after `accept_ready` wrote the eventfd: the poll fires.
-        match l.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => panic!("io_uring_enter failed: {e}"),
-        }
-        let cqes: Vec<(u64, i32)> = l
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (token, res) in cqes {
+        l.wait();
+        cqes.clear();
+        cqes.extend(l.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(token, res) in &cqes {
             if token == WAKE {
                 l.wake.drain();
                 armed = false;
@@ -253,6 +272,42 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
 }
 
 impl Loop {
+    /// Waits for a completion or a command: polls for [`POLL`], then sleeps in the kernel
+    /// (the eventfd poll wakes it for commands).
+    fn wait(&mut self) {
+        self.enter(false);
+        let deadline = Instant::now() + POLL;
+        while Instant::now() < deadline {
+            if self.news() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.wake.set_sleeping(true);
+        if !self.news() {
+            self.enter(true);
+        }
+        self.wake.set_sleeping(false);
+    }
+
+    fn news(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.d.has_news()
+    }
+
+    /// Submits what is queued; with `wait`, sleeps until a completion arrives.
+    fn enter(&mut self, wait: bool) {
+        let r = if wait {
+            self.ring.submit_and_wait(1)
+        } else {
+            self.ring.submit()
+        };
+        match r {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(e) => panic!("io_uring_enter failed: {e}"),
+        }
+    }
+
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every entry points only at memory that stays valid and unmoved until
