@@ -8,10 +8,11 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use futures_lite::future::{block_on, poll_fn};
-use qcow2_async::{Cache, Image, OpenOptions};
+use qcow2_async::{Image, OpenOptions};
 use qcow2_proto::{BlockStatus, CheckReport, CreateOptions, ImageInfo, Repair};
 
-use crate::harness::{BatchOp, Caps, Disk, Durability, Error, Harness, Mode};
+use crate::harness::{BatchOp, Caps, Disk, Error, Harness, Mode};
+use crate::sync::{error, options};
 
 /// How an async runtime opens images (each runtime's harness module implements it).
 pub trait Opener {
@@ -42,29 +43,6 @@ impl<R> Default for AsyncHarness<R> {
 impl<R> std::fmt::Debug for AsyncHarness<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AsyncHarness")
-    }
-}
-
-/// The runtime options for a case's mode.
-pub fn options(mode: Mode) -> OpenOptions {
-    OpenOptions {
-        read_only: mode.read_only,
-        cache: match (mode.durability, mode.direct) {
-            (Durability::WriteBack, false) => Cache::WriteBack,
-            (Durability::WriteThrough, false) => Cache::WriteThrough,
-            (Durability::WriteBack, true) => Cache::None,
-            (Durability::WriteThrough, true) => Cache::DirectSync,
-        },
-        ..OpenOptions::default()
-    }
-}
-
-/// A runtime error as the suite reports it.
-pub fn error(e: qcow2_sync::Error) -> Error {
-    match e {
-        qcow2_sync::Error::Open(e) => Error::Open(e),
-        qcow2_sync::Error::Request(e) => Error::Request(e),
-        other => Error::Other(other.to_string()),
     }
 }
 

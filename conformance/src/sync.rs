@@ -12,7 +12,8 @@ use crate::harness::{Caps, Disk, Durability, Error, Harness, Mode};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyncHarness;
 
-fn options(mode: Mode) -> OpenOptions {
+/// The runtime options for a case's mode (shared by every runtime's harness).
+pub fn options(mode: Mode) -> OpenOptions {
     OpenOptions {
         read_only: mode.read_only,
         cache: match (mode.durability, mode.direct) {
@@ -25,7 +26,8 @@ fn options(mode: Mode) -> OpenOptions {
     }
 }
 
-fn error(e: qcow2_sync::Error) -> Error {
+/// A runtime error as the suite reports it.
+pub fn error(e: qcow2_sync::Error) -> Error {
     match e {
         qcow2_sync::Error::Open(e) => Error::Open(e),
         qcow2_sync::Error::Request(e) => Error::Request(e),

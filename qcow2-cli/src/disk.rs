@@ -156,6 +156,18 @@ pub struct Disk {
     host: Option<File>,
 }
 
+/// Describes why the qcow2 image at `path` could not be opened, like qemu-img.
+pub fn qcow2_open_error(path: &Path, e: &qcow2_sync::Error) -> CliError {
+    match e {
+        qcow2_sync::Error::File { source, .. } => open_error(path, source),
+        _ => CliError::new(format!(
+            "Could not open '{}': {}",
+            path.display(),
+            engine_error(e)
+        )),
+    }
+}
+
 /// Turns a runtime error into a message.
 pub fn engine_error(e: &qcow2_sync::Error) -> String {
     match e {
@@ -214,14 +226,7 @@ impl Disk {
                     check_only,
                     ..OpenOptions::default()
                 };
-                let img = Image::open(path, &o).map_err(|e| match &e {
-                    qcow2_sync::Error::File { source, .. } => open_error(path, source),
-                    _ => CliError::new(format!(
-                        "Could not open '{}': {}",
-                        path.display(),
-                        engine_error(&e)
-                    )),
-                })?;
+                let img = Image::open(path, &o).map_err(|e| qcow2_open_error(path, &e))?;
                 Inner::Qcow2(Box::new(img))
             }
             Format::Raw => Inner::Raw(

@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use qcow2_async::{Driver, GuestSlot, Wake};
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment};
 use qcow2_sync::exec::{Executor, Guest};
-use qcow2_sync::{Cache, Error};
+use qcow2_sync::{Cache, Error, HostFile};
 
 /// `user_data` of the eventfd poll; ops use their slot index.
 const WAKE: u64 = u64::MAX;
@@ -654,17 +653,10 @@ fn advance(iov: &mut [libc::iovec; 3], niov: &mut usize, mut n: usize) {
     }
 }
 
+/// Reads a whole buffer, zeroes past the end of file.
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf[done..].fill(0);
+    let got = HostFile::read_at(file, buf, offset)?;
+    buf[got..].fill(0);
     Ok(())
 }
 

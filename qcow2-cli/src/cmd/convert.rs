@@ -8,7 +8,7 @@ use qcow2_sync::{Cache, OpenOptions};
 
 use crate::cmd::create::{create_image, plan, split_options, wants_help};
 use crate::cmd::{parse_cache, parse_size_arg};
-use crate::disk::{engine_error, open_error, resolve_format, Disk, DiskOptions, Format};
+use crate::disk::{engine_error, qcow2_open_error, resolve_format, Disk, DiskOptions, Format};
 use crate::error::{CliError, CmdResult};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
@@ -180,14 +180,7 @@ impl Sink {
         };
         match (format, rt.open_async(path, &opts)) {
             (Format::Qcow2, Some(img)) => {
-                let img = img.map_err(|e| match &e {
-                    qcow2_sync::Error::File { source, .. } => open_error(path, source),
-                    _ => CliError::new(format!(
-                        "Could not open '{}': {}",
-                        path.display(),
-                        engine_error(&e)
-                    )),
-                })?;
+                let img = img.map_err(|e| qcow2_open_error(path, &e))?;
                 Ok(Self::Async {
                     img,
                     inflight: VecDeque::new(),
