@@ -28,6 +28,7 @@ pub mod model;
 pub mod prop;
 pub mod qemu;
 pub mod script;
+pub mod sim;
 #[cfg(feature = "smol")]
 pub mod smol;
 pub mod sync;

@@ -218,6 +218,15 @@ struct Alloc {
     io_pending: u8,
 }
 
+impl Alloc {
+    /// Whether any of its I/O (copy-on-write reads, data write, edge allocations) is in
+    /// flight.
+    fn busy(&self) -> bool {
+        self.io_pending > 0
+            || matches!(self.what, AllocWhat::Data { cow_pending, .. } if cow_pending > 0)
+    }
+}
+
 /// A refcount decrement waiting for the entry that dropped the reference to be durable.
 #[derive(Debug, Clone, Copy)]
 struct Free {

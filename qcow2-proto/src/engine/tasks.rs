@@ -300,11 +300,16 @@ impl Image {
         let Some(a) = self.task(t).alloc else {
             return true;
         };
-        let state = self.allocs[a as usize]
+        let alloc = self.allocs[a as usize]
             .as_ref()
-            .expect("task allocations are live")
-            .state;
-        match state {
+            .expect("task allocations are live");
+        // A failed allocation is given up only once none of its I/O is in flight: the
+        // request's `Done` must not come while an op still uses its buffer (nor may the
+        // clusters be freed under it).
+        if alloc.busy() {
+            return false;
+        }
+        match alloc.state {
             AllocState::Io => false,
             AllocState::Failed(e) => {
                 self.abort_alloc(a);
@@ -995,12 +1000,13 @@ impl Image {
                     host,
                     count: got,
                     state: AllocState::Ready,
-                    io_pending: 1,
+                    io_pending: 0,
                 });
                 let len = got << cb;
                 match mode {
                     Preallocation::Falloc => {
-                        self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;
+                        let alloc = self.allocs[a as usize].as_mut().expect("just made");
+                        (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
                         self.issue_bare(
                             Purpose::AllocWrite { alloc: a },
                             IoKind::Allocate { len },
@@ -1008,7 +1014,8 @@ impl Image {
                         );
                     }
                     Preallocation::Full => {
-                        self.allocs[a as usize].as_mut().expect("just made").state = AllocState::Io;
+                        let alloc = self.allocs[a as usize].as_mut().expect("just made");
+                        (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
                         let mut segs = ArrayVec::new();
                         segs.push(Segment::Zeroes(len as usize));
                         self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);

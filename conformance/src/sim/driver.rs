@@ -1,0 +1,261 @@
+//! The engine driven directly over a [`SimDisk`]: every op the engine yields waits in a
+//! pending set, and ops complete one at a time in a seeded random order (the contract lets
+//! them run concurrently, in any order). After each completion the caller's `boundary`
+//! callback sees the disk: that is where the crash simulator takes its crash points.
+
+use std::collections::HashMap;
+
+use qcow2_proto::{
+    CreateOptions, Event, Image, ImageConfig, ImageInfo, IoError, IoKind, IoOp, OpenError, Outcome,
+    ReqId, Request, RequestError, Segment,
+};
+
+use super::disk::SimDisk;
+use super::rng::Rng;
+
+/// Where an injected fault strikes: the `at`-th op completion (counting from 0) fails.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Fault {
+    /// Which completion fails.
+    pub at: u64,
+    /// The OS error it fails with.
+    pub errno: i32,
+}
+
+/// An engine over a simulated disk.
+pub struct Sim {
+    /// The engine.
+    pub engine: Image,
+    /// The host file.
+    pub disk: SimDisk,
+    pending: Vec<IoOp>,
+    bufs: HashMap<ReqId, Vec<u8>>,
+    rng: Rng,
+    /// Op completions so far.
+    pub completions: u64,
+    /// The fault to inject, if any.
+    pub fault: Option<Fault>,
+    /// Print every completion (`QCOW2_SIM_TRACE=1`).
+    trace: bool,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("pending", &self.pending.len())
+            .field("completions", &self.completions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failure of the simulation itself (not of a request).
+pub type SimResult<T> = Result<T, String>;
+
+impl Sim {
+    /// Opens the image in `disk` with `config` (its `file_len` is set from the disk).
+    pub fn open(disk: SimDisk, mut config: ImageConfig, seed: u64) -> SimResult<(Self, ImageInfo)> {
+        config.file_len = disk.current().len() as u64;
+        Self::start(Image::open(config), disk, seed)
+    }
+
+    /// Creates an image in an empty disk.
+    pub fn create(
+        options: CreateOptions,
+        config: ImageConfig,
+        seed: u64,
+    ) -> SimResult<(Self, ImageInfo)> {
+        Self::start(Image::create(config, options), SimDisk::default(), seed)
+    }
+
+    fn start(engine: Image, disk: SimDisk, seed: u64) -> SimResult<(Self, ImageInfo)> {
+        let mut sim = Self {
+            engine,
+            disk,
+            pending: Vec::new(),
+            bufs: HashMap::new(),
+            rng: Rng::new(seed),
+            completions: 0,
+            fault: None,
+            trace: std::env::var_os("QCOW2_SIM_TRACE").is_some(),
+        };
+        loop {
+            while let Some(op) = sim.engine.poll_io() {
+                sim.pending.push(op);
+            }
+            while let Some(ev) = sim.engine.poll_event() {
+                match ev {
+                    Event::Opened(info) => return Ok((sim, *info)),
+                    Event::OpenFailed(e) => return Err(open_failed(e)),
+                    _ => {}
+                }
+            }
+            if !sim.step(&mut |_| {}) {
+                return Err("the engine stalled while opening".into());
+            }
+        }
+    }
+
+    /// Runs one request to its end, completing ops in random order and calling `boundary`
+    /// after each completion. `buf` is the guest buffer (read into or written from).
+    pub fn run(
+        &mut self,
+        request: Request,
+        buf: Option<Vec<u8>>,
+        boundary: &mut dyn FnMut(&SimDisk),
+    ) -> SimResult<(Result<Outcome, RequestError>, Option<Vec<u8>>)> {
+        let id = match self.engine.submit(request) {
+            Ok(id) => id,
+            Err(qcow2_proto::SubmitError::Refused(e)) => return Ok((Err(e), buf)),
+            Err(e) => return Err(format!("submit failed: {e}")),
+        };
+        if let Some(b) = buf {
+            self.bufs.insert(id, b);
+        }
+        loop {
+            while let Some(op) = self.engine.poll_io() {
+                self.pending.push(op);
+            }
+            while let Some(ev) = self.engine.poll_event() {
+                if let Event::Done { req, result } = ev {
+                    if req == id {
+                        return Ok((result, self.bufs.remove(&id)));
+                    }
+                }
+            }
+            if !self.step(boundary) {
+                return Err(format!("the engine stalled running {request:?}"));
+            }
+        }
+    }
+
+    /// Completes every op still pending (write-back the engine started on its own).
+    pub fn settle(&mut self, boundary: &mut dyn FnMut(&SimDisk)) {
+        loop {
+            while let Some(op) = self.engine.poll_io() {
+                self.pending.push(op);
+            }
+            while self.engine.poll_event().is_some() {}
+            if !self.step(boundary) {
+                return;
+            }
+        }
+    }
+
+    /// Completes one random pending op; `false` when none is pending.
+    fn step(&mut self, boundary: &mut dyn FnMut(&SimDisk)) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        let i = self.rng.below(self.pending.len() as u64) as usize;
+        let mut op = self.pending.swap_remove(i);
+        if self.trace {
+            self.trace_op(&op);
+        }
+        let result = match self.fault {
+            Some(f) if f.at == self.completions && op.kind != IoKind::ZeroFill => Err(IoError {
+                kind: std::io::Error::from_raw_os_error(f.errno).kind(),
+                raw_os_error: Some(f.errno),
+            }),
+            _ => Ok(self.execute(&mut op)),
+        };
+        self.completions += 1;
+        self.engine.complete(op, result);
+        boundary(&self.disk);
+        true
+    }
+
+    fn trace_op(&self, op: &IoOp) {
+        let fails = self.fault.is_some_and(|f| f.at == self.completions);
+        let segs: Vec<String> = op
+            .segments
+            .iter()
+            .map(|s| match s {
+                Segment::Guest { req, start, len } => format!("guest {req:?} @{start}+{len}"),
+                other => format!("{}", other.len()),
+            })
+            .collect();
+        eprintln!(
+            "completion {}{}: {:?} at {} {segs:?} ({} more pending)",
+            self.completions,
+            if fails { " (fails)" } else { "" },
+            op.kind,
+            op.offset,
+            self.pending.len()
+        );
+    }
+
+    fn execute(&mut self, op: &mut IoOp) -> usize {
+        let mut pos = op.offset;
+        match op.kind {
+            IoKind::Read => {
+                let mut total = 0;
+                for seg in op.segments.iter_mut() {
+                    let n = seg.len();
+                    total += match seg {
+                        Segment::Guest { req, start, len } => {
+                            let buf = self.bufs.get_mut(req).expect("guest buffer");
+                            self.disk.read(pos, &mut buf[*start..*start + *len])
+                        }
+                        Segment::Buf(b) => self.disk.read(pos, b.as_mut_slice()),
+                        _ => n,
+                    };
+                    pos += n as u64;
+                }
+                total
+            }
+            IoKind::Write => {
+                let mut data = Vec::with_capacity(op.len() as usize);
+                for seg in op.segments.iter() {
+                    match seg {
+                        Segment::Guest { req, start, len } => {
+                            data.extend_from_slice(&self.bufs[req][*start..*start + *len])
+                        }
+                        Segment::Buf(b) => data.extend_from_slice(b.as_slice()),
+                        Segment::Zeroes(n) => data.resize(data.len() + n, 0),
+                        _ => unreachable!("unknown segment"),
+                    }
+                }
+                self.disk.write(op.offset, &data);
+                data.len()
+            }
+            IoKind::ZeroFill => {
+                for seg in op.segments.iter_mut() {
+                    match seg {
+                        Segment::Guest { req, start, len } => {
+                            let buf = self.bufs.get_mut(req).expect("guest buffer");
+                            buf[*start..*start + *len].fill(0);
+                        }
+                        Segment::Buf(b) => b.as_mut_slice().fill(0),
+                        _ => {}
+                    }
+                }
+                op.len() as usize
+            }
+            IoKind::Flush => {
+                self.disk.flush();
+                0
+            }
+            IoKind::SetLen => {
+                self.disk.set_len(op.offset);
+                0
+            }
+            IoKind::PunchHole { len } => {
+                self.disk.zero(op.offset, len, false);
+                0
+            }
+            IoKind::WriteZeroes { len } => {
+                self.disk.zero(op.offset, len, true);
+                0
+            }
+            IoKind::Allocate { len } => {
+                self.disk.allocate(op.offset + len);
+                0
+            }
+            _ => 0,
+        }
+    }
+}
+
+fn open_failed(e: OpenError) -> String {
+    format!("open failed: {e}")
+}

@@ -1,0 +1,410 @@
+//! The crash simulator: the engine driven directly over a simulated disk ([`disk::SimDisk`])
+//! that keeps a current and a durable image, with ops completing in a seeded random order.
+//!
+//! Random guest scripts (writes, zeroes, discards, flushes, resizes, reopens) run to their
+//! end; after *every* op completion the simulator takes a crash point: the durable image
+//! plus a random subset of the unflushed writes (torn at sector boundaries) is opened again,
+//! `check` must find no corruption (leaks are allowed), and every guest sector must hold one
+//! of the contents the [`oracle::Oracle`] allows since the last completed flush.
+//!
+//! Each run prints `crash points: N, corruptions: C, lost writes: L`. The CI run covers more
+//! than ten thousand crash points; a soak is the same tests with more scripts:
+//!
+//! ```text
+//! QCOW2_QC_TESTS=2000 cargo test --release -p qcow2-conformance --test crash -- --nocapture
+//! ```
+
+pub mod disk;
+pub mod driver;
+pub mod oracle;
+pub mod rng;
+
+use std::cell::RefCell;
+
+use qcow2_proto::{CacheMode, CreateOptions, ImageConfig, Outcome, Repair, Request, RequestError};
+
+use crate::model::pattern;
+use crate::prop;
+use crate::script::{clip, Op, Script, MAX_OFFSET};
+use disk::{SimDisk, SECTOR};
+use driver::{Sim, SimResult};
+use oracle::Oracle;
+use rng::Rng;
+
+/// Virtual size scripts start from.
+const START_SIZE: u64 = 4 << 20;
+
+/// What a crash run exercises.
+#[derive(Clone, Copy, Debug)]
+pub struct CrashConfig {
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Write-through: every completed write must survive a crash.
+    pub write_through: bool,
+    /// Create with `lazy_refcounts=on` (v3).
+    pub lazy_refcounts: bool,
+    /// Scripts to run unless `QCOW2_QC_TESTS` says otherwise.
+    pub scripts: u64,
+    /// Operations per script (quickcheck's size).
+    pub script_len: usize,
+}
+
+/// What a run found.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    /// Crash points taken.
+    pub points: u64,
+    /// Crash points whose image failed to open or check clean (leaks allowed).
+    pub corruptions: u64,
+    /// Guest sectors, over all crash points, holding contents the oracle does not allow.
+    pub lost: u64,
+    /// The first problem seen, for the failure message.
+    pub first: Option<String>,
+}
+
+impl Tally {
+    /// The summary line.
+    pub fn line(&self) -> String {
+        format!(
+            "crash points: {}, corruptions: {}, lost writes: {}",
+            self.points, self.corruptions, self.lost
+        )
+    }
+}
+
+fn engine_config(cfg: &CrashConfig) -> ImageConfig {
+    let mut c = ImageConfig::new(0);
+    if cfg.write_through {
+        c.cache_mode = CacheMode::WriteThrough;
+    }
+    c
+}
+
+/// Opens a crashed image and compares it with the oracle. Returns the problem, if any, and
+/// the number of sectors holding contents the oracle does not allow.
+fn verify(img: Vec<u8>, oracle: &Oracle, seed: u64) -> (Option<String>, u64) {
+    let mut config = ImageConfig::new(0);
+    config.read_only = true;
+    let (mut sim, info) = match Sim::open(SimDisk::new(img.clone()), config, seed) {
+        Ok(x) => x,
+        Err(e) if e.contains("dirty") => match repair(img, seed) {
+            Ok(x) => x,
+            Err(e) => return (Some(format!("the dirty image does not repair: {e}")), 0),
+        },
+        Err(e) => return (Some(format!("the image does not open: {e}")), 0),
+    };
+    match sim.run(Request::Check { repair: None }, None, &mut |_| {}) {
+        Ok((Ok(Outcome::Check(r)), _)) if r.corruptions == 0 && r.check_errors == 0 => {}
+        Ok((r, _)) => return (Some(format!("check after the crash: {r:?}")), 0),
+        Err(e) => return (Some(e), 0),
+    }
+    let end = info.size.min(MAX_OFFSET);
+    let mut lost = 0;
+    let mut first = None;
+    let mut offset = 0;
+    while offset < end {
+        let len = (end - offset).min(1 << 20);
+        let buf = vec![0u8; len as usize];
+        let got = match sim.run(Request::Read { offset, len }, Some(buf), &mut |_| {}) {
+            Ok((Ok(_), Some(buf))) => buf,
+            other => return (Some(format!("read after the crash: {other:?}")), lost),
+        };
+        for (i, sector) in got.chunks(SECTOR).enumerate() {
+            let s = offset as usize / SECTOR + i;
+            if sector.len() == SECTOR && !oracle.allows(s, sector) {
+                lost += 1;
+                first.get_or_insert_with(|| {
+                    format!("guest sector {s} holds contents never allowed")
+                });
+            }
+        }
+        offset += len;
+    }
+    (first, lost)
+}
+
+/// Opens a dirty (lazy-refcounts) crash image for repair, rebuilds its refcounts like
+/// QEMU's automatic repair, and reopens it read-only.
+fn repair(img: Vec<u8>, seed: u64) -> SimResult<(Sim, qcow2_proto::ImageInfo)> {
+    let mut config = ImageConfig::new(0);
+    config.check_only = true;
+    let (mut sim, _) = Sim::open(SimDisk::new(img), config, seed)?;
+    match sim.run(
+        Request::Check {
+            repair: Some(Repair::All),
+        },
+        None,
+        &mut |_| {},
+    )? {
+        (Ok(_), _) => {}
+        (Err(e), _) => return Err(format!("repair: {e}")),
+    }
+    if let (Err(e), _) = sim.run(Request::Close, None, &mut |_| {})? {
+        return Err(format!("close after repair: {e}"));
+    }
+    let mut config = ImageConfig::new(0);
+    config.read_only = true;
+    Sim::open(SimDisk::new(sim.disk.current().to_vec()), config, seed)
+}
+
+/// The request for script step `op`, with its buffer, after telling the oracle what it may
+/// change; `None` when the step falls outside the disk.
+fn prepare(op: &Op, oracle: &mut Oracle, cs: u64) -> Option<(Request, Option<Vec<u8>>)> {
+    let size = oracle.len();
+    Some(match *op {
+        Op::Write { offset, len, seed } => {
+            let (offset, len) = clip(offset, len, size)?;
+            let data = pattern(seed, offset, len as usize);
+            oracle.write(offset, &data);
+            (Request::Write { offset, len }, Some(data))
+        }
+        Op::Read { offset, len } => {
+            let (offset, len) = clip(offset, len, size)?;
+            (Request::Read { offset, len }, Some(vec![0; len as usize]))
+        }
+        Op::Zeroes { offset, len, unmap } => {
+            let (offset, len) = clip(offset, len, size)?;
+            oracle.zero(offset, len);
+            (Request::WriteZeroes { offset, len, unmap }, None)
+        }
+        Op::Discard { offset, len } => {
+            let (offset, len) = clip(offset, len, size)?;
+            oracle.discard(offset, len, cs);
+            (Request::Discard { offset, len }, None)
+        }
+        Op::Flush => (Request::Flush, None),
+        Op::Reopen => (Request::Close, None),
+        Op::Resize { size } => {
+            oracle.resize(size);
+            (Request::Resize { size, shrink: true }, None)
+        }
+    })
+}
+
+/// After a request completed: what became durable.
+fn completed(request: Request, oracle: &mut Oracle, cfg: &CrashConfig) {
+    match request {
+        Request::Flush | Request::Close => oracle.flushed(),
+        // Write-through promises durability for writes, not for discards (as QEMU).
+        Request::Write { offset, len } | Request::WriteZeroes { offset, len, .. }
+            if cfg.write_through =>
+        {
+            oracle.settled(offset, len)
+        }
+        _ => {}
+    }
+}
+
+/// Runs `script`, taking a crash point after every op completion.
+fn run_script(
+    cfg: &CrashConfig,
+    script: &Script,
+    seed: u64,
+    tally: &RefCell<Tally>,
+) -> Result<(), String> {
+    let mut create = CreateOptions::new(START_SIZE);
+    create.version = cfg.version;
+    create.cluster_size = cfg.cluster_size;
+    create.lazy_refcounts = cfg.lazy_refcounts;
+    let (mut sim, _) = Sim::create(create, engine_config(cfg), seed)?;
+    let mut oracle = Oracle::new(START_SIZE, MAX_OFFSET);
+    let mut rng = Rng::new(seed ^ 0xC0FFEE);
+    let mut failures = Vec::new();
+    let cs = u64::from(cfg.cluster_size);
+    for (step, op) in script.ops.iter().enumerate() {
+        let mut point = |d: &SimDisk, oracle: &Oracle| {
+            let (problem, lost) = verify(d.crash(&mut rng), oracle, seed);
+            let mut t = tally.borrow_mut();
+            t.points += 1;
+            t.lost += lost;
+            if let Some(p) = problem {
+                if lost == 0 {
+                    t.corruptions += 1;
+                }
+                let msg = format!("crash during step {step} {op:?}: {p}");
+                t.first.get_or_insert_with(|| msg.clone());
+                failures.push(msg);
+            }
+        };
+        let Some((request, buf)) = prepare(op, &mut oracle, cs) else {
+            continue;
+        };
+        let frozen = oracle.clone();
+        let (result, buf) = sim.run(request, buf, &mut |d| point(d, &frozen))?;
+        result.map_err(|e| format!("step {step} {op:?} failed: {e}"))?;
+        if let (Request::Read { offset, len }, Some(got)) = (request, &buf) {
+            if got.as_slice() != oracle.current(offset, len as usize) {
+                return Err(format!(
+                    "step {step} {op:?}: the read differs from the model"
+                ));
+            }
+        }
+        completed(request, &mut oracle, cfg);
+        if matches!(request, Request::Close) {
+            let disk = std::mem::take(&mut sim.disk);
+            sim = Sim::open(disk, engine_config(cfg), seed ^ step as u64)?.0;
+        }
+        if let Some(f) = failures.first() {
+            return Err(f.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `cfg.scripts` random scripts with a crash point after every op completion; panics
+/// (with a shrunk script) on the first corruption or lost write, and returns the tally.
+pub fn crash_test(name: &str, cfg: CrashConfig) -> Tally {
+    let tally = RefCell::new(Tally::default());
+    let seeds = RefCell::new(0u64);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        prop::check::<Script>(
+            name,
+            prop::test_count(cfg.scripts),
+            cfg.script_len,
+            |script| {
+                let seed = {
+                    let mut s = seeds.borrow_mut();
+                    *s += 1;
+                    *s
+                };
+                run_script(&cfg, script, seed, &tally)
+            },
+        );
+    }));
+    let t = tally.into_inner();
+    println!("{name}: {}", t.line());
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    t
+}
+
+/// What the fault-injection runs found.
+#[derive(Clone, Debug, Default)]
+pub struct FaultTally {
+    /// Runs, one per op position of each script.
+    pub runs: u64,
+    /// Runs where the injected error failed a request (with a typed error).
+    pub failed_requests: u64,
+    /// Runs that poisoned the engine.
+    pub poisoned: u64,
+}
+
+/// Runs `script` with an I/O error at the `at`-th op completion (none when `at` is `None`);
+/// returns the completions the script took, whether a request failed and whether the engine
+/// was poisoned. Fails when an error is untyped, a poisoned engine accepts a request, or the
+/// image afterwards is corrupt or lost flushed data.
+fn run_with_fault(
+    cfg: &CrashConfig,
+    script: &Script,
+    seed: u64,
+    at: Option<u64>,
+) -> Result<(u64, bool, bool), String> {
+    let mut create = CreateOptions::new(START_SIZE);
+    create.version = cfg.version;
+    create.cluster_size = cfg.cluster_size;
+    create.lazy_refcounts = cfg.lazy_refcounts;
+    let (mut sim, _) = Sim::create(create, engine_config(cfg), seed)?;
+    // Completions of earlier sessions, and where this session's count started.
+    let (mut done, mut start) = (0, sim.completions);
+    let arm = |sim: &mut Sim, done: u64| {
+        sim.fault = at
+            .and_then(|at| at.checked_sub(done))
+            .map(|rel| driver::Fault {
+                at: sim.completions + rel,
+                errno: if rel % 2 == 0 { 5 } else { 28 },
+            });
+    };
+    arm(&mut sim, done);
+    let mut oracle = Oracle::new(START_SIZE, MAX_OFFSET);
+    let cs = u64::from(cfg.cluster_size);
+    let (mut failed, mut poisoned) = (false, false);
+    for (step, op) in script.ops.iter().enumerate() {
+        let Some((request, buf)) = prepare(op, &mut oracle, cs) else {
+            continue;
+        };
+        let (result, buf) = sim.run(request, buf, &mut |_| {})?;
+        match result {
+            Ok(_) => {
+                if poisoned {
+                    return Err(format!("step {step} {op:?} succeeded on a poisoned engine"));
+                }
+                if let (Request::Read { offset, len }, Some(got), false) = (request, &buf, failed) {
+                    if got.as_slice() != oracle.current(offset, len as usize) {
+                        return Err(format!("step {step} {op:?}: the read differs"));
+                    }
+                }
+                completed(request, &mut oracle, cfg);
+            }
+            Err(RequestError::Io(_) | RequestError::NoSpace) => failed = true,
+            Err(RequestError::Poisoned) => {
+                failed = true;
+                poisoned = true;
+            }
+            Err(e) => return Err(format!("step {step} {op:?}: unexpected error {e}")),
+        }
+        if failed {
+            // One more request shows whether the engine stopped: a poisoned engine refuses it.
+            let (r, _) = sim.run(Request::Flush, None, &mut |_| {})?;
+            match r {
+                Err(RequestError::Poisoned) => poisoned = true,
+                Err(RequestError::Io(_) | RequestError::NoSpace) if !poisoned => {}
+                // The model now has the failed request's data, which may not have landed:
+                // the oracle keeps allowing what it allowed before.
+                Ok(_) if !poisoned => {}
+                other => return Err(format!("flush after the failure: {other:?}")),
+            }
+            break;
+        }
+        if matches!(request, Request::Close) {
+            done += sim.completions - start;
+            let disk = std::mem::take(&mut sim.disk);
+            sim = Sim::open(disk, engine_config(cfg), seed ^ step as u64)?.0;
+            start = sim.completions;
+            arm(&mut sim, done);
+        }
+    }
+    let completions = done + sim.completions - start;
+    sim.settle(&mut |_| {});
+    // The process goes on (no crash): reopen what the file holds now.
+    let (problem, lost) = verify(sim.disk.current().to_vec(), &oracle, seed);
+    if let Some(p) = problem {
+        return Err(format!("after the fault at {at:?}: {p} ({lost} sectors)"));
+    }
+    Ok((completions, failed, poisoned))
+}
+
+/// Injects EIO and ENOSPC at every op position of `cfg.scripts` random scripts in turn.
+pub fn fault_test(name: &str, cfg: CrashConfig) -> FaultTally {
+    let tally = RefCell::new(FaultTally::default());
+    let seeds = RefCell::new(0u64);
+    prop::check::<Script>(
+        name,
+        prop::test_count(cfg.scripts),
+        cfg.script_len,
+        |script| {
+            let seed = {
+                let mut s = seeds.borrow_mut();
+                *s += 1;
+                *s
+            };
+            let (total, _, _) = run_with_fault(&cfg, script, seed, None)?;
+            for at in 0..total {
+                let (_, failed, poisoned) = run_with_fault(&cfg, script, seed, Some(at))?;
+                let mut t = tally.borrow_mut();
+                t.runs += 1;
+                t.failed_requests += u64::from(failed);
+                t.poisoned += u64::from(poisoned);
+            }
+            Ok(())
+        },
+    );
+    let t = tally.into_inner();
+    println!(
+        "{name}: fault runs: {}, failed requests: {}, poisoned: {}",
+        t.runs, t.failed_requests, t.poisoned
+    );
+    t
+}

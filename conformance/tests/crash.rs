@@ -1,0 +1,76 @@
+//! The crash simulator (`qcow2_conformance::sim`) over the core: a crash point after every op
+//! completion of random scripts, in both cache modes and with lazy refcounts on and off.
+//! `cargo test -p qcow2-conformance crash -- --nocapture` shows each run's tally line.
+
+use qcow2_conformance::sim::{crash_test, CrashConfig};
+
+fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> CrashConfig {
+    CrashConfig {
+        version,
+        cluster_size,
+        write_through,
+        lazy_refcounts: lazy,
+        scripts: 48,
+        script_len: 30,
+    }
+}
+
+fn run(name: &str, cfg: CrashConfig, min_points: u64) {
+    let t = crash_test(name, cfg);
+    assert_eq!(
+        (t.corruptions, t.lost),
+        (0, 0),
+        "{}: {:?}",
+        t.line(),
+        t.first
+    );
+    assert!(
+        t.points >= min_points,
+        "{name}: only {} crash points",
+        t.points
+    );
+}
+
+#[test]
+fn crash_writeback_v3_64k() {
+    run(
+        "crash_writeback_v3_64k",
+        config(3, 65536, false, false),
+        1000,
+    );
+}
+
+#[test]
+fn crash_writethrough_v3_4k() {
+    run(
+        "crash_writethrough_v3_4k",
+        config(3, 4096, true, false),
+        1000,
+    );
+}
+
+#[test]
+fn faults_at_every_op_writeback_v3_4k() {
+    let t = qcow2_conformance::sim::fault_test(
+        "faults_at_every_op_writeback_v3_4k",
+        CrashConfig {
+            scripts: 24,
+            ..config(3, 4096, false, false)
+        },
+    );
+    assert!(t.runs >= 500, "only {} fault runs", t.runs);
+    assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
+}
+
+#[test]
+fn faults_at_every_op_writethrough_v2_64k() {
+    let t = qcow2_conformance::sim::fault_test(
+        "faults_at_every_op_writethrough_v2_64k",
+        CrashConfig {
+            scripts: 24,
+            ..config(2, 65536, true, false)
+        },
+    );
+    assert!(t.runs >= 500, "only {} fault runs", t.runs);
+    assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
+}
