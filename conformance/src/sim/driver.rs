@@ -51,6 +51,9 @@ impl std::fmt::Debug for Sim {
 /// A failure of the simulation itself (not of a request).
 pub type SimResult<T> = Result<T, String>;
 
+/// A request's result and its guest buffer back.
+pub type Ran = (Result<Outcome, RequestError>, Option<Vec<u8>>);
+
 impl Sim {
     /// Opens the image in `disk` with `config` (its `file_len` is set from the disk).
     pub fn open(disk: SimDisk, mut config: ImageConfig, seed: u64) -> SimResult<(Self, ImageInfo)> {
@@ -102,7 +105,7 @@ impl Sim {
         request: Request,
         buf: Option<Vec<u8>>,
         boundary: &mut dyn FnMut(&SimDisk),
-    ) -> SimResult<(Result<Outcome, RequestError>, Option<Vec<u8>>)> {
+    ) -> SimResult<Ran> {
         let id = match self.engine.submit(request) {
             Ok(id) => id,
             Err(qcow2_proto::SubmitError::Refused(e)) => return Ok((Err(e), buf)),
