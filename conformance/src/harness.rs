@@ -85,6 +85,9 @@ pub struct Mode {
     pub durability: Durability,
     /// Bypass the host page cache (QEMU's `cache=none` / `directsync`).
     pub direct: bool,
+    /// Read-only: share the image with a writer (qemu-img's `-U`) instead of being refused
+    /// by its lock.
+    pub force_share: bool,
 }
 
 impl Mode {
@@ -97,6 +100,15 @@ impl Mode {
     pub fn read_only() -> Self {
         Self {
             read_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Read-only beside a writer (`-U`).
+    pub fn shared_reader() -> Self {
+        Self {
+            read_only: true,
+            force_share: true,
             ..Self::default()
         }
     }

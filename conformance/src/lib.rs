@@ -78,6 +78,7 @@ macro_rules! instantiate {
                 we_write_cluster_64k,
                 we_write_cluster_2m,
                 unaligned_sizes,
+                locks_like_qemu,
             }
             create {
                 preallocation_metadata,

@@ -41,6 +41,19 @@ pub struct QemuCheck {
     pub json: String,
 }
 
+/// A `qemu-io` process holding an image open; killed on drop.
+#[derive(Debug)]
+pub struct Held {
+    child: std::process::Child,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl QemuCheck {
     /// Whether the image has no corruption, no leak and no check error.
     pub fn is_clean(&self) -> bool {
@@ -160,6 +173,73 @@ impl Qemu {
             "{}",
             Self::describe(&self.io, &args, &out)
         );
+    }
+
+    /// Starts `qemu-io` holding the qcow2 image at `path` open (read-only with
+    /// `read_only`) until the returned guard drops; returns once its locks are in place.
+    ///
+    /// # Panics
+    /// If qemu-io cannot start or has not opened the image within ten seconds.
+    pub fn hold(&self, path: &Path, read_only: bool) -> Held {
+        let mut cmd = Command::new(&self.io);
+        cmd.args(["-f", "qcow2"]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let child = cmd
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.io.display()));
+        let mut held = Held { child };
+        // qemu-io waits at its prompt once the image is open; its OFD locks show in
+        // /proc/locks then. (Probing by opening would race with it for the lock.)
+        let inode = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(path).expect("the image to hold exists"),
+        );
+        let needle = format!(":{inode} ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+            if locks
+                .lines()
+                .any(|l| l.contains("OFDLCK") && l.contains(&needle))
+            {
+                break;
+            }
+            if let Ok(Some(status)) = held.child.try_wait() {
+                panic!(
+                    "qemu-io exited ({status}) instead of holding {}",
+                    path.display()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io did not lock {} within ten seconds",
+                path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        held
+    }
+
+    /// Opens `path` with `qemu-io` (read-only with `read_only`) and reads a sector; its
+    /// stderr when that fails.
+    pub fn io_open(&self, path: &Path, read_only: bool) -> Result<(), String> {
+        let mut args: Vec<&OsStr> = vec!["-f".as_ref(), "qcow2".as_ref()];
+        if read_only {
+            args.push("-r".as_ref());
+        }
+        args.extend(["-c".as_ref(), "read 0 512".as_ref(), path.as_os_str()]);
+        let out = self.run(&self.io, &args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() && err.is_empty() {
+            Ok(())
+        } else {
+            Err(err)
+        }
     }
 
     /// `qemu-img check --output=json`.

@@ -16,6 +16,7 @@ pub struct SyncHarness;
 pub fn options(mode: Mode) -> OpenOptions {
     OpenOptions {
         read_only: mode.read_only,
+        force_share: mode.force_share,
         cache: match (mode.durability, mode.direct) {
             (Durability::WriteBack, false) => Cache::WriteBack,
             (Durability::WriteThrough, false) => Cache::WriteThrough,

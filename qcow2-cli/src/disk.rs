@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use qcow2_sync::{Allocation, Cache, Image, OpenOptions};
+use qcow2_sync::{lock_image, Allocation, Cache, Image, LockMode, OpenOptions};
 
 use crate::error::{strerror, CliError};
 use crate::host;
@@ -111,6 +111,8 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// Cache mode.
     pub cache: Cache,
+    /// Read-only opens share the image with writers (`-U`).
+    pub force_share: bool,
 }
 
 /// What a guest range is, in the flags `qemu-img map` prints.
@@ -224,15 +226,23 @@ impl Disk {
                     cache: opts.cache,
                     inspect_only,
                     check_only,
+                    force_share: opts.force_share,
                     ..OpenOptions::default()
                 };
                 let img = Image::open(path, &o).map_err(|e| qcow2_open_error(path, &e))?;
                 Inner::Qcow2(Box::new(img))
             }
-            Format::Raw => Inner::Raw(
-                RawDisk::open(path, opts.read_only, opts.cache, protect_sector0)
-                    .map_err(|e| open_error(path, &e))?,
-            ),
+            Format::Raw => {
+                let raw = RawDisk::open(path, opts.read_only, opts.cache, protect_sector0)
+                    .map_err(|e| open_error(path, &e))?;
+                let mode = match (opts.read_only, opts.force_share) {
+                    (false, _) => LockMode::Write,
+                    (true, false) => LockMode::Read,
+                    (true, true) => LockMode::ForceShare,
+                };
+                lock_image(raw.file(), path, mode).map_err(|e| qcow2_open_error(path, &e))?;
+                Inner::Raw(raw)
+            }
         };
         Ok(Self {
             path: path.to_owned(),

@@ -74,7 +74,8 @@ pub struct InfoArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
-    /// Open without taking locks (accepted for compatibility; no locks are taken).
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Show the whole backing chain.
@@ -102,7 +103,8 @@ pub struct CheckArgs {
     /// Cache mode.
     #[arg(short = 'T', long = "cache")]
     pub cache: Option<String>,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.
@@ -169,7 +171,8 @@ pub struct ConvertArgs {
     /// Source cache mode.
     #[arg(short = 'T', long = "source-cache")]
     pub source_cache: Option<String>,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Compress the target (not supported yet).
@@ -211,7 +214,8 @@ pub struct MapArgs {
     /// Bytes to report.
     #[arg(short = 'l', long = "max-length")]
     pub max_length: Option<String>,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.
@@ -239,7 +243,8 @@ pub struct CompareArgs {
     /// Cache mode for both images.
     #[arg(short = 'T', long = "cache")]
     pub cache: Option<String>,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// First image.
@@ -263,7 +268,8 @@ pub struct ResizeArgs {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.
@@ -292,7 +298,8 @@ pub struct IoArgs {
     /// from standard input, one a line.
     #[arg(short = 'c', long = "cmd")]
     pub commands: Vec<String>,
-    /// Accepted for compatibility.
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.

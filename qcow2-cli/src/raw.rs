@@ -108,6 +108,11 @@ impl RawDisk {
         })
     }
 
+    /// The file (the one holding the image locks).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The virtual size: the file length rounded up to 512 bytes, as qemu reports it.
     pub fn len(&self) -> u64 {
         self.file_len.next_multiple_of(512)

@@ -75,6 +75,7 @@ pub enum Request {
         repair: Option<Repair>,
     },
     /// Write back everything and mark the image clean; the engine accepts nothing after.
+    /// Done only once no op is outstanding: the runtime may close the file at once.
     Close,
     /// Counts host clusters below byte `end` with a non-zero refcount, stopping at `limit`
     /// (qemu-img's test for metadata-preallocated images needs this).

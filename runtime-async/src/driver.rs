@@ -87,6 +87,10 @@ pub struct Driver {
     backlog: VecDeque<Cmd>,
     disconnected: bool,
     close_sent: bool,
+    /// The finished `Close` request, answered only by [`shutdown`](Self::shutdown), once the
+    /// runtime has let go of the file (and so of its locks).
+    closed: Option<Pending>,
+    close_id: Option<ReqId>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -116,6 +120,8 @@ impl Driver {
             backlog: VecDeque::new(),
             disconnected: false,
             close_sent: false,
+            closed: None,
+            close_id: None,
         };
         (driver, image)
     }
@@ -172,6 +178,9 @@ impl Driver {
         match self.engine.submit(cmd.req) {
             Ok(id) => {
                 self.close_sent |= close;
+                if close {
+                    self.close_id = Some(id);
+                }
                 let slot = cmd.buf.map_or(GuestSlot::None, GuestSlot::Owned);
                 let pending = Pending {
                     reply: Some(cmd.reply),
@@ -239,9 +248,15 @@ impl Driver {
         while let Some(ev) = self.engine.poll_event() {
             if let Event::Done { req, result } = ev {
                 any = true;
-                if let Some(mut p) = self.reqs.remove(&req) {
-                    p.reply(result.map_err(Error::Request));
+                let Some(mut p) = self.reqs.remove(&req) else {
+                    continue;
+                };
+                if self.close_id == Some(req) && result.is_ok() {
+                    // Answered at shutdown, after the file is closed.
+                    self.closed = Some(p);
+                    continue;
                 }
+                p.reply(result.map_err(Error::Request));
             }
         }
         any
@@ -260,10 +275,27 @@ impl Driver {
         }
     }
 
-    /// Whether the driver loop may end: every handle gone, every request answered, and no
-    /// op of the runtime's (`inflight`) outstanding.
+    /// Whether the driver loop may end: every handle gone or the image closed, every
+    /// request answered, and no op of the runtime's (`inflight`) outstanding. The runtime
+    /// then drops its file and calls [`shutdown`](Self::shutdown).
     pub fn finished(&self, inflight: usize) -> bool {
-        self.disconnected && self.reqs.is_empty() && self.backlog.is_empty() && inflight == 0
+        (self.disconnected || self.closed.is_some()) && self.reqs.is_empty() && inflight == 0
+    }
+
+    /// Ends the driver once the runtime closed its file: answers the `Close` request, and
+    /// refuses whatever is still queued (handing buffers back).
+    pub fn shutdown(mut self) {
+        self.rx.close();
+        let queued = std::iter::from_fn(|| self.rx.try_recv().ok());
+        for cmd in self.backlog.drain(..).chain(queued) {
+            let _ = cmd.reply.try_send(Reply {
+                result: Err(Error::Closed),
+                buf: cmd.buf,
+            });
+        }
+        if let Some(mut p) = self.closed.take() {
+            p.reply(Ok(Outcome::Done));
+        }
     }
 
     /// Adds to the counters the handles report.

@@ -239,12 +239,10 @@ impl Image {
         }
     }
 
-    /// Writes everything back, marks the image clean and closes it; requests sent after
-    /// this (from other handles) fail.
+    /// Writes everything back, marks the image clean and closes it; returns once the file
+    /// is closed (its locks released). Requests sent after this (from other handles) fail.
     pub async fn close(self) -> Result<(), Error> {
-        if self.shared.info.read_only {
-            return Ok(());
-        }
+        // Read-only images too: the answer comes once the file (and its locks) is closed.
         self.call_plain(Request::Close).await.map(drop)
     }
 

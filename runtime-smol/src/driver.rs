@@ -62,7 +62,10 @@ pub(crate) async fn run(d: Driver, file: Arc<File>, cache: Cache) {
         }
         l.d.events();
         if l.d.finished(l.inflight) {
-            return;
+            // The file (and its locks) goes before `close` is answered.
+            let Loop { d, file, .. } = l;
+            drop(file);
+            return d.shutdown();
         }
         l.wait(&done_rx).await;
     }
@@ -202,6 +205,7 @@ impl Loop {
         self.inflight += 1;
         blocking::unblock(move || {
             let (result, guest) = job(&mut exec, &file, &mut op);
+            drop(file);
             let _ = tx.try_send(Finished {
                 op,
                 result,

@@ -62,7 +62,7 @@ pub async fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image
     let path = path.as_ref().to_owned();
     let options = *options;
     start(options, move || {
-        let file = open_file(&path, !options.read_only, false, options.cache)?;
+        let file = open_file(&path, &options, false)?;
         let engine = qcow2_proto::Image::open(engine_config(&file, &options)?);
         Ok((engine, file))
     })
@@ -78,7 +78,7 @@ pub async fn create(
     let path = path.as_ref().to_owned();
     let (create, options) = (*create, *options);
     start(options, move || {
-        let file = open_file(&path, true, true, options.cache)?;
+        let file = open_file(&path, &options, true)?;
         let engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
         Ok((engine, file))
     })

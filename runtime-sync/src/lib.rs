@@ -27,6 +27,7 @@
 pub mod exec;
 mod file;
 mod io_adapter;
+mod lock;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -34,6 +35,7 @@ use std::path::Path;
 
 pub use file::HostFile;
 pub use io_adapter::ImageIo;
+pub use lock::{lock_image, LockMode};
 pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
     Preallocation, Repair, RequestError,
@@ -106,6 +108,10 @@ pub struct OpenOptions {
     /// Open for [`Image::check`] only (like qemu-img check): images with the dirty or corrupt
     /// bit open writable so that a repair can fix them; data requests are refused.
     pub check_only: bool,
+    /// Read-only opens only: take QEMU's locks sharing every permission, so that an image
+    /// another process writes can be inspected (qemu-img's `-U`). Without it, an image in
+    /// use by a writer (QEMU or ours) is refused with [`Error::Locked`].
+    pub force_share: bool,
 }
 
 impl OpenOptions {
@@ -139,6 +145,17 @@ pub enum Error {
     /// The engine stopped producing work before finishing a request (a bug).
     #[error("internal error: the engine stalled")]
     Stalled,
+    /// Another process (QEMU, or another user of this library) holds the image in a way that
+    /// conflicts with this open.
+    #[error("Failed to get {}\"{perm}\" lock\nIs another process using the image [{}]?", if *shared { "shared " } else { "" }, path.display())]
+    Locked {
+        /// The image.
+        path: std::path::PathBuf,
+        /// QEMU's name of the permission (`write`, `resize`, ...).
+        perm: &'static str,
+        /// The conflict is with a permission we would not share (rather than one we need).
+        shared: bool,
+    },
     /// The image was closed (or its driver stopped) before the request could run.
     #[error("the image is closed")]
     Closed,
@@ -171,21 +188,29 @@ pub struct Image<F: HostFile = File> {
     closed: bool,
 }
 
-/// Opens (or creates and truncates) the host file at `path` as `cache` requires: `O_DIRECT`
-/// for `none` and `directsync`. Shared by every runtime.
-pub fn open_file(path: &Path, write: bool, create: bool, cache: Cache) -> Result<File, Error> {
+/// Opens (or creates and truncates) the host file at `path` as `options` say (`O_DIRECT`
+/// for `none` and `directsync`) and takes QEMU's image locks on it. Shared by every runtime.
+pub fn open_file(path: &Path, options: &OpenOptions, create: bool) -> Result<File, Error> {
+    let write = create || !options.read_only;
     let mut o = FsOpenOptions::new();
     o.read(true).write(write);
     if create {
         o.create(true).truncate(true);
     }
-    if cache.direct() {
+    if options.cache.direct() {
         o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
     }
-    o.open(path).map_err(|source| Error::File {
+    let file = o.open(path).map_err(|source| Error::File {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    let mode = match (write, options.force_share) {
+        (true, _) => LockMode::Write,
+        (false, false) => LockMode::Read,
+        (false, true) => LockMode::ForceShare,
+    };
+    lock_image(&file, path, mode)?;
+    Ok(file)
 }
 
 /// The engine configuration for a host file opened with `options`.
@@ -236,7 +261,7 @@ impl Image<File> {
     /// Opens the image at `path`.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self, Error> {
         let path = path.as_ref();
-        let file = open_file(path, !options.read_only, false, options.cache)?;
+        let file = open_file(path, options, false)?;
         Self::from_file(file, options)
     }
 
@@ -247,7 +272,7 @@ impl Image<File> {
         options: &OpenOptions,
     ) -> Result<Self, Error> {
         let path = path.as_ref();
-        let file = open_file(path, true, true, options.cache)?;
+        let file = open_file(path, options, true)?;
         Self::create_in(file, create, options)
     }
 }

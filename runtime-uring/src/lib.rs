@@ -63,7 +63,7 @@ use qcow2_sync::{drive_open, engine_config, open_file};
 /// Opens the image at `path` (reading its header and tables before returning).
 pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Error> {
     let path = path.as_ref();
-    let file = open_file(path, !options.read_only, false, options.cache)?;
+    let file = open_file(path, options, false)?;
     let engine = qcow2_proto::Image::open(engine_config(&file, options)?);
     start(engine, file, options)
 }
@@ -75,7 +75,7 @@ pub fn create(
     options: &OpenOptions,
 ) -> Result<Image, Error> {
     let path = path.as_ref();
-    let file = open_file(path, true, true, options.cache)?;
+    let file = open_file(path, options, true)?;
     let engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
     start(engine, file, options)
 }

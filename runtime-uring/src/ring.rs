@@ -267,7 +267,23 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
             }
         }
     }
-    // Nothing is in flight but the eventfd poll, which holds no memory of ours.
+    // Nothing is in flight but the eventfd poll, which holds no memory of ours. The ring
+    // goes first (registered files hold a reference), then the file and its locks, then
+    // `close` is answered.
+    let Loop {
+        d,
+        file,
+        ring,
+        fixed,
+        ..
+    } = l;
+    if fixed {
+        // Synchronous, unlike the ring's own teardown: the file reference goes now.
+        let _ = ring.submitter().unregister_files();
+    }
+    drop(ring);
+    drop(file);
+    d.shutdown();
 }
 
 impl Loop {

@@ -108,7 +108,8 @@ pub fn writeback_new_l2_tables_cost_three_syncs<H: Harness>(h: &H) {
 }
 
 /// In write-through mode every write issues a flush before it completes, and what it wrote
-/// (data and mapping) is in the file: a second, read-only open sees it at once.
+/// (data and mapping) is in the file: a second, read-only open sees it at once (sharing
+/// the image with the writer, as `qemu-img -U` does).
 pub fn writethrough_makes_each_write_durable<H: Harness>(h: &H) {
     crate::require!(h, flush_count, write_through);
     let dir = scratch();
@@ -147,7 +148,10 @@ pub fn writethrough_makes_each_write_durable<H: Harness>(h: &H) {
             "write-through write {i} at {offset:#x} completed without an fdatasync"
         );
         syncs.push(n);
-        let mut reader = must(h.open(&path, Mode::read_only()), "second, read-only open");
+        let mut reader = must(
+            h.open(&path, Mode::shared_reader()),
+            "second, read-only open",
+        );
         must(
             matches_model(&mut reader, &model),
             format!("after write-through write {i}, a second open"),

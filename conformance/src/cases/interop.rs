@@ -385,3 +385,56 @@ pub fn unaligned_sizes<H: Harness>(h: &H) {
         );
     }
 }
+
+/// Image locking works both ways with QEMU: while qemu-io holds an image, we refuse to open
+/// it (writable: qemu's "write" lock; read-only: its "shared write" lock), and while we hold
+/// it writable, qemu-io and qemu-img are refused; `qemu-img info -U` still reads it.
+pub fn locks_like_qemu<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let Some(q) = Qemu::require("interop::locks_like_qemu") else {
+        return;
+    };
+    let dir = scratch();
+    let path = dir.path().join("locked.qcow2");
+    q.create(&path, "", 1 << 20);
+    let refused = |mode: Mode, want: &str| match h.open(&path, mode) {
+        Ok(_) => panic!("opened {mode:?} while qemu-io holds the image"),
+        Err(e) => assert!(e.to_string().contains(want), "{mode:?}: {e}"),
+    };
+    {
+        let _held = q.hold(&path, false);
+        refused(Mode::writable(), "Failed to get \"write\" lock");
+        refused(Mode::read_only(), "Failed to get shared \"write\" lock");
+    }
+    {
+        // A reader does not share write either.
+        let _held = q.hold(&path, true);
+        refused(Mode::writable(), "Failed to get \"write\" lock");
+        let reader = must(
+            h.open(&path, Mode::read_only()),
+            "open beside a qemu reader",
+        );
+        drop(reader);
+    }
+    let disk = must(h.open(&path, Mode::writable()), "open once qemu-io is gone");
+    let err = q
+        .io_open(&path, false)
+        .expect_err("qemu-io opened an image we write");
+    assert!(err.contains("Failed to get \"write\" lock"), "{err}");
+    let err = q
+        .io_open(&path, true)
+        .expect_err("qemu-io -r opened an image we write");
+    assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+    q.img(&["info", "-U", path.to_str().expect("utf-8 path")]);
+    // Two of our readers share the image; a writer does not join them.
+    must(disk.close(), "close");
+    let a = must(h.open(&path, Mode::read_only()), "first reader");
+    let b = must(h.open(&path, Mode::read_only()), "second reader");
+    assert!(
+        h.open(&path, Mode::writable()).is_err(),
+        "a writer opened beside our readers"
+    );
+    drop((a, b));
+    must(q.io_open(&path, false), "qemu-io after we closed");
+    q.assert_clean(&path, "after the locking dance");
+}

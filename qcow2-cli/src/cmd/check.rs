@@ -36,6 +36,7 @@ pub fn run(a: &CheckArgs) -> CmdResult {
     }
     let cache = parse_cache(a.cache.as_deref(), qcow2_sync::Cache::WriteBack)?;
     let opts = DiskOptions {
+        force_share: a.force_share,
         read_only: repair.is_none(),
         cache,
     };

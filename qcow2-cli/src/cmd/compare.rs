@@ -82,6 +82,7 @@ pub fn run(a: &CompareArgs) -> CmdResult {
             path,
             format,
             DiskOptions {
+                force_share: a.force_share,
                 read_only: true,
                 cache,
             },

@@ -72,6 +72,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             DiskOptions {
                 read_only: true,
                 cache: src_cache,
+                force_share: a.force_share,
             },
             false,
         )?);
@@ -193,6 +194,7 @@ impl Sink {
                 DiskOptions {
                     read_only: false,
                     cache,
+                    force_share: false,
                 },
                 false,
             )?)),

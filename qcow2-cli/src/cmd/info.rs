@@ -17,9 +17,9 @@ use crate::{InfoArgs, OutputFormat};
 /// Runs `info`.
 pub fn run(a: &InfoArgs) -> CmdResult {
     let (format, _) = resolve_format(&a.filename, a.format.as_deref(), false)?;
-    let mut chain = vec![node_info(&a.filename, format)?];
+    let mut chain = vec![node_info(&a.filename, format, a.force_share)?];
     if a.backing_chain {
-        while let Some(next) = backing_of(chain.last().expect("non-empty"))? {
+        while let Some(next) = backing_of(chain.last().expect("non-empty"), a.force_share)? {
             if chain.len() > 64 {
                 return Err(CliError::new("Backing chain is too long (or has a loop)"));
             }
@@ -44,7 +44,7 @@ pub fn run(a: &InfoArgs) -> CmdResult {
 }
 
 /// The next image of a `--backing-chain` listing.
-fn backing_of(node: &Value) -> Result<Option<Value>, CliError> {
+fn backing_of(node: &Value, force_share: bool) -> Result<Option<Value>, CliError> {
     let Some(full) = node.get("full-backing-filename").and_then(Value::as_str) else {
         return Ok(None);
     };
@@ -53,7 +53,7 @@ fn backing_of(node: &Value) -> Result<Option<Value>, CliError> {
         Some(f) => Format::parse(f)?,
         None => resolve_format(&path, None, false)?.0,
     };
-    node_info(&path, format).map(Some)
+    node_info(&path, format, force_share).map(Some)
 }
 
 /// qemu's `path_combine`: a relative backing name is relative to the image's directory.
@@ -88,7 +88,7 @@ fn file_node(path: &Path, file: &File) -> Result<Value, CliError> {
 }
 
 /// The `info` object of one image, keys inserted in QAPI schema order.
-pub fn node_info(path: &Path, format: Format) -> Result<Value, CliError> {
+pub fn node_info(path: &Path, format: Format, force_share: bool) -> Result<Value, CliError> {
     let file = File::open(path).map_err(|e| open_error(path, &e))?;
     let child = file_node(path, &file)?;
     let actual = child["actual-size"].clone();
@@ -103,6 +103,7 @@ pub fn node_info(path: &Path, format: Format) -> Result<Value, CliError> {
         }
         Format::Qcow2 => {
             let opts = DiskOptions {
+                force_share,
                 read_only: true,
                 ..DiskOptions::default()
             };

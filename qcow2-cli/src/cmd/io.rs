@@ -370,6 +370,7 @@ pub fn run(a: &IoArgs) -> CmdResult {
         &a.filename,
         format,
         DiskOptions {
+            force_share: a.force_share,
             read_only: a.read_only,
             cache,
         },

@@ -137,6 +137,7 @@ pub fn run(a: &MapArgs) -> CmdResult {
         &a.filename,
         format,
         DiskOptions {
+            force_share: a.force_share,
             read_only: true,
             ..DiskOptions::default()
         },

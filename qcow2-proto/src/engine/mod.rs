@@ -16,6 +16,9 @@
 //!    syncs, then the header, syncs (rules A, C, D).
 //! 4. While a cycle takes its copies (`window`), no reference-creating change is made, so a
 //!    cycle never writes a reference whose target it did not make durable first.
+//! 5. A clean slot or table is not a durable one while a cycle is in progress (the cycle
+//!    marked it clean when it took its copy): close and check wait for the cycle to end, and
+//!    close is done only with no op outstanding, since the runtime then closes the file.
 
 mod alloc;
 mod cache;
@@ -813,9 +816,18 @@ impl Image {
     }
 
     fn step_close(&mut self, t: u32) -> bool {
-        if self.read_only || self.poisoned.is_some() {
-            return true;
+        if !self.read_only && self.poisoned.is_none() && !self.wait_all_durable(t) {
+            return false;
         }
+        // The runtime closes the file at `Done`, and the image may be opened again at once:
+        // nothing may still be in flight (a read-only image's corrupt-bit cycle, the writes
+        // of a poisoned cycle), or it would land under the next session.
+        self.cycle.is_none() && !self.ops_outstanding()
+    }
+
+    /// Waits until everything is durable (see [`has_dirty_state`](Self::has_dirty_state));
+    /// true once it is.
+    fn wait_all_durable(&mut self, t: u32) -> bool {
         loop {
             if !self.wait_for_cycle(t) {
                 return false;
@@ -824,11 +836,25 @@ impl Image {
                 return true;
             }
             self.task(t).wait_cycle = None;
+            if self.cycle.is_none() && !self.cycle_has_work() {
+                // Queued decrements wait for data ops still in flight (rule B): their
+                // completions wake the task.
+                return false;
+            }
         }
     }
 
+    /// Whether anything is not durable yet: dirty metadata, unsynced data, queued
+    /// decrements, or a write-back cycle in progress. A cycle marks what it copies clean
+    /// when it takes the copy (invariant 3 of the cache), so until it ends, clean slots and
+    /// tables may still be on their way to the disk.
     fn has_dirty_state(&self) -> bool {
-        self.unwritten() || !self.pending_frees.is_empty()
+        self.cycle.is_some() || self.unwritten() || !self.pending_frees.is_empty()
+    }
+
+    /// Whether any op is issued and not completed (or not yet polled).
+    fn ops_outstanding(&self) -> bool {
+        self.op_free.len() < self.ops.len()
     }
 
     /// Check: write everything back, run the checker over the file, and reload the metadata
@@ -841,14 +867,8 @@ impl Image {
             }
             match task.sub {
                 0 => {
-                    if !self.read_only && self.poisoned.is_none() {
-                        if !self.wait_for_cycle(t) {
-                            return false;
-                        }
-                        if self.has_dirty_state() {
-                            self.task(t).wait_cycle = None;
-                            continue;
-                        }
+                    if !self.read_only && self.poisoned.is_none() && !self.wait_all_durable(t) {
+                        return false;
                     }
                     self.checker = Some(Box::new(Checker::new(self.file_end, repair)));
                     self.task(t).sub = 1;
