@@ -85,6 +85,7 @@ macro_rules! instantiate {
                 preallocation_falloc,
                 preallocation_full,
                 lazy_refcounts,
+                lazy_refcounts_crash_repaired_on_open,
             }
             flush {
                 writeback_batch_costs_two_syncs,

@@ -55,16 +55,16 @@ pub use qcow2_async::{
     ImageInfo, IoBuf, OpenOptions, Preallocation, Repair, RequestError,
 };
 use qcow2_sync::exec::Executor;
-use qcow2_sync::{drive_open, engine_config, open_file};
+use qcow2_sync::{drive_open, engine_config, open_engine, open_file};
 
 /// Opens the image at `path`.
 pub async fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Error> {
     let path = path.as_ref().to_owned();
     let options = *options;
-    start(options, move || {
+    start(options, move |exec| {
         let file = open_file(&path, &options, false)?;
-        let engine = qcow2_proto::Image::open(engine_config(&file, &options)?);
-        Ok((engine, file))
+        let (engine, info) = open_engine(&file, &options, exec)?;
+        Ok((engine, file, info))
     })
     .await
 }
@@ -77,23 +77,26 @@ pub async fn create(
 ) -> Result<Image, Error> {
     let path = path.as_ref().to_owned();
     let (create, options) = (*create, *options);
-    start(options, move || {
+    start(options, move |exec| {
         let file = open_file(&path, &options, true)?;
-        let engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
-        Ok((engine, file))
+        let mut engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
+        let info = drive_open(&mut engine, &file, exec)?;
+        Ok((engine, file, info))
     })
     .await
 }
 
+/// An opening (or creating) plan run with blocking I/O.
+type Opened = (qcow2_proto::Image, File, ImageInfo);
+
 /// Runs the opening plan on the blocking pool, then spawns the driver.
 async fn start(
     options: OpenOptions,
-    open: impl FnOnce() -> Result<(qcow2_proto::Image, File), Error> + Send + 'static,
+    open: impl FnOnce(&mut Executor) -> Result<Opened, Error> + Send + 'static,
 ) -> Result<Image, Error> {
     let (engine, file, info, exec) = blocking::unblock(move || {
-        let (mut engine, file) = open()?;
         let mut exec = Executor::for_cache(options.cache);
-        let info = drive_open(&mut engine, &file, &mut exec)?;
+        let (engine, file, info) = open(&mut exec)?;
         Ok::<_, Error>((engine, file, info, exec))
     })
     .await?;

@@ -40,7 +40,7 @@ pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
     Preallocation, Repair, RequestError,
 };
-use qcow2_proto::{CacheMode, Event, ImageConfig, Outcome, Request, SubmitError};
+use qcow2_proto::{CacheMode, Event, Feature, ImageConfig, Outcome, Request, SubmitError};
 
 use exec::{Executor, Guest};
 
@@ -156,6 +156,12 @@ pub enum Error {
         /// The conflict is with a permission we would not share (rather than one we need).
         shared: bool,
     },
+    /// A dirty image opened writable could not be repaired.
+    #[error("the dirty image could not be repaired: {corruptions} corruptions remain; see `qcow2 check`")]
+    DirtyRepair {
+        /// Corruptions left after the repair.
+        corruptions: u64,
+    },
     /// The image was closed (or its driver stopped) before the request could run.
     #[error("the image is closed")]
     Closed,
@@ -257,6 +263,84 @@ pub fn drive_open<F: HostFile>(
     }
 }
 
+/// Runs one request to its end with blocking I/O.
+fn drive_request<F: HostFile>(
+    engine: &mut qcow2_proto::Image,
+    file: &F,
+    exec: &mut Executor,
+    req: Request,
+    guest: &mut Guest<'_>,
+) -> Result<Outcome, Error> {
+    let id = engine.submit(req)?;
+    loop {
+        let mut progressed = false;
+        while let Some(mut op) = engine.poll_io() {
+            progressed = true;
+            let r = exec.run(file, &mut op, guest);
+            engine.complete(op, r);
+        }
+        while let Some(ev) = engine.poll_event() {
+            progressed = true;
+            if let Event::Done { req, result } = ev {
+                if req == id {
+                    return result.map_err(Error::Request);
+                }
+            }
+        }
+        if !progressed {
+            return Err(Error::Stalled);
+        }
+    }
+}
+
+/// Opens the image in `file` with blocking I/O. A dirty image (lazy refcounts, not closed
+/// cleanly) opened writable is repaired first, as QEMU does on open: its refcounts are
+/// rebuilt in check mode and the dirty bit cleared. Every runtime opens this way.
+pub fn open_engine<F: HostFile>(
+    file: &F,
+    options: &OpenOptions,
+    exec: &mut Executor,
+) -> Result<(qcow2_proto::Image, ImageInfo), Error> {
+    let mut engine = qcow2_proto::Image::open(engine_config(file, options)?);
+    match drive_open(&mut engine, file, exec) {
+        Ok(info) => Ok((engine, info)),
+        Err(Error::Open(OpenError::Unsupported(Feature::DirtyImageRepair))) => {
+            repair_dirty(file, options, exec)?;
+            let mut engine = qcow2_proto::Image::open(engine_config(file, options)?);
+            let info = drive_open(&mut engine, file, exec)?;
+            Ok((engine, info))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Rebuilds the refcounts of a dirty image and clears its dirty bit.
+fn repair_dirty<F: HostFile>(
+    file: &F,
+    options: &OpenOptions,
+    exec: &mut Executor,
+) -> Result<(), Error> {
+    let check = OpenOptions {
+        check_only: true,
+        ..*options
+    };
+    let mut engine = qcow2_proto::Image::open(engine_config(file, &check)?);
+    drive_open(&mut engine, file, exec)?;
+    let repair = Request::Check {
+        repair: Some(Repair::All),
+    };
+    if let Outcome::Check(report) =
+        drive_request(&mut engine, file, exec, repair, &mut Guest::None)?
+    {
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::DirtyRepair {
+                corruptions: report.corruptions,
+            });
+        }
+    }
+    drive_request(&mut engine, file, exec, Request::Close, &mut Guest::None).map(drop)
+}
+
 impl Image<File> {
     /// Opens the image at `path`.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self, Error> {
@@ -280,8 +364,15 @@ impl Image<File> {
 impl<F: HostFile> Image<F> {
     /// Opens an image in an already opened host file.
     pub fn from_file(file: F, options: &OpenOptions) -> Result<Self, Error> {
-        let engine = qcow2_proto::Image::open(engine_config(&file, options)?);
-        Self::finish_open(engine, file, options)
+        let mut exec = Executor::for_cache(options.cache);
+        let (engine, info) = open_engine(&file, options, &mut exec)?;
+        Ok(Self {
+            engine,
+            file,
+            exec,
+            info,
+            closed: false,
+        })
     }
 
     /// Formats an (empty) host file as a new image and opens it.
@@ -311,26 +402,13 @@ impl<F: HostFile> Image<F> {
     }
 
     fn run(&mut self, req: Request, mut guest: Guest<'_>) -> Result<Outcome, Error> {
-        let id = self.engine.submit(req)?;
-        loop {
-            let mut progressed = false;
-            while let Some(mut op) = self.engine.poll_io() {
-                progressed = true;
-                let r = self.exec.run(&self.file, &mut op, &mut guest);
-                self.engine.complete(op, r);
-            }
-            while let Some(ev) = self.engine.poll_event() {
-                progressed = true;
-                if let Event::Done { req, result } = ev {
-                    if req == id {
-                        return result.map_err(Error::Request);
-                    }
-                }
-            }
-            if !progressed {
-                return Err(Error::Stalled);
-            }
-        }
+        drive_request(
+            &mut self.engine,
+            &self.file,
+            &mut self.exec,
+            req,
+            &mut guest,
+        )
     }
 
     /// Reads `buf.len()` guest bytes at `offset`.

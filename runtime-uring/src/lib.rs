@@ -58,14 +58,18 @@ pub use qcow2_async::{
     ImageInfo, IoBuf, OpenOptions, Preallocation, Repair, RequestError,
 };
 use qcow2_sync::exec::Executor;
-use qcow2_sync::{drive_open, engine_config, open_file};
+use qcow2_sync::{drive_open, engine_config, open_engine, open_file};
 
-/// Opens the image at `path` (reading its header and tables before returning).
+/// Opens the image at `path` (reading its header and tables before returning; a dirty
+/// image opened writable is repaired first).
 pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Error> {
     let path = path.as_ref();
+    // The ring first: a kernel without io_uring fails here, before anything else happens.
+    let ring = ring::Ring::new(256)?;
     let file = open_file(path, options, false)?;
-    let engine = qcow2_proto::Image::open(engine_config(&file, options)?);
-    start(engine, file, options)
+    let mut exec = Executor::for_cache(options.cache);
+    let (engine, info) = open_engine(&file, options, &mut exec)?;
+    start(ring, engine, info, file, exec, options)
 }
 
 /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.
@@ -75,9 +79,12 @@ pub fn create(
     options: &OpenOptions,
 ) -> Result<Image, Error> {
     let path = path.as_ref();
+    let ring = ring::Ring::new(256)?;
     let file = open_file(path, options, true)?;
-    let engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
-    start(engine, file, options)
+    let mut engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
+    let mut exec = Executor::for_cache(options.cache);
+    let info = drive_open(&mut engine, &file, &mut exec)?;
+    start(ring, engine, info, file, exec, options)
 }
 
 /// Whether this kernel lets us set up a ring with every opcode the runtime needs; the
@@ -87,16 +94,14 @@ pub fn probe() -> Result<(), Error> {
 }
 
 fn start(
-    mut engine: qcow2_proto::Image,
+    ring: ring::Ring,
+    engine: qcow2_proto::Image,
+    info: ImageInfo,
     file: File,
+    exec: Executor,
     options: &OpenOptions,
 ) -> Result<Image, Error> {
-    // The ring first: a kernel without io_uring fails here, before anything else happens.
-    let ring = ring::Ring::new(256)?;
     let wake = ring::EventWake::new()?;
-    // Opening reads a few tables once: plain blocking I/O in the caller's thread.
-    let mut exec = Executor::for_cache(options.cache);
-    let info = drive_open(&mut engine, &file, &mut exec)?;
     let (driver, image) = Driver::start(engine, info, Some(Box::new(wake.clone())));
     driver.count(exec.syncs, exec.bounced);
     let cache = options.cache;
