@@ -218,8 +218,11 @@ impl Driver {
     }
 
     /// Drains the engine's events: answers finished requests, then retries the backlog.
-    pub fn events(&mut self) {
+    /// Returns whether it submitted waiting commands: then the engine may have ops to poll
+    /// before the runtime waits.
+    pub fn events(&mut self) -> bool {
         self.answer();
+        let mut submitted = false;
         // Retried whenever something waits: `submit` answers requests too, so room may
         // have appeared without a `Done` here.
         loop {
@@ -230,6 +233,7 @@ impl Driver {
                 self.backlog.push_front(cmd);
                 break;
             }
+            submitted = true;
         }
         if self.disconnected && !self.backlog.is_empty() && self.reqs.is_empty() {
             // Nothing in flight can make room any more; answer what is left.
@@ -240,6 +244,7 @@ impl Driver {
                 });
             }
         }
+        submitted
     }
 
     /// Answers the finished requests; returns whether there were any.

@@ -57,10 +57,15 @@ pub(crate) async fn run(d: Driver, file: Arc<File>, cache: Cache) {
         deferred: Vec::new(),
     };
     loop {
-        while let Some(op) = l.d.engine.poll_io() {
-            l.start(op);
+        // Until quiet: commands taken from the backlog may have made more ops.
+        loop {
+            while let Some(op) = l.d.engine.poll_io() {
+                l.start(op);
+            }
+            if !l.d.events() {
+                break;
+            }
         }
-        l.d.events();
         if l.d.finished(l.inflight) {
             // The file (and its locks) goes before `close` is answered.
             let Loop { d, file, .. } = l;

@@ -76,3 +76,38 @@ fn many_tasks_on_a_multi_threaded_executor() {
         drop(stop);
     });
 }
+
+#[test]
+fn more_requests_than_the_engine_takes_at_once() {
+    // The engine takes 64 requests at a time; the rest wait in the driver's backlog.
+    smol::block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        let img = qcow2_smol::create(
+            &path,
+            &CreateOptions::new(64 << 20),
+            &OpenOptions::default(),
+        )
+        .await
+        .unwrap();
+        let writes: Vec<_> = (0..300u64)
+            .map(|i| {
+                let img = img.clone();
+                smol::spawn(async move {
+                    img.write_at(vec![(i % 251) as u8 + 1; 4096], i * 65536 + 512)
+                        .await
+                        .0
+                })
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap();
+        }
+        for i in 0..300u64 {
+            let (r, buf) = img.read_at(vec![0u8; 4096], i * 65536 + 512).await;
+            r.unwrap();
+            assert!(buf.iter().all(|&b| b == (i % 251) as u8 + 1), "request {i}");
+        }
+        img.close().await.unwrap();
+    });
+}

@@ -246,12 +246,17 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
             armed = true;
         }
         l.d.accept_ready();
-        while let Some(op) = l.d.engine.poll_io() {
-            l.start(op);
+        // Until quiet: commands taken from the backlog may have made more ops.
+        loop {
+            while let Some(op) = l.d.engine.poll_io() {
+                l.start(op);
+            }
+            // Counts first: a caller that sees its request done sees its syncs counted.
+            l.flush_counts();
+            if !l.d.events() {
+                break;
+            }
         }
-        // Counts first: a caller that sees its request done sees its syncs counted.
-        l.flush_counts();
-        l.d.events();
         if l.d.finished(l.inflight) {
             break;
         }

@@ -158,3 +158,34 @@ fn requests_after_close_fail_cleanly() {
     assert!(r.is_err(), "a write after close must fail");
     assert_eq!(buf.len(), 512, "and hand its buffer back");
 }
+
+#[test]
+fn more_requests_than_the_engine_takes_at_once() {
+    // The engine takes 64 requests at a time; the rest wait in the driver's backlog and go
+    // in as room appears.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qcow2");
+    let img = qcow2_uring::create(
+        &path,
+        &CreateOptions::new(64 << 20),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let writes: Vec<_> = (0..300u64)
+        .map(|i| img.write_at(vec![(i % 251) as u8 + 1; 4096], i * 65536 + 512))
+        .collect();
+    for (r, _) in qcow2_conformance::async_rt::join_all(writes) {
+        r.unwrap();
+    }
+    let reads: Vec<_> = (0..300u64)
+        .map(|i| img.read_at(vec![0u8; 4096], i * 65536 + 512))
+        .collect();
+    for (i, (r, buf)) in qcow2_conformance::async_rt::join_all(reads)
+        .into_iter()
+        .enumerate()
+    {
+        r.unwrap();
+        assert!(buf.iter().all(|&b| b == (i % 251) as u8 + 1), "request {i}");
+    }
+    block_on(img.close()).unwrap();
+}
