@@ -74,3 +74,22 @@ fn faults_at_every_op_writethrough_v2_64k() {
     assert!(t.runs >= 500, "only {} fault runs", t.runs);
     assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
 }
+
+#[test]
+fn crash_writeback_v3_4k() {
+    run("crash_writeback_v3_4k", config(3, 4096, false, false), 1000);
+}
+
+#[test]
+fn crash_writeback_v2_512() {
+    run("crash_writeback_v2_512", config(2, 512, false, false), 1000);
+}
+
+#[test]
+fn crash_lazy_refcounts_v3_4k() {
+    run(
+        "crash_lazy_refcounts_v3_4k",
+        config(3, 4096, false, true),
+        1000,
+    );
+}

@@ -2,6 +2,13 @@
 //! survives a crash), plus the log of everything done since the last host flush. A crash
 //! keeps the durable image and any subset of the logged operations, each write longer than a
 //! sector possibly torn at sector boundaries.
+//!
+//! A sector is the unit of durability: an op that covers part of a sector logs the whole
+//! sector as the file holds it right after the op (a host page cache, or an O_DIRECT bounce,
+//! writes whole sectors of the current file). Logging only the bytes the op wrote would let a
+//! crash merge them into the *durable* sector, a mix of old and new bytes that the file never
+//! held (say an unflushed full-sector write dropped while a later partial write of the same
+//! sector survives).
 
 use super::rng::Rng;
 
@@ -22,6 +29,8 @@ pub struct SimDisk {
     current: Vec<u8>,
     durable: Vec<u8>,
     log: Vec<Logged>,
+    /// Logged operations made durable and dropped from the front of `log` so far.
+    settled: u64,
 }
 
 impl SimDisk {
@@ -31,6 +40,7 @@ impl SimDisk {
             durable: bytes.clone(),
             current: bytes,
             log: Vec::new(),
+            settled: 0,
         }
     }
 
@@ -58,10 +68,7 @@ impl SimDisk {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         let offset = offset as usize;
         write_into(&mut self.current, offset, data);
-        self.log.push(Logged::Write {
-            offset,
-            data: data.to_vec(),
-        });
+        self.log_current(offset, offset + data.len());
     }
 
     /// Makes a range read as zero (zero-range, hole punch), growing the file if `grow`.
@@ -70,8 +77,40 @@ impl SimDisk {
         if !grow {
             len = len.min(self.current.len().saturating_sub(offset));
         }
+        if len == 0 {
+            return;
+        }
         zero_into(&mut self.current, offset, len);
-        self.log.push(Logged::Zero { offset, len });
+        // Whole sectors inside the range are zeroed; the partial ones at its edges are
+        // logged as they are now.
+        let (inner_start, inner_end) = (
+            offset.next_multiple_of(SECTOR),
+            (offset + len) / SECTOR * SECTOR,
+        );
+        if inner_start >= inner_end {
+            self.log_current(offset, offset + len);
+            return;
+        }
+        self.log_current(offset, inner_start);
+        self.log.push(Logged::Zero {
+            offset: inner_start,
+            len: inner_end - inner_start,
+        });
+        self.log_current(inner_end, offset + len);
+    }
+
+    /// Logs the sectors holding `start..end` as the current file has them (clipped at its
+    /// end).
+    fn log_current(&mut self, start: usize, end: usize) {
+        if start >= end {
+            return;
+        }
+        let start = start / SECTOR * SECTOR;
+        let end = end.next_multiple_of(SECTOR).min(self.current.len());
+        self.log.push(Logged::Write {
+            offset: start,
+            data: self.current[start..end].to_vec(),
+        });
     }
 
     /// Extends the file to at least `end` bytes (fallocate), contents unchanged.
@@ -88,10 +127,25 @@ impl SimDisk {
         self.log.push(Logged::SetLen(len as usize));
     }
 
-    /// `fdatasync`: everything done so far becomes durable.
-    pub fn flush(&mut self) {
-        self.durable.clone_from(&self.current);
-        self.log.clear();
+    /// Where the log stands now: a flush issued now covers what was done before this mark.
+    pub fn mark(&self) -> u64 {
+        self.settled + self.log.len() as u64
+    }
+
+    /// `fdatasync` issued at `mark` (see [`mark`](Self::mark)): what was done before it was
+    /// issued becomes durable. What completed while it was in flight may or may not be
+    /// (`fdatasync` promises nothing for it), so it stays in the log.
+    pub fn flush(&mut self, mark: u64) {
+        let n = (mark.saturating_sub(self.settled) as usize).min(self.log.len());
+        if n == self.log.len() {
+            self.durable.clone_from(&self.current);
+        } else {
+            for op in &self.log[..n] {
+                apply(&mut self.durable, op);
+            }
+        }
+        self.log.drain(..n);
+        self.settled += n as u64;
     }
 
     /// The file after a crash now: the durable image plus a random subset of the logged
@@ -131,6 +185,15 @@ impl SimDisk {
             }
         }
         img
+    }
+}
+
+/// Applies a logged operation in full.
+fn apply(img: &mut Vec<u8>, op: &Logged) {
+    match op {
+        Logged::Write { offset, data } => write_into(img, *offset, data),
+        Logged::Zero { offset, len } => zero_into(img, *offset, *len),
+        Logged::SetLen(len) => img.resize(*len, 0),
     }
 }
 

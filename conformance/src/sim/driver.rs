@@ -2,6 +2,9 @@
 //! pending set, and ops complete one at a time in a seeded random order (the contract lets
 //! them run concurrently, in any order). After each completion the caller's `boundary`
 //! callback sees the disk: that is where the crash simulator takes its crash points.
+//!
+//! An op takes effect when it completes. A flush makes durable what completed before it was
+//! *issued* (`fdatasync`'s promise), not what completed while it was in flight.
 
 use std::collections::HashMap;
 
@@ -28,7 +31,8 @@ pub struct Sim {
     pub engine: Image,
     /// The host file.
     pub disk: SimDisk,
-    pending: Vec<IoOp>,
+    /// Ops issued and not completed, each with the disk's log mark when it was issued.
+    pending: Vec<(IoOp, u64)>,
     bufs: HashMap<ReqId, Vec<u8>>,
     rng: Rng,
     /// Op completions so far.
@@ -83,7 +87,7 @@ impl Sim {
         };
         loop {
             while let Some(op) = sim.engine.poll_io() {
-                sim.pending.push(op);
+                sim.pending.push((op, sim.disk.mark()));
             }
             while let Some(ev) = sim.engine.poll_event() {
                 match ev {
@@ -116,7 +120,7 @@ impl Sim {
         }
         loop {
             while let Some(op) = self.engine.poll_io() {
-                self.pending.push(op);
+                self.pending.push((op, self.disk.mark()));
             }
             while let Some(ev) = self.engine.poll_event() {
                 if let Event::Done { req, result } = ev {
@@ -135,7 +139,7 @@ impl Sim {
     pub fn settle(&mut self, boundary: &mut dyn FnMut(&SimDisk)) {
         loop {
             while let Some(op) = self.engine.poll_io() {
-                self.pending.push(op);
+                self.pending.push((op, self.disk.mark()));
             }
             while self.engine.poll_event().is_some() {}
             if !self.step(boundary) {
@@ -150,7 +154,7 @@ impl Sim {
             return false;
         }
         let i = self.rng.below(self.pending.len() as u64) as usize;
-        let mut op = self.pending.swap_remove(i);
+        let (mut op, mark) = self.pending.swap_remove(i);
         if self.trace {
             self.trace_op(&op);
         }
@@ -159,7 +163,7 @@ impl Sim {
                 kind: std::io::Error::from_raw_os_error(f.errno).kind(),
                 raw_os_error: Some(f.errno),
             }),
-            _ => Ok(self.execute(&mut op)),
+            _ => Ok(self.execute(&mut op, mark)),
         };
         self.completions += 1;
         self.engine.complete(op, result);
@@ -187,7 +191,8 @@ impl Sim {
         );
     }
 
-    fn execute(&mut self, op: &mut IoOp) -> usize {
+    /// Performs `op`, issued when the disk's log stood at `mark`.
+    fn execute(&mut self, op: &mut IoOp, mark: u64) -> usize {
         let mut pos = op.offset;
         match op.kind {
             IoKind::Read => {
@@ -235,7 +240,7 @@ impl Sim {
                 op.len() as usize
             }
             IoKind::Flush => {
-                self.disk.flush();
+                self.disk.flush(mark);
                 0
             }
             IoKind::SetLen => {

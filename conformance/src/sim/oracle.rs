@@ -79,10 +79,18 @@ impl Oracle {
         self.touched(o, n);
     }
 
-    /// A discard of the whole clusters inside `offset..offset + len`.
+    /// A discard of the whole clusters inside `offset..offset + len`; the image's partial
+    /// last cluster counts as whole when the range reaches the end (as in
+    /// [`Model::discard_range`](crate::model::Model::discard_range), the engine and QEMU).
     pub fn discard(&mut self, offset: u64, len: u64, cluster: u64) {
+        let size = self.size as u64;
         let start = offset.div_ceil(cluster) * cluster;
-        let end = ((offset + len) / cluster * cluster).min(self.size as u64);
+        let end = (offset + len).min(size);
+        let end = if end == size {
+            end
+        } else {
+            end / cluster * cluster
+        };
         if end > start {
             self.zero(start, end - start);
         }

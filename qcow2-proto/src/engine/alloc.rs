@@ -276,8 +276,10 @@ impl Image {
     }
 
     /// A bigger refcount table: a new refcount block at `c`, the table right after it (both
-    /// described by that block); the header switches to it in the next write-back cycle and
-    /// the old table is freed after that.
+    /// described by that block); the next write-back cycle writes them, syncs and switches
+    /// the header to the new table before it writes any L2 slice or L1 entry (which may
+    /// reference clusters only the new table counts), and the old table is freed after that
+    /// cycle.
     fn grow_reftable(&mut self, c: u64, ri: usize) -> Result<(), Block> {
         let cs = self.geo.cluster_size();
         let entries = (ri + 1).max(self.reftable.len() * 3 / 2 + 1) as u64;

@@ -12,8 +12,9 @@
 //!    changed; decrements are queued (`pending_frees`) and applied only after a write-back
 //!    cycle made the dropping entry durable (rules A and B).
 //! 3. L2 entries are linked only after the data write completed (rule C); write-back writes
-//!    refblocks, syncs, then L2 slices and refcount-table entries, syncs, then L1 entries,
-//!    syncs, then the header, syncs (rules A, C, D).
+//!    refblocks, syncs, then refcount-table entries, syncs, then L2 slices, syncs, then L1
+//!    entries, syncs, then the header, syncs (rules A, C, D; a count is durable only once
+//!    the refcount-table entry reaching its block is).
 //! 4. While a cycle takes its copies (`window`), no reference-creating change is made, so a
 //!    cycle never writes a reference whose target it did not make durable first.
 //! 5. A clean slot or table is not a durable one while a cycle is in progress (the cycle
@@ -252,6 +253,8 @@ pub struct Image {
 
     layout: Option<Layout>,
     hdr: Header,
+    /// The header as last written (or read at open): what a crash finds.
+    hdr_disk: Header,
     geo: Geometry,
     header_buf: IoBuf,
     info: Option<ImageInfo>,
@@ -331,6 +334,7 @@ impl Image {
             create: None,
             layout: None,
             hdr: Header::default(),
+            hdr_disk: Header::default(),
             geo: Geometry::new(16, 4),
             header_buf: IoBuf::zeroed(0),
             info: None,
@@ -535,6 +539,11 @@ impl Image {
             Purpose::Writeback { pool, slot } => self.writeback_done(pool, slot, op, result),
             Purpose::Sync => self.sync_done(result),
             Purpose::TaskIo { task } => {
+                if op.kind != IoKind::Read && result.is_ok() {
+                    // A new table (a grown L1): the next cycle's first barrier makes it
+                    // durable before the header points at it (rule D).
+                    self.unsynced_data = true;
+                }
                 self.recycle(op);
                 self.task_io_done(task, result.map_err(io_error));
             }

@@ -389,6 +389,7 @@ impl Image {
         // (the scan reads each refcount block once per session, as allocation proceeds).
         self.next_free = 1;
         self.file_end = self.file_end.max(self.config.file_len);
+        self.hdr_disk = self.hdr;
     }
 
     /// Reads the metadata again (after a repair), then resumes check task `t`.

@@ -716,6 +716,10 @@ impl Image {
         if let Err(e) = result {
             return self.table_failed(a, e);
         }
+        // Like completed data, the new table must be made durable by the next cycle's first
+        // barrier before its L1 entry is written (rule D): that cycle may have nothing else
+        // to write before it, when the table's refcount went out in an earlier cycle.
+        self.unsynced_data = true;
         self.allocs[a as usize]
             .as_mut()
             .expect("live allocation")

@@ -4,7 +4,10 @@
 //! ```text
 //! refcount blocks (+ a relocated refcount table)   rule A: counts before references
 //!   fdatasync                                      (also covers completed data: rule C)
-//! L2 slices, refcount-table entries                rule D: tables before pointers
+//! refcount-table entries, or the header switch     rule D: refblocks before their entries
+//!   to a relocated refcount table                  rule A: a count is durable only once its
+//!   fdatasync                                      block is reachable
+//! L2 slices                                        rule D: tables before pointers
 //!   fdatasync
 //! L1 entries
 //!   fdatasync
@@ -14,7 +17,15 @@
 //! ```
 //!
 //! Empty levels are skipped with their barrier, so any number of allocating writes followed
-//! by one guest flush costs two `fdatasync`s once the L2 tables exist.
+//! by one guest flush costs two `fdatasync`s once the L2 tables exist; a cycle that links a
+//! new refcount block costs one more.
+//!
+//! Refcount-table entries get a level of their own: an L2 entry written next to the
+//! refcount-table entry of the block holding its cluster's count could reach the disk
+//! without it, and after a crash that cluster would be referenced with refcount 0. For the
+//! same reason a relocated refcount table is switched to there, not with the other header
+//! fields: the header written then is the durable one with only the refcount-table fields
+//! changed (a new size, say, must still wait for the tables written after it).
 
 use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
 
@@ -24,6 +35,8 @@ use super::{put_be64, Block, Image, Pool, Purpose, TABLE_CHUNK};
 enum Level {
     Refblocks,
     Sync1,
+    RefTable,
+    SyncRt,
     Tables,
     Sync2,
     L1,
@@ -44,6 +57,9 @@ pub(super) struct Cycle {
     issued: bool,
     /// Whether anything was written since the last barrier.
     wrote: bool,
+    /// Whether this cycle wrote a relocated refcount table (the header switches to it in
+    /// the refcount-table level).
+    rt_moved: bool,
 }
 
 impl Image {
@@ -71,6 +87,7 @@ impl Image {
                     pending: 0,
                     issued: false,
                     wrote: false,
+                    rt_moved: false,
                 });
                 continue;
             };
@@ -80,7 +97,9 @@ impl Image {
             if cycle.issued {
                 let next = match cycle.level {
                     Level::Refblocks => Level::Sync1,
-                    Level::Sync1 => Level::Tables,
+                    Level::Sync1 => Level::RefTable,
+                    Level::RefTable => Level::SyncRt,
+                    Level::SyncRt => Level::Tables,
                     Level::Tables => Level::Sync2,
                     Level::Sync2 => Level::L1,
                     Level::L1 => Level::Sync3,
@@ -101,10 +120,11 @@ impl Image {
             let level = cycle.level;
             let done = match level {
                 Level::Refblocks => self.wb_caches(true),
-                Level::Tables => self.wb_caches(false) && self.wb_table(false),
+                Level::RefTable => self.wb_reftable_switch() && self.wb_table(false),
+                Level::Tables => self.wb_caches(false),
                 Level::L1 => self.wb_table(true),
                 Level::Header => self.wb_header(),
-                Level::Sync1 | Level::Sync2 | Level::Sync3 | Level::Sync4 => {
+                Level::Sync1 | Level::SyncRt | Level::Sync2 | Level::Sync3 | Level::Sync4 => {
                     self.wb_sync(level == Level::Sync1)
                 }
                 Level::Frees => {
@@ -158,6 +178,7 @@ impl Image {
             self.rt_dirty.iter_mut().for_each(|d| *d = false);
             let off = self.hdr.refcount_table_offset;
             self.wb_issue(Pool::None, 0, off, buf);
+            self.cycle.as_mut().expect("cycle in progress").rt_moved = true;
         }
         let n = if rb {
             self.rb.slots.len()
@@ -219,6 +240,36 @@ impl Image {
         true
     }
 
+    /// After a relocated refcount table (and the blocks it points at) is durable: the header
+    /// as it is on disk, switched to the new table. The clusters counted only by the new
+    /// table may be referenced by the L2 slices and L1 entries this cycle writes next.
+    fn wb_reftable_switch(&mut self) -> bool {
+        let cycle = self.cycle.as_ref().expect("cycle in progress");
+        if !cycle.rt_moved {
+            return true;
+        }
+        if !self.op_room(1) {
+            return false;
+        }
+        self.cycle.as_mut().expect("cycle in progress").rt_moved = false;
+        let mut hdr = self.hdr_disk;
+        hdr.refcount_table_offset = self.hdr.refcount_table_offset;
+        hdr.refcount_table_clusters = self.hdr.refcount_table_clusters;
+        let len = self.header_write_len();
+        let mut buf = IoBuf::zeroed(len);
+        // The extension area after the fixed fields never changes while open.
+        buf.as_mut_slice()
+            .copy_from_slice(&self.header_buf.as_slice()[..len]);
+        hdr.encode(buf.as_mut_slice());
+        self.hdr_disk = hdr;
+        if hdr == self.hdr {
+            // Nothing else changed: the header level has nothing left to write.
+            self.header_dirty = false;
+        }
+        self.wb_issue(Pool::None, 0, 0, buf);
+        true
+    }
+
     fn wb_header(&mut self) -> bool {
         if !self.header_dirty {
             return true;
@@ -231,6 +282,7 @@ impl Image {
         buf.as_mut_slice()
             .copy_from_slice(&self.header_buf.as_slice()[..len]);
         self.header_dirty = false;
+        self.hdr_disk = self.hdr;
         self.wb_issue(Pool::None, 0, 0, buf);
         true
     }
