@@ -1,5 +1,6 @@
 //! The crash simulator (`qcow2_conformance::sim`) over the core: a crash point after every op
-//! completion of random scripts, in both cache modes and with lazy refcounts on and off.
+//! completion of random scripts, in both cache modes and with lazy refcounts on and off. Each
+//! run asserts at least 2,000 crash points, so the five cover more than ten thousand.
 //! `cargo test -p qcow2-conformance crash -- --nocapture` shows each run's tally line.
 
 use qcow2_conformance::sim::{crash_test, CrashConfig};
@@ -33,11 +34,11 @@ fn run(name: &str, cfg: CrashConfig, min_points: u64) {
 
 #[test]
 fn crash_writeback_v3_64k() {
-    run(
-        "crash_writeback_v3_64k",
-        config(3, 65536, false, false),
-        1000,
-    );
+    let cfg = CrashConfig {
+        scripts: 96,
+        ..config(3, 65536, false, false)
+    };
+    run("crash_writeback_v3_64k", cfg, 2000);
 }
 
 #[test]
@@ -45,7 +46,7 @@ fn crash_writethrough_v3_4k() {
     run(
         "crash_writethrough_v3_4k",
         config(3, 4096, true, false),
-        1000,
+        2000,
     );
 }
 
@@ -77,19 +78,23 @@ fn faults_at_every_op_writethrough_v2_64k() {
 
 #[test]
 fn crash_writeback_v3_4k() {
-    run("crash_writeback_v3_4k", config(3, 4096, false, false), 1000);
+    let cfg = CrashConfig {
+        scripts: 72,
+        ..config(3, 4096, false, false)
+    };
+    run("crash_writeback_v3_4k", cfg, 2000);
 }
 
 #[test]
 fn crash_writeback_v2_512() {
-    run("crash_writeback_v2_512", config(2, 512, false, false), 1000);
+    run("crash_writeback_v2_512", config(2, 512, false, false), 2000);
 }
 
 #[test]
 fn crash_lazy_refcounts_v3_4k() {
-    run(
-        "crash_lazy_refcounts_v3_4k",
-        config(3, 4096, false, true),
-        1000,
-    );
+    let cfg = CrashConfig {
+        scripts: 72,
+        ..config(3, 4096, false, true)
+    };
+    run("crash_lazy_refcounts_v3_4k", cfg, 2000);
 }
