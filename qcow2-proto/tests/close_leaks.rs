@@ -10,11 +10,13 @@
 //! the next session. The harness models exactly that: ops left over at a close complete
 //! later, interleaved with the next session's.
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::perform;
 use qcow2_proto::{
     CheckReport, CreateOptions, Event, Image, ImageConfig, IoKind, IoOp, Outcome, ReqId, Request,
-    Segment,
 };
 
 const CS: u64 = 4096;
@@ -34,59 +36,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-/// Performs `op` on `disk` (guest spans in `bufs`); the bytes it transferred.
-fn perform(disk: &mut Vec<u8>, bufs: &mut HashMap<ReqId, Vec<u8>>, op: &mut IoOp) -> usize {
-    let mut pos = op.offset as usize;
-    match op.kind {
-        IoKind::Read | IoKind::Write | IoKind::ZeroFill => {
-            for seg in op.segments.iter_mut() {
-                let len = seg.len();
-                if op.kind == IoKind::Write && disk.len() < pos + len {
-                    disk.resize(pos + len, 0);
-                }
-                let read = |disk: &Vec<u8>, p: usize, out: &mut [u8]| {
-                    for (i, b) in out.iter_mut().enumerate() {
-                        *b = disk.get(p + i).copied().unwrap_or(0);
-                    }
-                };
-                match (op.kind, seg) {
-                    (IoKind::ZeroFill, Segment::Guest { req, start, len }) => {
-                        bufs.get_mut(req).unwrap()[*start..*start + *len].fill(0)
-                    }
-                    (IoKind::Read, Segment::Guest { req, start, len }) => read(
-                        disk,
-                        pos,
-                        &mut bufs.get_mut(req).unwrap()[*start..*start + *len],
-                    ),
-                    (IoKind::Read, Segment::Buf(b)) => read(disk, pos, b.as_mut_slice()),
-                    (IoKind::Write, Segment::Guest { req, start, len }) => {
-                        disk[pos..pos + *len].copy_from_slice(&bufs[req][*start..*start + *len])
-                    }
-                    (IoKind::Write, Segment::Buf(b)) => {
-                        disk[pos..pos + b.len()].copy_from_slice(b.as_slice())
-                    }
-                    (IoKind::Write, Segment::Zeroes(n)) => disk[pos..pos + *n].fill(0),
-                    (k, s) => panic!("unexpected segment {s:?} in {k:?}"),
-                }
-                pos += len;
-            }
-        }
-        IoKind::SetLen => disk.resize(op.offset as usize, 0),
-        IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
-            let end = (op.offset + len) as usize;
-            if disk.len() < end {
-                disk.resize(end, 0);
-            }
-            if matches!(op.kind, IoKind::WriteZeroes { .. }) {
-                disk[op.offset as usize..end].fill(0);
-            }
-        }
-        IoKind::Flush | IoKind::PunchHole { .. } => {}
-        k => panic!("unexpected op kind {k:?}"),
-    }
-    op.len() as usize
 }
 
 /// A closed session whose engine still had ops outstanding.

@@ -3,9 +3,12 @@
 //! over an in-memory disk with many requests in flight, holding chosen ops back (issued but not
 //! completed) and completing the rest in a seeded random order.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 
+use common::perform;
 use qcow2_proto::{
     Allocation, CacheMode, CreateOptions, Event, Image, ImageConfig, IoKind, IoOp, OpId, Outcome,
     ReqId, Request, Segment,
@@ -183,56 +186,7 @@ impl Harness {
     fn complete(&mut self, id: OpId) {
         let i = self.pending.iter().position(|o| o.id == id).expect("op");
         let mut op = self.pending.swap_remove(i);
-        let mut pos = op.offset as usize;
-        match op.kind {
-            IoKind::Read | IoKind::Write | IoKind::ZeroFill => {
-                for seg in op.segments.iter_mut() {
-                    let len = seg.len();
-                    if op.kind == IoKind::Write && self.disk.len() < pos + len {
-                        self.disk.resize(pos + len, 0);
-                    }
-                    let disk = &self.disk;
-                    let read = |p: usize, out: &mut [u8]| {
-                        for (i, b) in out.iter_mut().enumerate() {
-                            *b = disk.get(p + i).copied().unwrap_or(0);
-                        }
-                    };
-                    match (op.kind, seg) {
-                        (IoKind::ZeroFill, Segment::Guest { req, start, len }) => {
-                            self.bufs.get_mut(req).unwrap()[*start..*start + *len].fill(0)
-                        }
-                        (IoKind::Read, Segment::Guest { req, start, len }) => read(
-                            pos,
-                            &mut self.bufs.get_mut(req).unwrap()[*start..*start + *len],
-                        ),
-                        (IoKind::Read, Segment::Buf(b)) => read(pos, b.as_mut_slice()),
-                        (IoKind::Write, Segment::Guest { req, start, len }) => {
-                            let src = &self.bufs[req][*start..*start + *len];
-                            self.disk[pos..pos + *len].copy_from_slice(src)
-                        }
-                        (IoKind::Write, Segment::Buf(b)) => {
-                            self.disk[pos..pos + b.len()].copy_from_slice(b.as_slice())
-                        }
-                        (IoKind::Write, Segment::Zeroes(n)) => self.disk[pos..pos + *n].fill(0),
-                        (k, s) => panic!("unexpected segment {s:?} in {k:?}"),
-                    }
-                    pos += len;
-                }
-            }
-            IoKind::SetLen => self.disk.resize(op.offset as usize, 0),
-            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
-                let end = (op.offset + len) as usize;
-                if self.disk.len() < end {
-                    self.disk.resize(end, 0);
-                }
-                if matches!(op.kind, IoKind::WriteZeroes { .. }) {
-                    self.disk[op.offset as usize..end].fill(0);
-                }
-            }
-            IoKind::Flush | IoKind::PunchHole { .. } => {}
-            k => panic!("unexpected op kind {k:?}"),
-        }
-        let n = op.len() as usize;
+        let n = perform(&mut self.disk, &mut self.bufs, &mut op);
         self.log.push(Log::Completed(id));
         self.img.complete(op, Ok(n));
         self.poll();

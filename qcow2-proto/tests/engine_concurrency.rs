@@ -2,12 +2,13 @@
 //! completed in a seeded random order: the contract says every op may run concurrently, in
 //! any order. Results must match a byte model, and the image must pass `qemu-img check`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 
-use qcow2_proto::{
-    CreateOptions, Event, Image, ImageConfig, IoKind, IoOp, ReqId, Request, Segment,
-};
+use common::perform;
+use qcow2_proto::{CreateOptions, Event, Image, ImageConfig, IoOp, ReqId, Request};
 
 /// xorshift, so the test needs no dependency and is reproducible.
 struct Rng(u64);
@@ -35,56 +36,7 @@ struct Harness {
 
 impl Harness {
     fn run_op(&mut self, mut op: IoOp) {
-        let mut pos = op.offset as usize;
-        match op.kind {
-            IoKind::Read | IoKind::Write | IoKind::ZeroFill => {
-                for seg in op.segments.iter_mut() {
-                    let len = seg.len();
-                    if op.kind == IoKind::Write && self.disk.len() < pos + len {
-                        self.disk.resize(pos + len, 0);
-                    }
-                    let disk = &mut self.disk;
-                    let read = |p: usize, out: &mut [u8]| {
-                        for (i, b) in out.iter_mut().enumerate() {
-                            *b = disk.get(p + i).copied().unwrap_or(0);
-                        }
-                    };
-                    match (op.kind, seg) {
-                        (IoKind::ZeroFill, Segment::Guest { req, start, len }) => {
-                            self.bufs.get_mut(req).unwrap()[*start..*start + *len].fill(0)
-                        }
-                        (IoKind::Read, Segment::Guest { req, start, len }) => read(
-                            pos,
-                            &mut self.bufs.get_mut(req).unwrap()[*start..*start + *len],
-                        ),
-                        (IoKind::Read, Segment::Buf(b)) => read(pos, b.as_mut_slice()),
-                        (IoKind::Write, Segment::Guest { req, start, len }) => {
-                            let src = &self.bufs[req][*start..*start + *len];
-                            self.disk[pos..pos + *len].copy_from_slice(src)
-                        }
-                        (IoKind::Write, Segment::Buf(b)) => {
-                            self.disk[pos..pos + b.len()].copy_from_slice(b.as_slice())
-                        }
-                        (IoKind::Write, Segment::Zeroes(n)) => self.disk[pos..pos + *n].fill(0),
-                        (k, s) => panic!("unexpected segment {s:?} in {k:?}"),
-                    }
-                    pos += len;
-                }
-            }
-            IoKind::SetLen => self.disk.resize(op.offset as usize, 0),
-            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
-                let end = (op.offset + len) as usize;
-                if self.disk.len() < end {
-                    self.disk.resize(end, 0);
-                }
-                if matches!(op.kind, IoKind::WriteZeroes { .. }) {
-                    self.disk[op.offset as usize..end].fill(0);
-                }
-            }
-            IoKind::Flush | IoKind::PunchHole { .. } => {}
-            k => panic!("unexpected op kind {k:?}"),
-        }
-        let n = op.len() as usize;
+        let n = perform(&mut self.disk, &mut self.bufs, &mut op);
         self.img.complete(op, Ok(n));
     }
 
