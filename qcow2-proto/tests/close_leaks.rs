@@ -14,29 +14,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::perform;
+use common::{perform, Rng};
 use qcow2_proto::{
     CheckReport, CreateOptions, Event, Image, ImageConfig, IoKind, IoOp, Outcome, ReqId, Request,
 };
 
 const CS: u64 = 4096;
 const SIZE: u64 = 4 << 20;
-
-/// xorshift, so the tests need no dependency and are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A closed session whose engine still had ops outstanding.
 struct Late {

@@ -7,23 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use common::perform;
+use common::{perform, Rng};
 use qcow2_proto::{CreateOptions, Event, Image, ImageConfig, IoOp, ReqId, Request};
-
-/// xorshift, so the test needs no dependency and is reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Harness {
     img: Image,

@@ -58,3 +58,21 @@ pub fn perform(disk: &mut Vec<u8>, bufs: &mut HashMap<ReqId, Vec<u8>>, op: &mut 
     }
     op.len() as usize
 }
+
+/// xorshift, so the tests need no dependency and are reproducible (seed must not be 0).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
