@@ -17,6 +17,21 @@ thread_local! {
     static COUNT: Cell<u64> = const { Cell::new(0) };
     static BYTES: Cell<u64> = const { Cell::new(0) };
     static SIZES: Cell<[usize; 8]> = const { Cell::new([0; 8]) };
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+    static PEAK: Cell<i64> = const { Cell::new(0) };
+}
+
+/// Tracks bytes live on this thread while counting (frees of memory allocated before the
+/// count started make it lower, never higher).
+fn live(delta: i64) {
+    if !COUNTING.try_with(Cell::get).unwrap_or(false) {
+        return;
+    }
+    let now = LIVE.with(|l| {
+        l.set(l.get() + delta);
+        l.get()
+    });
+    PEAK.with(|p| p.set(p.get().max(now)));
 }
 
 fn note(size: usize) {
@@ -52,23 +67,27 @@ fn note(size: usize) {
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        live(layout.size() as i64);
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
+        live(layout.size() as i64);
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
+        live(new_size as i64 - layout.size() as i64);
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        live(-(layout.size() as i64));
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -83,6 +102,8 @@ pub struct Allocations {
     pub bytes: u64,
     /// Sizes of the first eight.
     pub first_sizes: [usize; 8],
+    /// Most bytes live at once.
+    pub peak: u64,
 }
 
 /// Runs `f` and returns what it allocated on this thread, with its result.
@@ -91,6 +112,8 @@ pub fn count<T>(f: impl FnOnce() -> T) -> (Allocations, T) {
     COUNT.with(|c| c.set(0));
     BYTES.with(|b| b.set(0));
     SIZES.with(|s| s.set([0; 8]));
+    LIVE.with(|l| l.set(0));
+    PEAK.with(|p| p.set(0));
     TRACE.with(|t| t.set(trace));
     COUNTING.with(|c| c.set(true));
     let out = f();
@@ -99,6 +122,7 @@ pub fn count<T>(f: impl FnOnce() -> T) -> (Allocations, T) {
         count: COUNT.with(Cell::get),
         bytes: BYTES.with(Cell::get),
         first_sizes: SIZES.with(Cell::get),
+        peak: PEAK.with(Cell::get).max(0) as u64,
     };
     (allocations, out)
 }
