@@ -8,11 +8,19 @@ use std::sync::Arc;
 
 use async_channel::{Receiver, RecvError, Sender, TryRecvError};
 use hashbrown::HashMap;
-use qcow2_proto::{Event, ImageInfo, Outcome, ReqId, Request, SubmitError};
+use qcow2_proto::{Event, ImageInfo, IoOp, Outcome, ReqId, Request, Segment, SubmitError};
 
 use crate::buf::GuestBuf;
 use crate::handle::{Cmd, Image, Reply, Shared, Wake};
 use crate::Error;
+
+/// The request whose guest buffer `op` reads into or writes from, if any.
+pub fn guest_req(op: &IoOp) -> Option<ReqId> {
+    op.segments.iter().find_map(|s| match s {
+        Segment::Guest { req, .. } => Some(*req),
+        _ => None,
+    })
+}
 
 /// Where a request's guest buffer is while the request runs.
 #[derive(Default)]

@@ -12,7 +12,7 @@
 //! Options, cache modes and errors are the blocking runtime's, re-exported.
 //!
 //! ```
-//! use qcow2_async::{Driver, GuestSlot};
+//! use qcow2_async::{guest_req, Driver, GuestSlot};
 //! use qcow2_proto::{CreateOptions, Image as Engine, ImageConfig};
 //! use qcow2_sync::exec::{Executor, Guest};
 //!
@@ -30,11 +30,7 @@
 //!             let cmd = driver.recv().await;
 //!             driver.take(cmd);
 //!             while let Some(mut op) = driver.engine.poll_io() {
-//!                 let req = op.segments.iter().find_map(|s| match s {
-//!                     qcow2_proto::Segment::Guest { req, .. } => Some(*req),
-//!                     _ => None,
-//!                 });
-//!                 let r = match req.and_then(|r| driver.guest(r)) {
+//!                 let r = match guest_req(&op).and_then(|r| driver.guest(r)) {
 //!                     Some((GuestSlot::Owned(buf), 0)) => {
 //!                         exec.run(&file, &mut op, &mut Guest::Write(buf.as_slice()))
 //!                     }
@@ -60,7 +56,7 @@ mod driver;
 mod handle;
 
 pub use buf::{BufResult, GuestBuf};
-pub use driver::{Driver, GuestSlot};
+pub use driver::{guest_req, Driver, GuestSlot};
 pub use handle::{Cmd, Image, Wake};
 pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, IoBuf, Preallocation, Repair,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrayvec::ArrayVec;
 use async_channel::{Receiver, Sender};
 use futures_lite::future;
-use qcow2_async::{Driver, GuestBuf, GuestSlot};
+use qcow2_async::{guest_req, Driver, GuestBuf, GuestSlot};
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, ReqId, Segment};
 use qcow2_sync::exec::{Executor, Guest};
 use qcow2_sync::Cache;
@@ -74,13 +74,6 @@ pub(crate) async fn run(d: Driver, file: Arc<File>, cache: Cache) {
         }
         l.wait(&done_rx).await;
     }
-}
-
-fn guest_req(op: &IoOp) -> Option<ReqId> {
-    op.segments.iter().find_map(|s| match s {
-        Segment::Guest { req, .. } => Some(*req),
-        _ => None,
-    })
 }
 
 /// Shifts every guest segment's start by `-by` (or back, with `undo`).

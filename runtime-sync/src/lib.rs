@@ -242,25 +242,11 @@ pub fn drive_open<F: HostFile>(
     file: &F,
     exec: &mut Executor,
 ) -> Result<ImageInfo, Error> {
-    loop {
-        let mut progressed = false;
-        while let Some(mut op) = engine.poll_io() {
-            progressed = true;
-            let r = exec.run(file, &mut op, &mut Guest::None);
-            engine.complete(op, r);
-        }
-        while let Some(ev) = engine.poll_event() {
-            progressed = true;
-            match ev {
-                Event::Opened(info) => return Ok(*info),
-                Event::OpenFailed(e) => return Err(e.into()),
-                _ => {}
-            }
-        }
-        if !progressed {
-            return Err(Error::Stalled);
-        }
-    }
+    drive_until(engine, file, exec, &mut Guest::None, |ev| match ev {
+        Event::Opened(info) => Some(Ok(*info)),
+        Event::OpenFailed(e) => Some(Err(e.into())),
+        _ => None,
+    })
 }
 
 /// Runs one request to its end with blocking I/O.
@@ -272,6 +258,20 @@ fn drive_request<F: HostFile>(
     guest: &mut Guest<'_>,
 ) -> Result<Outcome, Error> {
     let id = engine.submit(req)?;
+    drive_until(engine, file, exec, guest, |ev| match ev {
+        Event::Done { req, result } if req == id => Some(result.map_err(Error::Request)),
+        _ => None,
+    })
+}
+
+/// Executes the engine's ops one after another until `done` turns an event into the result.
+fn drive_until<F: HostFile, T>(
+    engine: &mut qcow2_proto::Image,
+    file: &F,
+    exec: &mut Executor,
+    guest: &mut Guest<'_>,
+    mut done: impl FnMut(Event) -> Option<Result<T, Error>>,
+) -> Result<T, Error> {
     loop {
         let mut progressed = false;
         while let Some(mut op) = engine.poll_io() {
@@ -281,10 +281,8 @@ fn drive_request<F: HostFile>(
         }
         while let Some(ev) = engine.poll_event() {
             progressed = true;
-            if let Event::Done { req, result } = ev {
-                if req == id {
-                    return result.map_err(Error::Request);
-                }
+            if let Some(result) = done(ev) {
+                return result;
             }
         }
         if !progressed {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use qcow2_async::{Driver, GuestSlot, Wake};
+use qcow2_async::{guest_req, Driver, GuestSlot, Wake};
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment};
 use qcow2_sync::exec::{Executor, Guest};
 use qcow2_sync::{Cache, Error, HostFile};
@@ -427,11 +427,7 @@ impl Loop {
 
     /// The request's guest memory: the start of byte 0 of the request, and the bytes there.
     fn guest(&mut self, op: &IoOp) -> Option<(*mut u8, usize)> {
-        let req = op.segments.iter().find_map(|s| match s {
-            Segment::Guest { req, .. } => Some(*req),
-            _ => None,
-        })?;
-        match self.d.guest(req)? {
+        match self.d.guest(guest_req(op)?)? {
             (GuestSlot::Owned(buf), base) => {
                 let s = &mut buf.as_mut_slice()[base..];
                 Some((s.as_mut_ptr(), s.len()))
