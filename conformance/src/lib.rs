@@ -118,6 +118,20 @@ macro_rules! instantiate {
                 garbage,
                 mutated_metadata,
             }
+            entries {
+                l2_entry_misaligned,
+                l2_entry_past_eof,
+                l2_entry_into_metadata,
+                l1_entry_damaged,
+            }
+            overlap {
+                refcount_zero_under_l2_table,
+                refcount_zero_under_refcount_block,
+                refcount_zero_under_l1_table,
+                refcount_zero_under_refcount_table,
+                refcount_zero_under_snapshot_table,
+                refcount_zero_under_snapshot_l1,
+            }
             features {
                 backing_file,
                 external_data_file,

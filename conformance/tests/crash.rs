@@ -98,3 +98,56 @@ fn crash_lazy_refcounts_v3_4k() {
     };
     run("crash_lazy_refcounts_v3_4k", cfg, 2000);
 }
+
+/// Found by the fault test (a short write of a refcount block): a poisoned engine whose L2
+/// cache held only dirty slices parked a read that missed the cache until a write-back
+/// cycle made room, and a poisoned engine runs none: the read hung. It fails now.
+#[test]
+fn regression_poisoned_engine_with_a_dirty_cache_fails_reads() {
+    use qcow2_conformance::sim::driver::{Fault, FaultKind, Sim};
+    use qcow2_proto::{CreateOptions, ImageConfig, Request, RequestError};
+
+    let mut options = CreateOptions::new(8 << 20);
+    options.cluster_size = 4096;
+    let mut config = ImageConfig::new(0);
+    // Two L2 slices of 4 KiB, each mapping 2 MiB.
+    config.l2_cache_bytes = Some(8192);
+    let (mut sim, _) = Sim::create(options, config, 1).expect("create");
+    let write = |sim: &mut Sim, offset: u64| {
+        let (r, _) = sim
+            .run(
+                Request::Write { offset, len: 4096 },
+                Some(vec![7; 4096]),
+                &mut |_| {},
+            )
+            .expect("write");
+        r.expect("write");
+    };
+    // Three L2 tables, written back; then two slices dirty, the third evicted.
+    for offset in [0, 2 << 20, 4 << 20] {
+        write(&mut sim, offset);
+    }
+    let (flushed, _) = sim.run(Request::Flush, None, &mut |_| {}).expect("flush");
+    flushed.expect("flush");
+    for offset in [8192, (2 << 20) + 8192] {
+        write(&mut sim, offset);
+    }
+    sim.fault = Some(Fault {
+        at: sim.completions,
+        errno: 5,
+        kind: FaultKind::Fail,
+    });
+    let (flushed, _) = sim.run(Request::Flush, None, &mut |_| {}).expect("flush");
+    assert!(flushed.is_err(), "the flush whose write-back failed");
+    let (read, _) = sim
+        .run(
+            Request::Read {
+                offset: 4 << 20,
+                len: 4096,
+            },
+            Some(vec![0; 4096]),
+            &mut |_| {},
+        )
+        .expect("the read finishes");
+    assert_eq!(read.err(), Some(RequestError::Poisoned));
+}

@@ -27,6 +27,8 @@ pub enum Structure {
     CompressedCluster,
     /// The bitmap directory.
     BitmapDirectory,
+    /// A snapshot's L1 table.
+    SnapshotL1Table,
 }
 
 impl std::fmt::Display for Structure {
@@ -42,6 +44,7 @@ impl std::fmt::Display for Structure {
             Self::DataCluster => "data cluster",
             Self::CompressedCluster => "compressed cluster",
             Self::BitmapDirectory => "bitmap directory",
+            Self::SnapshotL1Table => "snapshot L1 table",
         })
     }
 }
@@ -59,12 +62,19 @@ pub enum CorruptReason {
     /// An entry points into other metadata.
     #[error("overlaps with {0}")]
     Overlap(Structure),
+    /// A write to it would have overwritten other metadata (QEMU's overlap check): it was
+    /// refused.
+    #[error("preventing invalid write on metadata (overlaps with {0})")]
+    WriteOverlap(Structure),
     /// Reserved bits are set.
     #[error("reserved bits are set")]
     ReservedBits,
     /// A zero flag in a version 2 image.
     #[error("zero cluster entry found in pre-v3 image")]
     ZeroFlagInV2,
+    /// An entry points past the end of the image file.
+    #[error("points past the end of the image file")]
+    PastEof,
     /// An offset beyond what the format can address.
     #[error("offset beyond the addressable range")]
     OffsetTooLarge,
@@ -218,6 +228,11 @@ pub enum FormatError {
     /// A table's offset is unaligned or beyond `i64::MAX`.
     #[error("{0} offset invalid")]
     TableOffset(Table),
+    /// A table lies (partly) past the end of the image file. QEMU opens such images and
+    /// reads the missing part as zeros (writes then land wherever the zeros say); we refuse
+    /// them, except to check or inspect them.
+    #[error("{0} extends past the end of the image file")]
+    TablePastEof(Table),
     /// The refcount table has no clusters.
     #[error("Image does not contain a reference count table")]
     NoRefcountTable,

@@ -196,7 +196,8 @@ pub fn backing_file_name<H: Harness>(h: &H) {
     );
 }
 
-/// The active L1 table: too large, misaligned, beyond `i64::MAX`, too small for the size.
+/// The active L1 table: too large, misaligned, beyond `i64::MAX`, past the end of the file,
+/// too small for the size.
 pub fn l1_table<H: Harness>(h: &H) {
     let base = ImageBytes::v3();
     let mut img = base.clone();
@@ -235,6 +236,18 @@ pub fn l1_table<H: Harness>(h: &H) {
             &what,
         );
     }
+    // Past the end of the file (QEMU reads zeros there, then writes wherever they say).
+    for (off, entries) in [(64 << 20, 1), (3 * 65536, (32 << 20) / 8)] {
+        let mut img = base.clone();
+        img.set_u64(field::L1_TABLE_OFFSET, off)
+            .set_u32(field::L1_SIZE, entries);
+        refused(
+            h,
+            &img,
+            format(FormatError::TablePastEof(Table::ActiveL1)),
+            &format!("L1 of {entries} entries at {off:#x}, past EOF"),
+        );
+    }
     let mut img = base.clone();
     img.set_u32(field::L1_SIZE, 0);
     refused(
@@ -253,7 +266,8 @@ pub fn l1_table<H: Harness>(h: &H) {
     );
 }
 
-/// The refcount table: no clusters, too many, misaligned or zero offset.
+/// The refcount table: no clusters, too many, misaligned or zero offset, past the end of the
+/// file.
 pub fn refcount_table<H: Harness>(h: &H) {
     let base = ImageBytes::v3();
     let mut img = base.clone();
@@ -283,9 +297,20 @@ pub fn refcount_table<H: Harness>(h: &H) {
             &format!("reftable offset {off:#x}"),
         );
     }
+    for (off, clusters) in [(64 << 20, 1), (65536, 128)] {
+        let mut img = base.clone();
+        img.set_u64(field::REFCOUNT_TABLE_OFFSET, off)
+            .set_u32(field::REFCOUNT_TABLE_CLUSTERS, clusters);
+        refused(
+            h,
+            &img,
+            format(FormatError::TablePastEof(Table::Refcount)),
+            &format!("reftable of {clusters} clusters at {off:#x}, past EOF"),
+        );
+    }
 }
 
-/// The snapshot table: too many snapshots, misaligned offset.
+/// The snapshot table: too many snapshots, misaligned offset, past the end of the file.
 pub fn snapshot_table<H: Harness>(h: &H) {
     let mut img = ImageBytes::v3();
     img.set_u32(field::NB_SNAPSHOTS, 65537);
@@ -317,6 +342,13 @@ pub fn snapshot_table<H: Harness>(h: &H) {
         &img,
         format(FormatError::TableOffset(Table::Snapshot)),
         "snapshot table beyond i64::MAX",
+    );
+    img.set_u64(field::SNAPSHOTS_OFFSET, 64 << 20);
+    refused(
+        h,
+        &img,
+        format(FormatError::TablePastEof(Table::Snapshot)),
+        "snapshot table past EOF",
     );
 }
 

@@ -4,12 +4,14 @@
 pub mod basic;
 pub mod concurrency;
 pub mod create;
+pub mod entries;
 pub mod features;
 pub mod flush;
 pub mod hostile;
 pub mod interop;
 pub mod model;
 pub mod no_alloc;
+pub mod overlap;
 pub mod regressions;
 pub mod snapshots;
 

@@ -23,6 +23,21 @@ pub struct Fault {
     pub at: u64,
     /// The OS error it fails with.
     pub errno: i32,
+    /// How a write fails (other ops just fail).
+    pub kind: FaultKind,
+}
+
+/// How a faulty write behaves.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum FaultKind {
+    /// Nothing is written; the op fails with the error.
+    Fail,
+    /// A random whole-sector prefix is written, then the op fails with the error (a disk
+    /// filling up mid-write).
+    Torn,
+    /// A random whole-sector prefix is written and reported as a success with that short
+    /// count (a runtime that did not resubmit): the engine must not take it for complete.
+    Short,
 }
 
 /// An engine over a simulated disk.
@@ -159,10 +174,22 @@ impl Sim {
             self.trace_op(&op);
         }
         let result = match self.fault {
-            Some(f) if f.at == self.completions && op.kind != IoKind::ZeroFill => Err(IoError {
-                kind: std::io::Error::from_raw_os_error(f.errno).kind(),
-                raw_os_error: Some(f.errno),
-            }),
+            Some(f) if f.at == self.completions && op.kind != IoKind::ZeroFill => {
+                let error = IoError {
+                    kind: std::io::Error::from_raw_os_error(f.errno).kind(),
+                    raw_os_error: Some(f.errno),
+                };
+                match (f.kind, op.kind) {
+                    (FaultKind::Torn, IoKind::Write) => {
+                        self.write_prefix(&op);
+                        Err(error)
+                    }
+                    (FaultKind::Short, IoKind::Write) if op.len() > 512 => {
+                        Ok(self.write_prefix(&op))
+                    }
+                    _ => Err(error),
+                }
+            }
             _ => Ok(self.execute(&mut op, mark)),
         };
         self.completions += 1;
@@ -191,6 +218,37 @@ impl Sim {
         );
     }
 
+    /// The bytes write `op` carries.
+    fn write_data(&self, op: &IoOp) -> Vec<u8> {
+        let mut data = Vec::with_capacity(op.len() as usize);
+        for seg in op.segments.iter() {
+            match seg {
+                Segment::Guest { req, start, len } => {
+                    data.extend_from_slice(&self.bufs[req][*start..*start + *len])
+                }
+                Segment::Buf(b) => data.extend_from_slice(b.as_slice()),
+                Segment::Zeroes(n) => data.resize(data.len() + n, 0),
+                _ => unreachable!("unknown segment"),
+            }
+        }
+        data
+    }
+
+    /// Writes a random prefix of write `op` that ends on a sector boundary of the disk
+    /// (where a real disk tears) before the op's end; returns its length.
+    fn write_prefix(&mut self, op: &IoOp) -> usize {
+        let data = self.write_data(op);
+        let end = op.offset + data.len() as u64;
+        let first = op.offset / 512 + 1;
+        let boundaries = (end.saturating_sub(1) / 512 + 1).saturating_sub(first);
+        let n = match self.rng.below(boundaries + 1) {
+            0 => 0,
+            k => ((first + k - 1) * 512 - op.offset) as usize,
+        };
+        self.disk.write(op.offset, &data[..n]);
+        n
+    }
+
     /// Performs `op`, issued when the disk's log stood at `mark`.
     fn execute(&mut self, op: &mut IoOp, mark: u64) -> usize {
         let mut pos = op.offset;
@@ -212,17 +270,7 @@ impl Sim {
                 total
             }
             IoKind::Write => {
-                let mut data = Vec::with_capacity(op.len() as usize);
-                for seg in op.segments.iter() {
-                    match seg {
-                        Segment::Guest { req, start, len } => {
-                            data.extend_from_slice(&self.bufs[req][*start..*start + *len])
-                        }
-                        Segment::Buf(b) => data.extend_from_slice(b.as_slice()),
-                        Segment::Zeroes(n) => data.resize(data.len() + n, 0),
-                        _ => unreachable!("unknown segment"),
-                    }
-                }
+                let data = self.write_data(op);
                 self.disk.write(op.offset, &data);
                 data.len()
             }

@@ -315,6 +315,11 @@ fn run_with_fault(
             .map(|rel| driver::Fault {
                 at: sim.completions + rel,
                 errno: if rel % 2 == 0 { 5 } else { 28 },
+                kind: match rel % 3 {
+                    0 => driver::FaultKind::Fail,
+                    1 => driver::FaultKind::Torn,
+                    _ => driver::FaultKind::Short,
+                },
             });
     };
     arm(&mut sim, done);
@@ -376,7 +381,9 @@ fn run_with_fault(
     Ok((completions, failed, poisoned))
 }
 
-/// Injects EIO and ENOSPC at every op position of `cfg.scripts` random scripts in turn.
+/// Injects EIO and ENOSPC at every op position of `cfg.scripts` random scripts in turn;
+/// a failing write fails whole, torn (a sector prefix lands) or short (a sector prefix
+/// lands and is reported as success with a short count).
 pub fn fault_test(name: &str, cfg: CrashConfig) -> FaultTally {
     let tally = RefCell::new(FaultTally::default());
     let seeds = RefCell::new(0u64);

@@ -130,15 +130,16 @@ struct Plan {
 }
 
 impl Plan {
-    /// The next offset, or `None` once the run is over.
+    /// The next offset, or `None` once the run is over. Every run does at least one
+    /// request, however loaded the machine.
     fn next(&self, rng: &mut Rng) -> Option<u64> {
-        if Instant::now() >= self.deadline {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i > 0 && Instant::now() >= self.deadline {
             return None;
         }
         let block = if self.pattern.random() {
             rng.next() % self.blocks
         } else {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
             if self.no_wrap && i >= self.blocks {
                 return None;
             }

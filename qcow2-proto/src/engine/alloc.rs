@@ -12,7 +12,8 @@ use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::MAX_REFTABLE_BYTES;
 use crate::io::{IoError, IoKind, IoOp, Segment};
 
-use super::cache::Lookup;
+use super::cache::{Lookup, SlotState};
+use super::overlap::Own;
 use super::{Block, Free, Image, Purpose, TABLE_CHUNK};
 
 /// Host offsets must fit the 56-bit offset fields.
@@ -39,7 +40,7 @@ impl Image {
                 .corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned)
                 .into());
         }
-        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size()) {
+        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size(), Own::Refblock) {
             return Err(self
                 .corrupt(Structure::RefcountBlock, off, CorruptReason::Overlap(s))
                 .into());
@@ -64,7 +65,11 @@ impl Image {
                 let cache = if rb { &mut self.rb } else { &mut self.l2 };
                 let Some((slot, buf)) = cache.start_load(key) else {
                     // Every slot is dirty or loading: write-back, or a finished load, makes
-                    // room.
+                    // room. A poisoned engine writes nothing back any more.
+                    let loading = cache.slots.iter().any(|s| s.state == SlotState::Loading);
+                    if let (Some(e), false) = (self.poisoned, loading) {
+                        return Err(Block::Fail(e));
+                    }
                     self.cycle_wanted = true;
                     self.cache_full = true;
                     return Err(Block::Park);
@@ -216,7 +221,7 @@ impl Image {
                 self.cycle_wanted = true;
                 return Err(Block::Park);
             };
-            self.reftable[ri as usize] = off;
+            self.set_reftable(ri as usize, off);
             self.rt_dirty[ri as usize * 8 / TABLE_CHUNK] = true;
         }
     }
@@ -269,7 +274,7 @@ impl Image {
             return Err(Block::Park);
         };
         self.set_refcount(slot, c, 1);
-        self.reftable[ri] = key;
+        self.set_reftable(ri, key);
         self.rt_dirty[ri * 8 / TABLE_CHUNK] = true;
         self.next_free = c + 1;
         Ok(())
@@ -305,7 +310,7 @@ impl Image {
             self.queue_free((old_off + j) << self.geo.cluster_bits);
         }
         self.reftable.resize((bytes / 8) as usize, 0);
-        self.reftable[ri] = key;
+        self.set_reftable(ri, key);
         self.rt_dirty = vec![false; (bytes as usize).div_ceil(TABLE_CHUNK)];
         self.rt_relocated = true;
         self.hdr.refcount_table_offset = (c + 1) << self.geo.cluster_bits;

@@ -24,6 +24,7 @@
 mod alloc;
 mod cache;
 mod open;
+mod overlap;
 mod resize;
 mod tasks;
 mod writeback;
@@ -43,6 +44,7 @@ use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
 use crate::request::{BlockStatus, Outcome, ReqId, Request};
 
 use cache::Cache;
+use overlap::{MetaIndex, Own};
 
 /// Bytes of L1 and refcount-table written back at once (one sector: O_DIRECT-friendly).
 const TABLE_CHUNK: usize = 512;
@@ -102,6 +104,8 @@ enum Purpose {
         task: u32,
         inner: u32,
     },
+    /// The direct write of the corrupt bit after a refused metadata write.
+    Mark,
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -116,6 +120,8 @@ struct OpSlot {
     purpose: Purpose,
     /// Issue sequence number of data ops (for "no reuse while I/O targets it").
     seq: u64,
+    /// Set when the overlap check refused the op: it fails without being issued.
+    refused: Option<Corruption>,
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -263,6 +269,10 @@ pub struct Image {
     l1_dirty: Vec<bool>,
     reftable: Vec<u64>,
     rt_dirty: Vec<bool>,
+    /// Active L2 tables and refcount blocks by host cluster, for the overlap checks.
+    meta: MetaIndex,
+    /// Bytes of the snapshot table (0 without snapshots).
+    snapshot_table_bytes: u64,
     rt_relocated: bool,
     header_dirty: bool,
     l2: Cache,
@@ -291,6 +301,10 @@ pub struct Image {
     op_free: Vec<u32>,
     op_seq: u64,
     ready: VecDeque<IoOp>,
+    /// Ops the overlap check refused: they complete with an error at the next pump.
+    refused: VecDeque<IoOp>,
+    /// The corruption of the refused op being completed (its error, instead of EIO).
+    refusing: Option<Corruption>,
     events: VecDeque<Event>,
 
     cycle: Option<writeback::Cycle>,
@@ -344,6 +358,8 @@ impl Image {
             reftable: Vec::new(),
             rt_dirty: Vec::new(),
             rt_relocated: false,
+            meta: MetaIndex::default(),
+            snapshot_table_bytes: 0,
             header_dirty: false,
             l2: Cache::new(512, 2),
             rb: Cache::new(512, 2),
@@ -365,6 +381,8 @@ impl Image {
             op_free: (0..op_cap as u32).rev().collect(),
             op_seq: 0,
             ready: VecDeque::with_capacity(op_cap),
+            refused: VecDeque::new(),
+            refusing: None,
             events: VecDeque::with_capacity(max_requests + 4),
             cycle: None,
             cycles_started: 0,
@@ -515,21 +533,37 @@ impl Image {
 
     /// Feeds back a finished op: the op itself (with every buffer it carried) and its result,
     /// the bytes transferred or the error. Reads past the end of the file must come back
-    /// zero-filled.
+    /// zero-filled; a runtime resubmits short transfers itself (a write reported short
+    /// fails as an I/O error).
     pub fn complete(&mut self, op: IoOp, result: Result<usize, IoError>) {
+        let result = match result {
+            // A write is complete only when all of it is: a short count (a runtime that did
+            // not go on from where the kernel stopped) fails the op rather than leave the
+            // rest unwritten behind a success.
+            Ok(n) if op.kind == IoKind::Write && (n as u64) < op.len() => Err(SHORT_WRITE),
+            r => r.map(|_| ()),
+        };
+        self.complete_op(op, result);
+        self.wake_all();
+        self.pump();
+    }
+
+    /// Hands a finished op to whatever issued it.
+    fn complete_op(&mut self, op: IoOp, result: Result<(), IoError>) {
         let Some(slot) = self.ops.get_mut(op.id.0 as usize).and_then(Option::take) else {
             debug_assert!(false, "completion of an unknown op {:?}", op.id);
             return;
         };
         self.op_free.push(op.id.0);
-        let result = result.map(|_| ());
+        self.refusing = slot.refused;
         match slot.purpose {
             Purpose::Open => self.open_complete(op, result),
             Purpose::Guest { task, write } => {
                 if write && result.is_ok() {
                     self.unsynced_data = true;
                 }
-                self.task_io_done(task, result.map_err(io_error));
+                let result = result.map_err(|e| self.io_error(e));
+                self.task_io_done(task, result);
             }
             Purpose::AllocWrite { alloc } => self.alloc_write_done(alloc, op, result),
             Purpose::CowRead { alloc, part } => self.cow_read_done(alloc, part, op, result),
@@ -545,7 +579,8 @@ impl Image {
                     self.unsynced_data = true;
                 }
                 self.recycle(op);
-                self.task_io_done(task, result.map_err(io_error));
+                let result = result.map_err(|e| self.io_error(e));
+                self.task_io_done(task, result);
             }
             Purpose::Check { task, inner } => {
                 let mut op = op;
@@ -556,9 +591,11 @@ impl Image {
                 }
                 self.task_io_done(task, Ok(()));
             }
+            Purpose::Mark => self.recycle(op),
         }
-        self.wake_all();
-        self.pump();
+        if self.refusing.take().is_some() && matches!(slot.purpose, Purpose::Writeback { .. }) {
+            self.mark_corrupt_now();
+        }
     }
 
     // ---- ops ----
@@ -583,17 +620,26 @@ impl Image {
             IoKind::SetLen => self.file_end = offset,
             _ => {}
         }
-        self.ops[id as usize] = Some(OpSlot {
-            purpose,
-            seq: if data { self.op_seq } else { u64::MAX },
-        });
-        self.ready.push_back(IoOp {
+        let op = IoOp {
             id: OpId(id),
             target: Target::Image,
             kind,
             offset,
             segments,
+        };
+        let refused = self.write_overlap(purpose, &op);
+        self.ops[id as usize] = Some(OpSlot {
+            purpose,
+            seq: if data { self.op_seq } else { u64::MAX },
+            refused,
         });
+        match refused {
+            None => self.ready.push_back(op),
+            Some(c) => {
+                self.corrupt(c.structure, c.offset, c.reason);
+                self.refused.push_back(op);
+            }
+        }
     }
 
     fn issue_buf(&mut self, purpose: Purpose, kind: IoKind, offset: u64, buf: IoBuf) {
@@ -658,6 +704,10 @@ impl Image {
     /// Steps runnable tasks and the write-back cycle until nothing moves.
     fn pump(&mut self) {
         loop {
+            while let Some(op) = self.refused.pop_front() {
+                self.complete_op(op, Err(REFUSED));
+                self.wake_all();
+            }
             if self.phase == Phase::Opening {
                 self.open_pump();
                 if self.phase == Phase::Opening {
@@ -688,7 +738,7 @@ impl Image {
                 // Preallocation just finished: opening goes on.
                 continue;
             }
-            if !moved || self.runnable.is_empty() {
+            if (!moved || self.runnable.is_empty()) && self.refused.is_empty() {
                 return;
             }
         }
@@ -934,11 +984,7 @@ impl Image {
         if self.poisoned.is_some() {
             return;
         }
-        let err = if e.is_no_space() {
-            RequestError::NoSpace
-        } else {
-            RequestError::Io(e)
-        };
+        let err = self.io_error(e);
         self.poisoned = Some(RequestError::Poisoned);
         self.cycle = None;
         self.window = false;
@@ -974,14 +1020,20 @@ impl Image {
         RequestError::Corrupt(c)
     }
 
-    /// Checks that a host cluster taken from an L2 entry may hold data.
+    /// Checks that a host cluster taken from an L2 entry may hold data: aligned, inside the
+    /// file, clear of metadata.
     fn check_data_cluster(&mut self, host: u64) -> Result<(), RequestError> {
         let reason = if !self.geo.aligned(host) {
             Some(CorruptReason::Unaligned)
         } else if host < self.geo.cluster_size() {
             Some(CorruptReason::PointsAtHeader)
+        } else if host >= self.file_end {
+            // Every cluster the engine links was written (or allocated) first, so a data
+            // cluster starts inside the file; QEMU reads such clusters as zeros and writes
+            // there, growing the file wherever the entry says.
+            Some(CorruptReason::PastEof)
         } else {
-            self.metadata_overlap(host, self.geo.cluster_size())
+            self.metadata_overlap(host, self.geo.cluster_size(), Own::Nothing)
                 .map(CorruptReason::Overlap)
         };
         match reason {
@@ -989,27 +1041,29 @@ impl Image {
             None => Ok(()),
         }
     }
+}
 
-    /// Which fixed metadata structure `[off, off+len)` overlaps, if any ("constant" checks).
-    fn metadata_overlap(&self, off: u64, len: u64) -> Option<Structure> {
-        let hit = |start: u64, bytes: u64| bytes > 0 && off < start + bytes && start < off + len;
-        let cs = self.geo.cluster_size();
-        if hit(0, cs) {
-            return Some(Structure::Header);
+/// What a write reported as short fails with.
+const SHORT_WRITE: IoError = IoError {
+    kind: std::io::ErrorKind::WriteZero,
+    raw_os_error: None,
+};
+
+/// How a refused op completes (QEMU fails such writes with EIO); its request gets the
+/// corruption instead (see [`Image::io_error`]).
+const REFUSED: IoError = IoError {
+    kind: std::io::ErrorKind::Other,
+    raw_os_error: Some(5),
+};
+
+impl Image {
+    /// The request error for a failed op: the corruption when the op was refused by the
+    /// overlap check.
+    fn io_error(&self, e: IoError) -> RequestError {
+        match self.refusing {
+            Some(c) => RequestError::Corrupt(c),
+            None => io_error(e),
         }
-        if hit(
-            self.hdr.l1_table_offset,
-            self.geo.round_up(u64::from(self.hdr.l1_size) * 8),
-        ) {
-            return Some(Structure::L1Table);
-        }
-        if hit(
-            self.hdr.refcount_table_offset,
-            u64::from(self.hdr.refcount_table_clusters) * cs,
-        ) {
-            return Some(Structure::RefcountTable);
-        }
-        None
     }
 }
 

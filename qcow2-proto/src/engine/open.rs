@@ -284,6 +284,10 @@ impl Image {
         }
         self.geo = layout.geo;
         self.layout = Some(layout);
+        if let Some(t) = self.table_past_eof() {
+            self.fail_open(FormatError::TablePastEof(t).into());
+            return None;
+        }
         if self.hdr.l1_size > 0 {
             Some(Step::L1)
         } else {
@@ -291,11 +295,36 @@ impl Image {
         }
     }
 
+    /// The first table that does not fit in the file, unless opening only to check or
+    /// inspect (which report it) or creating (the file grows as the plan writes it).
+    fn table_past_eof(&self) -> Option<Table> {
+        if self.config.check_only || self.config.inspect_only {
+            return None;
+        }
+        let h = &self.hdr;
+        let cs = self.geo.cluster_size();
+        let len = self.config.file_len;
+        let past = |at: u64, bytes: u64| bytes > 0 && at.saturating_add(bytes) > len;
+        if past(h.l1_table_offset, u64::from(h.l1_size) * 8) {
+            Some(Table::ActiveL1)
+        } else if past(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        ) {
+            Some(Table::Refcount)
+        } else if h.nb_snapshots > 0 && past(h.snapshots_offset, 40) {
+            Some(Table::Snapshot)
+        } else {
+            None
+        }
+    }
+
     fn snapshots_or_next(&mut self) -> Option<Step> {
         let nb = self.hdr.nb_snapshots;
+        self.snapshot_table_bytes = 0;
         if nb > 0 {
             match snapshot_table_len(&self.open.table, nb) {
-                Ok(Some(_)) => {}
+                Ok(Some(n)) => self.snapshot_table_bytes = n as u64,
                 Ok(None) if self.open.table.len() < snapshot::MAX_TABLE_BYTES as usize => {
                     return Some(Step::Snapshots);
                 }
@@ -390,6 +419,7 @@ impl Image {
         self.next_free = 1;
         self.file_end = self.file_end.max(self.config.file_len);
         self.hdr_disk = self.hdr;
+        self.index_metadata();
     }
 
     /// Reads the metadata again (after a repair), then resumes check task `t`.

@@ -10,9 +10,9 @@ use crate::io::{IoError, IoKind, IoOp, Segment};
 use crate::request::{Allocation, BlockStatus};
 
 use super::alloc::PENDING_FREES_CAP;
+use super::overlap::Own;
 use super::{
-    be64, io_error, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose,
-    TABLE_CHUNK,
+    be64, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose, TABLE_CHUNK,
 };
 
 /// Ops one task may have outstanding at once.
@@ -74,7 +74,11 @@ impl Image {
         if !self.geo.aligned(off) {
             return Err(self.corrupt(Structure::L1Table, raw, CorruptReason::Unaligned));
         }
-        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size()) {
+        if off >= self.file_end {
+            // Tables are linked only after their write was issued (which grows `file_end`).
+            return Err(self.corrupt(Structure::L2Table, off, CorruptReason::PastEof));
+        }
+        if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size(), Own::L2) {
             return Err(self.corrupt(Structure::L2Table, off, CorruptReason::Overlap(s)));
         }
         Ok(Some(off))
@@ -557,10 +561,11 @@ impl Image {
 
     pub(super) fn alloc_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
         self.recycle(op);
+        let result = result.map_err(|e| self.io_error(e));
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
         alloc.io_pending -= 1;
-        if let Err(e) = result {
-            alloc.state = AllocState::Failed(io_error(e));
+        if let Err(err) = result {
+            alloc.state = AllocState::Failed(err);
         }
         if alloc.io_pending > 0 {
             return;
@@ -584,6 +589,7 @@ impl Image {
             Segment::Buf(b) => Some(b),
             _ => None,
         });
+        let result = result.map_err(|e| self.io_error(e));
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
         let AllocWhat::Data {
             staged,
@@ -595,8 +601,8 @@ impl Image {
         };
         staged[part as usize] = buf;
         *cow_pending -= 1;
-        if let Err(e) = result {
-            alloc.state = AllocState::Failed(io_error(e));
+        if let Err(err) = result {
+            alloc.state = AllocState::Failed(err);
         }
         if *cow_pending > 0 {
             return;
@@ -728,13 +734,14 @@ impl Image {
     }
 
     fn table_failed(&mut self, a: u32, e: IoError) {
+        let err = self.io_error(e);
         let t = self.allocs[a as usize]
             .as_ref()
             .expect("live allocation")
             .task;
         self.abort_alloc(a);
         if let Some(task) = self.tasks[t as usize].as_mut() {
-            task.error.get_or_insert(io_error(e));
+            task.error.get_or_insert(err);
         }
     }
 
@@ -750,7 +757,7 @@ impl Image {
             // The table was just written as zeroes: cache it without reading it back.
             self.l2.insert_clean_zeroed(alloc.host);
         }
-        self.l1[l1_index as usize] = L1Entry::new(alloc.host, true).0;
+        self.set_l1(l1_index as usize, L1Entry::new(alloc.host, true).0);
         self.l1_dirty[l1_index as usize * 8 / TABLE_CHUNK] = true;
         if old != 0 {
             self.queue_free(old);

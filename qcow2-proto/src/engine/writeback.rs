@@ -27,6 +27,7 @@
 //! fields: the header written then is the durable one with only the refcount-table fields
 //! changed (a new size, say, must still wait for the tables written after it).
 
+use crate::format::header::Header;
 use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
 
 use super::{put_be64, Block, Image, Pool, Purpose, TABLE_CHUNK};
@@ -71,8 +72,11 @@ impl Image {
                 return;
             }
             let Some(cycle) = self.cycle.as_mut() else {
+                // A read-only engine has nothing to write back, but one that turned
+                // read-only on finding corruption still writes what it changed before (and
+                // the corrupt bit), so that no dirty slot stays stuck in its caches.
                 if !self.cycle_wanted
-                    || self.read_only && !self.header_dirty
+                    || self.read_only && !self.unwritten()
                     || !self.cycle_has_work()
                 {
                     self.cycle_wanted = false;
@@ -149,6 +153,18 @@ impl Image {
                 self.wake_all();
             }
         }
+    }
+
+    /// A header write of `hdr` (with the extension area, which never changes while open),
+    /// recorded as the header on disk.
+    pub(super) fn header_as(&mut self, hdr: Header) -> IoBuf {
+        let len = self.header_write_len();
+        let mut buf = IoBuf::zeroed(len);
+        buf.as_mut_slice()
+            .copy_from_slice(&self.header_buf.as_slice()[..len]);
+        hdr.encode(buf.as_mut_slice());
+        self.hdr_disk = hdr;
+        buf
     }
 
     fn wb_issue(&mut self, pool: Pool, slot: u32, offset: u64, buf: IoBuf) {
@@ -255,13 +271,7 @@ impl Image {
         let mut hdr = self.hdr_disk;
         hdr.refcount_table_offset = self.hdr.refcount_table_offset;
         hdr.refcount_table_clusters = self.hdr.refcount_table_clusters;
-        let len = self.header_write_len();
-        let mut buf = IoBuf::zeroed(len);
-        // The extension area after the fixed fields never changes while open.
-        buf.as_mut_slice()
-            .copy_from_slice(&self.header_buf.as_slice()[..len]);
-        hdr.encode(buf.as_mut_slice());
-        self.hdr_disk = hdr;
+        let buf = self.header_as(hdr);
         if hdr == self.hdr {
             // Nothing else changed: the header level has nothing left to write.
             self.header_dirty = false;
@@ -277,12 +287,8 @@ impl Image {
         if !self.op_room(1) {
             return false;
         }
-        let len = self.header_write_len();
-        let mut buf = IoBuf::zeroed(len);
-        buf.as_mut_slice()
-            .copy_from_slice(&self.header_buf.as_slice()[..len]);
         self.header_dirty = false;
-        self.hdr_disk = self.hdr;
+        let buf = self.header_as(self.hdr);
         self.wb_issue(Pool::None, 0, 0, buf);
         true
     }
