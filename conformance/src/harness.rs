@@ -88,6 +88,10 @@ pub struct Mode {
     /// Read-only: share the image with a writer (qemu-img's `-U`) instead of being refused
     /// by its lock.
     pub force_share: bool,
+    /// Open for [`Disk::check`] only, as `qemu-img check` opens (QEMU's check mode):
+    /// images with the dirty or corrupt bit open, writable unless `read_only`, so that a
+    /// repair can fix them; guest requests are refused.
+    pub check_only: bool,
 }
 
 impl Mode {
@@ -117,6 +121,15 @@ impl Mode {
     pub fn write_through() -> Self {
         Self {
             durability: Durability::WriteThrough,
+            ..Self::default()
+        }
+    }
+
+    /// For `check` only (`qemu-img check`): writable when `repair` is set, else read-only.
+    pub fn check_only(repair: bool) -> Self {
+        Self {
+            read_only: !repair,
+            check_only: true,
             ..Self::default()
         }
     }

@@ -152,6 +152,19 @@ macro_rules! instantiate {
                 write_through_group_commit,
                 same_script_same_image,
             }
+            repair {
+                leaks,
+                refcounts_too_low,
+                refcount_zero,
+                copied_flags,
+                l2_entries,
+                l1_entries,
+                compressed_descriptors,
+                refcount_table_entries,
+                snapshot_table,
+                snapshot_table_limits,
+                dirty_and_corrupt_bits,
+            }
             regressions {
                 shrink_dropping_a_thousand_clusters,
                 flush_of_a_read_only_image,

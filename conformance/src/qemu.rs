@@ -41,6 +41,28 @@ pub struct QemuCheck {
     pub json: String,
 }
 
+/// One `qemu-img check --output=json [-r MODE]` run, as it ended.
+#[derive(Clone, Debug)]
+pub struct CheckRun {
+    /// Exit status: 0 consistent, 1 check failed, 2 corruptions, 3 leaks only.
+    pub status: i32,
+    /// The report; `None` when qemu-img printed none (the check could not complete).
+    pub json: Option<Value>,
+    /// The detail lines qemu-img printed on stderr.
+    pub stderr: String,
+}
+
+impl CheckRun {
+    /// A field of the report, 0 when absent (qemu-img omits zero counters).
+    pub fn field(&self, name: &str) -> u64 {
+        self.json
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
 /// A `qemu-io` process holding an image open; killed on drop.
 #[derive(Debug)]
 pub struct Held {
@@ -103,11 +125,24 @@ impl Qemu {
         None
     }
 
+    /// Runs `program`. A lock conflict is retried for a while: the tests run in parallel,
+    /// and a file this process closed just now lives on, with its locks, in a child another
+    /// test thread forked and has not yet exec'd (our own opens retry the same way).
     fn run(&self, program: &Path, args: &[&OsStr]) -> Output {
-        Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+        let mut tries = 0;
+        loop {
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let locked = stderr.contains("Failed to get") && stderr.contains(" lock");
+            if out.status.success() || !locked || tries == 20 {
+                return out;
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     fn describe(program: &Path, args: &[&OsStr], out: &Output) -> String {
@@ -266,6 +301,55 @@ impl Qemu {
             check_errors: field("check-errors"),
             json,
         }
+    }
+
+    /// `qemu-img check -f qcow2 --output=json [-r repair] PATH`, whatever its outcome.
+    ///
+    /// # Panics
+    /// If qemu-img cannot run or prints something that is not JSON.
+    pub fn check_run(&self, path: &Path, repair: Option<&str>) -> CheckRun {
+        let mut args: Vec<&OsStr> = vec![
+            "check".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+        ];
+        if let Some(mode) = repair {
+            args.push("-r".as_ref());
+            args.push(OsStr::new(mode));
+        }
+        args.push(path.as_os_str());
+        let out = self.run(&self.img, &args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = (!stdout.trim().is_empty()).then(|| {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| {
+                panic!(
+                    "qemu-img check printed no JSON ({e}): {}",
+                    Self::describe(&self.img, &args, &out)
+                )
+            })
+        });
+        CheckRun {
+            status: out.status.code().unwrap_or(-1),
+            json,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `qemu-img compare -q -f qcow2 -F qcow2 A B`: its exit status (0 identical, 1
+    /// different, 2 or more when an image could not be opened or read).
+    pub fn compare_status(&self, a: &Path, b: &Path) -> i32 {
+        let args: [&OsStr; 8] = [
+            "compare".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            a.as_os_str(),
+            b.as_os_str(),
+        ];
+        self.run(&self.img, &args).status.code().unwrap_or(-1)
     }
 
     /// Asserts `qemu-img check` finds no corruption and no leak.

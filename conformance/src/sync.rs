@@ -17,6 +17,7 @@ pub fn options(mode: Mode) -> OpenOptions {
     OpenOptions {
         read_only: mode.read_only,
         force_share: mode.force_share,
+        check_only: mode.check_only,
         cache: match (mode.durability, mode.direct) {
             (Durability::WriteBack, false) => Cache::WriteBack,
             (Durability::WriteThrough, false) => Cache::WriteThrough,

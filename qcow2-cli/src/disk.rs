@@ -198,17 +198,7 @@ impl Disk {
         protect_sector0: bool,
         inspect_only: bool,
     ) -> Result<Self, CliError> {
-        Self::open_mode(path, format, opts, protect_sector0, inspect_only, false)
-    }
-
-    /// Opens a qcow2 image for `check` (qemu-img's check mode): dirty and corrupt images
-    /// open, writable when `opts` allows, so that a repair can fix them.
-    pub fn open_for_check(
-        path: &Path,
-        format: Format,
-        opts: DiskOptions,
-    ) -> Result<Self, CliError> {
-        Self::open_mode(path, format, opts, false, false, true)
+        Self::open_mode(path, format, opts, protect_sector0, inspect_only)
     }
 
     fn open_mode(
@@ -217,7 +207,6 @@ impl Disk {
         opts: DiskOptions,
         protect_sector0: bool,
         inspect_only: bool,
-        check_only: bool,
     ) -> Result<Self, CliError> {
         let inner = match format {
             Format::Qcow2 => {
@@ -225,7 +214,6 @@ impl Disk {
                     read_only: opts.read_only || inspect_only,
                     cache: opts.cache,
                     inspect_only,
-                    check_only,
                     force_share: opts.force_share,
                     ..OpenOptions::default()
                 };

@@ -13,6 +13,7 @@ pub mod model;
 pub mod no_alloc;
 pub mod overlap;
 pub mod regressions;
+pub mod repair;
 pub mod snapshots;
 
 use std::fmt::Display;

@@ -1,11 +1,11 @@
 //! `check`: qemu-img's report, human or JSON, and its exit codes (0 clean, 2 corruptions,
 //! 3 leaks only, 1 failure, 63 for formats without checks). Detail lines go to stderr.
 
-use qcow2_sync::{CheckReport, Repair};
+use qcow2_sync::{CheckReport, Image, OpenOptions, Repair};
 use serde_json::{json, Map, Value};
 
 use crate::cmd::parse_cache;
-use crate::disk::{engine_error, resolve_format, Disk, DiskOptions, Format};
+use crate::disk::{engine_error, qcow2_open_error, resolve_format, Format};
 use crate::error::{CliError, CmdResult};
 use crate::json::to_qemu_pretty;
 use crate::{CheckArgs, OutputFormat};
@@ -35,33 +35,34 @@ pub fn run(a: &CheckArgs) -> CmdResult {
         ));
     }
     let cache = parse_cache(a.cache.as_deref(), qcow2_sync::Cache::WriteBack)?;
-    let opts = DiskOptions {
-        force_share: a.force_share,
+    let options = OpenOptions {
         read_only: repair.is_none(),
         cache,
+        check_only: true,
+        force_share: a.force_share,
+        ..OpenOptions::default()
     };
-    let mut disk = Disk::open_for_check(&a.filename, format, opts)?;
-    let img = disk.qcow2().expect("qcow2");
-    let failed =
-        |e: qcow2_sync::Error| CliError::new(format!("Check failed: {}", engine_error(&e)));
-    let first = img.check(repair).map_err(failed)?;
-    print_messages(&first);
-    let report = if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
-        if a.output == OutputFormat::Human && !a.quiet {
-            print!(
-                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
-                first.leaks_fixed, first.corruptions_fixed
-            );
+    let report = match Image::open(&a.filename, &options) {
+        Ok(mut img) => {
+            // The checker double-checks a repaired image itself and reports that second
+            // run with the first run's `*-fixed` counts, as qemu-img does.
+            img.check(repair)
+                .map_err(|e| CliError::new(format!("Check failed: {}", engine_error(&e))))?
         }
-        let mut again = img.check(None).map_err(failed)?;
-        print_messages(&again);
-        again.leaks_fixed = first.leaks_fixed;
-        again.corruptions_fixed = first.corruptions_fixed;
-        again
-    } else {
-        first
+        Err(e) => return Err(qcow2_open_error(&a.filename, &e)),
     };
-    drop(disk);
+    print_messages(&report);
+    if let Some(reason) = &report.failure {
+        // qemu-img prints no report when the check could not complete.
+        return Err(CliError::new(format!("Check failed: {reason}")));
+    }
+    let fixed = report.corruptions_fixed > 0 || report.leaks_fixed > 0;
+    if fixed && a.output == OutputFormat::Human && !a.quiet {
+        print!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            report.leaks_fixed, report.corruptions_fixed
+        );
+    }
     if !a.quiet {
         match a.output {
             OutputFormat::Human => print!("{}", human(&report)),
@@ -136,20 +137,9 @@ pub fn report_json(r: &CheckReport, filename: &str) -> Value {
     let mut m = Map::new();
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));
-    m.insert("check-errors".into(), json!(r.check_errors));
-    let optional = [
-        ("image-end-offset", r.image_end_offset),
-        ("corruptions", r.corruptions),
-        ("leaks", r.leaks),
-        ("corruptions-fixed", r.corruptions_fixed),
-        ("leaks-fixed", r.leaks_fixed),
-        ("total-clusters", r.total_clusters),
-        ("allocated-clusters", r.allocated_clusters),
-        ("fragmented-clusters", r.fragmented_clusters),
-        ("compressed-clusters", r.compressed_clusters),
-    ];
-    for (k, v) in optional {
-        if v != 0 {
+    // check-errors always; the others only when non-zero, as qemu-img.
+    for (k, v) in r.qemu_fields() {
+        if v != 0 || k == "check-errors" {
             m.insert(k.into(), json!(v));
         }
     }

@@ -176,6 +176,8 @@ impl Pass {
             Calc::Tail => {
                 let h = self.img.hdr;
                 let reftable_bytes = self.reftable.len() as u64 * 8;
+                let end = h.snapshots_offset.saturating_add(self.snaps_size);
+                self.snap_counted = end < self.file_len.saturating_add(self.img.cluster_size);
                 let mut ok = self.inc(h.snapshots_offset, self.snaps_size).is_ok();
                 ok = ok && self.inc(h.refcount_table_offset, reftable_bytes).is_ok();
                 if let Some((off, len)) = self.img.fde {
@@ -436,7 +438,7 @@ impl Pass {
             if size == 0 {
                 self.counts.corruptions += 1;
                 say!(self, "ERROR Requested bitmap directory size is zero");
-                return self.fail();
+                return self.fail_with(super::pass::EINVAL);
             }
             self.stage = Stage::Calc(Calc::BitmapDir { waiting: true });
             return self.read(off, size);
@@ -457,14 +459,14 @@ impl Pass {
                     Err(reason) => {
                         self.counts.corruptions += 1;
                         say!(self, "ERROR {reason}");
-                        self.fail()
+                        self.fail_with(super::pass::EINVAL)
                     }
                 }
             }
             Some(Err(e)) => {
                 self.counts.corruptions += 1;
                 say!(self, "ERROR could not read the bitmap directory: {e}");
-                self.fail()
+                self.fail_with(&e.to_string())
             }
             None => {
                 self.stage = Stage::Calc(Calc::BitmapDir { waiting: true });

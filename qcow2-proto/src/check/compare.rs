@@ -195,7 +195,7 @@ impl Pass {
                     Err(_) => {
                         self.counts.check_errors += 1;
                         say!(self, "ERROR allocating refblock: Cannot allocate memory");
-                        return self.fail();
+                        return self.fail_with(super::pass::ENOMEM);
                     }
                 };
             let cs = self.img.cluster_size;

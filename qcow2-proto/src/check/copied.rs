@@ -201,8 +201,7 @@ impl Pass {
             }
             match c.l1.peek() {
                 Cur::Done => {
-                    self.stage = Stage::Clean(0);
-                    return Flow::Next;
+                    return self.begin_snap_fix();
                 }
                 Cur::Read { offset, len } => {
                     c.wait = CopiedWait::Chunk;
@@ -355,10 +354,13 @@ impl Pass {
     /// A repair write would overwrite metadata: QEMU's `qcow2_signal_corruption` (mark
     /// the image corrupt) and the check fails.
     pub(super) fn refuse_overlap(&mut self, what: &str, then: &str) -> Flow {
-        say!(
-            self,
-            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {what}); further corruption events will be suppressed"
-        );
+        if !self.signaled {
+            // Said once: QEMU suppresses further corruption events.
+            say!(
+                self,
+                "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {what}); further corruption events will be suppressed"
+            );
+        }
         say!(self, "{then}");
         self.counts.check_errors += 1;
         self.mark_corrupt = true;

@@ -7,7 +7,10 @@
 //! It follows QEMU's `qcow2_co_check` step by step, so its counters and detail lines match
 //! `qemu-img check`'s:
 //!
-//! 1. read the header (cluster 0) and the snapshot table;
+//! 1. read the header (cluster 0) and the snapshot table, which the check validates itself
+//!    (QEMU's check mode does not read it at open); `-r all` drops snapshots past 65,536
+//!    or past 64 MiB of table (writing the reduced count to the header at once) and cuts
+//!    extra data to 1 KiB;
 //! 2. build the in-memory refcount table (IMRT) from the header, the active L1 and its L2
 //!    tables (with allocation and fragmentation statistics), each snapshot's L1 and L2
 //!    tables, the snapshot table, the refcount table, the LUKS header, the bitmaps and the
@@ -21,7 +24,10 @@
 //!    switches the header to it;
 //! 5. check the COPIED flags of the active L1 and L2 tables against the refcounts (and fix
 //!    them under `-r all`, or under `-r leaks` when nothing else is left);
-//! 6. after a repair that left no corruption, clear the dirty and corrupt bits.
+//! 6. under `-r all`, rewrite a snapshot table found wanting (cut extra data, v3 entries
+//!    with less than 16 bytes of it) as `qcow2_write_snapshots` does: in free clusters,
+//!    refcounts first, then the table, then the header pointer, then free the old table;
+//! 7. after a repair that left no corruption, clear the dirty and corrupt bits.
 //!
 //! When anything was repaired, the whole check runs again without repairing, and the
 //! report gives that second run's counts with the first run's `*_fixed` counts, as
@@ -43,6 +49,7 @@ mod copied;
 mod imrt;
 mod pass;
 mod repair;
+mod snapshots;
 mod walk;
 
 use crate::error::OpenError;
@@ -85,6 +92,40 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// Detail lines, as qemu-img prints them on stderr ("Leaked cluster 9 refcount=1 reference=0").
     pub messages: Vec<String>,
+    /// Why the check stopped before it was complete, as QEMU's error code says it
+    /// ("Input/output error"); `None` when it completed. After a failure the counters hold
+    /// what was found until then, and `qemu-img check` prints no report, only "Check
+    /// failed: REASON" (exit status 1). Implies a non-zero `check_errors`.
+    pub failure: Option<String>,
+}
+
+impl CheckReport {
+    /// Whether the check stopped before it was complete (see [`failure`](Self::failure)).
+    pub fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    /// The counters under the names `qemu-img check --output=json` gives them, in its
+    /// order.
+    ///
+    /// ```
+    /// let report = qcow2_proto::CheckReport { leaks: 2, ..Default::default() };
+    /// assert!(report.qemu_fields().contains(&("leaks", 2)));
+    /// ```
+    pub fn qemu_fields(&self) -> [(&'static str, u64); 10] {
+        [
+            ("check-errors", self.check_errors),
+            ("image-end-offset", self.image_end_offset),
+            ("corruptions", self.corruptions),
+            ("leaks", self.leaks),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("leaks-fixed", self.leaks_fixed),
+            ("total-clusters", self.total_clusters),
+            ("allocated-clusters", self.allocated_clusters),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        ]
+    }
 }
 
 /// Default budget for the refcount arrays: 512 MiB (a 64 KiB-cluster image with 16-bit
@@ -285,19 +326,22 @@ impl Checker {
             return;
         }
         let mut report = report_of(&done);
-        if !self.second && fixed && done.poisoned {
+        if done.failed {
+            report.failure = Some(
+                done.failure
+                    .clone()
+                    .unwrap_or_else(|| "Input/output error".into()),
+            );
+        }
+        if !self.second && !done.failed && fixed && done.poisoned {
             // QEMU makes the image unusable once it marked it corrupt, so the double check
             // after the repair fails ("No medium found").
             report.check_errors = report.check_errors.max(1);
-            report
-                .messages
-                .push("Check failed: the image was marked corrupt while it was repaired".into());
+            report.failure = Some("No medium found".into());
         }
         if let Some(e) = &done.header_error {
             report.check_errors = report.check_errors.max(1);
-            report.messages.push(format!(
-                "Check failed: the repaired image cannot be opened: {e}"
-            ));
+            report.failure = Some(format!("the repaired image cannot be opened: {e}"));
         }
         if let Some(first) = self.first.take() {
             report.leaks_fixed = first.counts.leaks_fixed;
@@ -353,5 +397,6 @@ fn report_of(done: &PassResult) -> CheckReport {
         fragmented_clusters: c.fragmented,
         compressed_clusters: c.compressed,
         messages: done.log.lines.clone(),
+        failure: None,
     }
 }

@@ -14,6 +14,16 @@ use std::fmt;
 use crate::error::{FormatError, OpenError};
 use crate::format::extension::BITMAPS;
 use crate::format::header::{autoclear, incompat, Header, INCOMPATIBLE_OFFSET};
+
+/// QEMU's reasons for a check that could not complete (`strerror` of its error codes).
+pub(super) const EIO: &str = "Input/output error";
+pub(super) const ENOMEM: &str = "Cannot allocate memory";
+pub(super) const EFBIG: &str = "File too large";
+pub(super) const EINVAL: &str = "Invalid argument";
+pub(super) const ENOSPC: &str = "No space left on device";
+
+/// Byte offset of `nb_snapshots` in the header (`snapshots_offset` follows it).
+pub(super) const NB_SNAPSHOTS_OFFSET: u64 = 60;
 use crate::format::{Geometry, Layout};
 use crate::io::{IoBuf, IoError};
 
@@ -22,6 +32,7 @@ use super::compare::RebuildOp;
 use super::copied::Copied;
 use super::imrt::{Budget, RefArray};
 use super::repair::{MetaMap, RebuildPlan};
+use super::snapshots::SnapFix;
 use super::walk::{self, Snap, SnapParse};
 
 /// An op the pass wants performed on the image file.
@@ -118,6 +129,8 @@ pub(crate) struct PassResult {
     pub total_clusters: u64,
     /// The check could not complete (QEMU's "Check failed").
     pub failed: bool,
+    /// Why, as QEMU's error code says it ("Input/output error").
+    pub failure: Option<String>,
     /// The image was marked corrupt while repairing (QEMU then refuses to check it again).
     pub poisoned: bool,
     /// The header could not be read or accepted.
@@ -170,6 +183,8 @@ pub(super) enum Stage {
     HeaderRest(Vec<u8>, u64),
     /// Read the snapshot table, in growing chunks, until every entry parses.
     SnapTable(Vec<u8>),
+    /// Write (and flush) the reduced snapshot count to the header.
+    SnapCount { flushed: bool },
     /// Read the refcount table.
     Reftable,
     /// Build the IMRT from the tables.
@@ -193,6 +208,8 @@ pub(super) enum Stage {
     },
     /// Check (and repair) the COPIED flags.
     Copied(Copied),
+    /// Rewrite the snapshot table (`qcow2_check_fix_snapshot_table`).
+    SnapFix(SnapFix),
     /// Clear the dirty and corrupt bits after a successful repair.
     Clean(u8),
     /// Set the corrupt bit if a repair was refused, and flush.
@@ -234,6 +251,15 @@ pub(crate) struct Pass {
     pub(super) reftable: Vec<u64>,
     pub(super) snaps: Vec<Snap>,
     pub(super) snaps_size: u64,
+    /// What the snapshot table check found and fixed (QEMU's `snapshot_res`), kept apart
+    /// from the refcount counters until the end, as QEMU does.
+    pub(super) snap: Counts,
+    /// Snapshots dropped off the end of the table by the repair.
+    pub(super) snap_reduced: u32,
+    /// The snapshot table bytes, kept when the repair must rewrite the table.
+    pub(super) snap_table: Vec<u8>,
+    /// The walk counted the snapshot table's clusters (it does not run past the file).
+    pub(super) snap_counted: bool,
     pub(super) rebuild: bool,
     pub(super) round: u8,
     pub(super) highest: Option<u64>,
@@ -243,6 +269,7 @@ pub(crate) struct Pass {
     pub(super) extra: BTreeMap<u64, Option<Vec<u8>>>,
     pub(super) unflushed: bool,
     pub(super) failed: bool,
+    pub(super) failure: Option<String>,
     /// Offsets of the active L2 tables (kept when repairing, for the overlap checks).
     pub(super) active_l2s: Vec<u64>,
     pub(super) meta_map: Option<MetaMap>,
@@ -280,6 +307,10 @@ impl Pass {
             reftable: Vec::new(),
             snaps: Vec::new(),
             snaps_size: 0,
+            snap: Counts::default(),
+            snap_reduced: 0,
+            snap_table: Vec::new(),
+            snap_counted: false,
             rebuild: false,
             round: 1,
             highest: None,
@@ -289,6 +320,7 @@ impl Pass {
             extra: BTreeMap::new(),
             unflushed: false,
             failed: false,
+            failure: None,
             active_l2s: Vec::new(),
             meta_map: None,
             mark_corrupt: false,
@@ -335,12 +367,16 @@ impl Pass {
             log.lines
                 .push(format!("({} more lines not shown)", log.dropped));
         }
+        let mut counts = self.counts;
+        counts.corruptions += self.snap.corruptions;
+        counts.corruptions_fixed += self.snap.corruptions_fixed;
         PassResult {
-            counts: self.counts,
+            counts,
             log,
             image_end_offset,
             total_clusters: self.total_clusters,
             failed: self.failed,
+            failure: self.failure,
             poisoned: self.poisoned,
             header_error: self.header_error,
             file_len: self.file_len,
@@ -381,12 +417,22 @@ impl Pass {
             return;
         }
         self.signaled = true;
-        say!(
-            self,
-            "qcow2: Marking image as corrupt: Refblock offset {} unaligned (reftable index: {}); further corruption events will be suppressed",
-            alt_hex(offset),
-            alt_hex(index)
-        );
+        if self.fix.any() {
+            say!(
+                self,
+                "qcow2: Marking image as corrupt: Refblock offset {} unaligned (reftable index: {}); further corruption events will be suppressed",
+                alt_hex(offset),
+                alt_hex(index)
+            );
+        } else {
+            // A read-only image is not marked (QEMU's `qcow2_signal_corruption`).
+            say!(
+                self,
+                "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                alt_hex(offset),
+                alt_hex(index)
+            );
+        }
         if self.fix.any() {
             self.mark_corrupt = true;
             self.poisoned = true;
@@ -396,7 +442,15 @@ impl Pass {
     /// The check cannot go on: count a check error if nothing did yet, flush what was
     /// written, and stop.
     pub(super) fn fail(&mut self) -> Flow {
+        self.fail_with(EIO)
+    }
+
+    /// [`fail`](Self::fail), saying why as QEMU's error code would (`strerror`).
+    pub(super) fn fail_with(&mut self, reason: &str) -> Flow {
         self.failed = true;
+        if self.failure.is_none() {
+            self.failure = Some(reason.to_string());
+        }
         if self.counts.check_errors == 0 {
             self.counts.check_errors = 1;
         }
@@ -408,7 +462,7 @@ impl Pass {
     pub(super) fn fail_io(&mut self, what: &str, e: IoError) -> Flow {
         self.counts.check_errors += 1;
         say!(self, "{what}: {e}");
-        self.fail()
+        self.fail_with(&e.to_string())
     }
 
     /// The memory budget is exhausted: a check error, and the check stops.
@@ -419,7 +473,7 @@ impl Pass {
             "ERROR: Cannot allocate memory for the refcount check (limit {} bytes)",
             self.budget.limit
         );
-        self.fail()
+        self.fail_with(ENOMEM)
     }
 
     /// Runs until the pass needs an op or is over.
@@ -430,6 +484,7 @@ impl Pass {
                 Stage::Header => self.header(None),
                 Stage::HeaderRest(first, rest) => self.header(Some((first, rest))),
                 Stage::SnapTable(buf) => self.snapshot_table(buf),
+                Stage::SnapCount { flushed } => self.snap_count(flushed),
                 Stage::Reftable => self.read_reftable(),
                 Stage::Calc(calc) => self.calc(calc),
                 Stage::Refblocks { i, resizing } => self.check_refblocks(i, resizing),
@@ -442,6 +497,7 @@ impl Pass {
                     flushed,
                 } => self.write_dirty(blocks, next, flushed),
                 Stage::Copied(c) => self.copied(c),
+                Stage::SnapFix(f) => self.snap_fix(f),
                 Stage::Clean(step) => self.clean(step),
                 Stage::Finish { flushed } => self.finish(flushed),
                 Stage::Done => return Step::Done,
@@ -490,8 +546,20 @@ impl Pass {
                 first
             }
         };
-        match Layout::parse_with(&bytes, true, true) {
-            Ok(layout) => self.accept_layout(&layout),
+        // QEMU's open in check mode leaves the snapshot table alone; the check validates
+        // it itself (`snapshot_table`), so that `-r all` can repair it.
+        let mut masked = bytes.clone();
+        if let Some(pointer) = masked.get_mut(60..72) {
+            pointer.fill(0);
+        }
+        match Layout::parse_with(&masked, true, true) {
+            Ok(mut layout) => {
+                if let Some(h) = Header::decode(&bytes) {
+                    layout.header.nb_snapshots = h.nb_snapshots;
+                    layout.header.snapshots_offset = h.snapshots_offset;
+                }
+                self.accept_layout(&layout)
+            }
             Err(e) => {
                 self.header_error = Some(e);
                 self.failed = true;
@@ -550,10 +618,44 @@ impl Pass {
         Flow::Next
     }
 
-    /// `qcow2_check_read_snapshot_table`: reads and parses the snapshot table.
+    /// `qcow2_check_read_snapshot_table`: validates the table pointer, reads and parses the
+    /// table; with `-r all` drops what QEMU drops (snapshots past 65,536 or past 64 MiB of
+    /// table, extra data past 1 KiB), writing a reduced snapshot count to the header right
+    /// away. The table itself is rewritten at the end ([`Stage::SnapFix`]).
     fn snapshot_table(&mut self, mut buf: Vec<u8>) -> Flow {
-        let count = self.img.hdr.nb_snapshots;
-        let base = self.img.hdr.snapshots_offset;
+        let h = self.img.hdr;
+        let base = h.snapshots_offset;
+        let mut count = h.nb_snapshots;
+        let first = buf.is_empty() && self.input.is_none();
+        if count > walk::MAX_SNAPSHOTS && self.fix.errors {
+            if first {
+                say!(
+                    self,
+                    "Discarding {} overhanging snapshots",
+                    count - walk::MAX_SNAPSHOTS
+                );
+            }
+            count = walk::MAX_SNAPSHOTS;
+        }
+        if first {
+            // qcow2_validate_table(), even for an empty table.
+            if count > walk::MAX_SNAPSHOTS {
+                self.counts.check_errors += 1;
+                say!(self, "ERROR snapshot table too large");
+                say!(
+                    self,
+                    "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                    count - walk::MAX_SNAPSHOTS
+                );
+                return self.fail_with(EFBIG);
+            }
+            let size = u64::from(count) * 40;
+            if i64::MAX as u64 - size < base || !self.img.aligned(base) {
+                self.counts.check_errors += 1;
+                say!(self, "ERROR snapshot table offset invalid");
+                return self.fail_with(EINVAL);
+            }
+        }
         match self.take() {
             Some(Err(e)) => {
                 return self.fail_io("ERROR failed to read the snapshot table", e);
@@ -565,7 +667,7 @@ impl Pass {
             self.snaps_size = 0;
             return self.start_refcounts();
         }
-        match walk::parse_snapshots(&buf, count) {
+        match walk::parse_snapshots(&buf, count, self.fix.errors) {
             SnapParse::Need(need) => {
                 let have = buf.len() as u64;
                 let len = (need - have).max(have.clamp(64 << 10, walk::CHUNK_BYTES));
@@ -575,30 +677,95 @@ impl Pass {
             SnapParse::TooMuchExtra(i) => {
                 self.counts.check_errors += 1;
                 say!(self, "ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}");
-                self.fail()
+                say!(
+                    self,
+                    "You can force-remove this extra metadata with qemu-img check -r all"
+                );
+                self.fail_with(EFBIG)
             }
-            SnapParse::TooBig => {
+            SnapParse::TooBig(overhanging) => {
                 self.counts.check_errors += 1;
                 say!(
                     self,
                     "ERROR failed to read the snapshot table: Snapshot table is too big"
                 );
-                self.fail()
+                say!(
+                    self,
+                    "You can force-remove all {overhanging} overhanging snapshots with qemu-img check -r all"
+                );
+                self.fail_with(EFBIG)
             }
-            SnapParse::Done { snaps, size } => {
+            SnapParse::Done(table) => {
+                for &(i, extra) in &table.dropped_extra {
+                    say!(
+                        self,
+                        "Discarding too much extra metadata in snapshot table entry {i} ({extra} > {})",
+                        walk::MAX_SNAPSHOT_EXTRA
+                    );
+                }
+                if table.overhanging > 0 {
+                    say!(
+                        self,
+                        "Discarding {} overhanging snapshots (snapshot table is too big)",
+                        table.overhanging
+                    );
+                }
+                let reduced = h.nb_snapshots - table.snaps.len() as u32;
+                self.snap_reduced = reduced;
+                self.snap.corruptions += u64::from(reduced) + table.dropped_extra.len() as u64;
                 if self.img.hdr.version >= 3 {
-                    for (i, s) in snaps.iter().enumerate() {
+                    for (i, s) in table.snaps.iter().enumerate() {
                         if s.extra_size < 16 {
-                            self.counts.corruptions += 1;
-                            say!(self, "ERROR snapshot table entry {i} is incomplete");
+                            self.snap.corruptions += 1;
+                            let word = if self.fix.errors {
+                                "Repairing"
+                            } else {
+                                "ERROR"
+                            };
+                            say!(self, "{word} snapshot table entry {i} is incomplete");
                         }
                     }
                 }
-                self.snaps = snaps;
-                self.snaps_size = size;
+                self.snaps = table.snaps;
+                self.snaps_size = table.size;
+                if self.snap.corruptions > u64::from(reduced) && self.fix.errors {
+                    // Kept for the rewrite at the end.
+                    buf.truncate(table.size as usize);
+                    self.snap_table = buf;
+                }
+                if reduced > 0 {
+                    // The count goes to the header before the refcounts are checked: the
+                    // dropped snapshots' clusters are then merely leaked.
+                    self.img.hdr.nb_snapshots -= reduced;
+                    self.stage = Stage::SnapCount { flushed: false };
+                    return self.io(Req::Write {
+                        offset: NB_SNAPSHOTS_OFFSET,
+                        data: self.img.hdr.nb_snapshots.to_be_bytes().to_vec(),
+                    });
+                }
                 self.start_refcounts()
             }
         }
+    }
+
+    /// The reduced snapshot count was written: flush it, then go on.
+    fn snap_count(&mut self, flushed: bool) -> Flow {
+        if let Some(Err(e)) = self.take() {
+            self.counts.check_errors += 1;
+            say!(
+                self,
+                "ERROR failed to update the snapshot count in the image header: {e}"
+            );
+            return self.fail_with(&e.to_string());
+        }
+        if !flushed {
+            self.stage = Stage::SnapCount { flushed: true };
+            return self.io(Req::Flush);
+        }
+        let reduced = u64::from(self.snap_reduced);
+        self.snap.corruptions -= reduced;
+        self.snap.corruptions_fixed += reduced;
+        self.start_refcounts()
     }
 
     /// `qcow2_check_refcounts`: size the IMRT from the file length and read the reftable.
@@ -611,7 +778,7 @@ impl Pass {
                 "ERROR: the image file is too large to check ({} clusters)",
                 nb
             );
-            return self.fail();
+            return self.fail_with(EFBIG);
         }
         // The loaded refcounts will need as much again.
         let need = self.imrt.bytes_for(nb).saturating_mul(2);
@@ -681,8 +848,9 @@ impl Pass {
         }
         let h = self.img.hdr;
         let bits = h.incompatible_features & (incompat::DIRTY | incompat::CORRUPT);
-        let wanted =
-            self.fix.any() && self.counts.check_errors == 0 && self.counts.corruptions == 0;
+        let wanted = self.fix.any()
+            && self.counts.check_errors == 0
+            && self.counts.corruptions + self.snap.corruptions == 0;
         if !wanted || h.version < 3 || bits == 0 {
             self.stage = Stage::Finish { flushed: false };
             return Flow::Next;

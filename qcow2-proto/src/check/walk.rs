@@ -157,67 +157,160 @@ pub(crate) struct Snap {
     pub l1_size: u32,
     pub id: String,
     pub name: String,
+    /// Extra data size after a repair's truncation (the on-disk size otherwise).
     pub extra_size: u32,
+    /// Where the entry starts in the table.
+    pub at: u64,
+    /// Where its ID starts in the table (after the whole on-disk extra data).
+    pub id_at: u64,
+    pub id_len: u16,
+    pub name_len: u16,
+}
+
+/// The snapshot table as QEMU's `qcow2_do_read_snapshots` reads it.
+#[derive(Debug, Default, Eq, PartialEq)]
+pub(crate) struct SnapTable {
+    pub snaps: Vec<Snap>,
+    /// QEMU's `snapshots_size`: the end of the last entry read (its name), from the start.
+    pub size: u64,
+    /// Repair only: `(entry, extra data size)` of each entry whose extra data was cut to
+    /// 1 KiB.
+    pub dropped_extra: Vec<(u32, u32)>,
+    /// Repair only: entries dropped off the end because the table exceeds 64 MiB.
+    pub overhanging: u32,
 }
 
 /// Result of parsing the snapshot table bytes read so far.
 #[derive(Debug, Eq, PartialEq)]
 pub(crate) enum SnapParse {
-    /// Every entry parsed; `size` is QEMU's `snapshots_size` (end of the last name).
-    Done { snaps: Vec<Snap>, size: u64 },
+    /// Every entry parsed (or, when repairing, dropped).
+    Done(SnapTable),
     /// The table is at least this many bytes long: read more.
     Need(u64),
-    /// Entry `i` has more than 1 KiB of extra data.
+    /// Entry `i` has more than 1 KiB of extra data (not repairing).
     TooMuchExtra(u32),
-    /// The table exceeds 64 MiB.
-    TooBig,
+    /// The table exceeds 64 MiB from this many entries before the end (not repairing).
+    TooBig(u32),
 }
 
 /// Most bytes of snapshot table QEMU accepts.
 pub(crate) const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// Most extra data per snapshot QEMU accepts.
-const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+pub(crate) const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+/// Most snapshots QEMU accepts.
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
+/// The extra data QEMU knows (and writes): VM state size, disk size, icount.
+pub(crate) const KNOWN_SNAPSHOT_EXTRA: u32 = 24;
 
 /// Parses `count` snapshot entries from the start of `buf` (`qcow2_do_read_snapshots`).
-pub(crate) fn parse_snapshots(buf: &[u8], count: u32) -> SnapParse {
-    let mut snaps = Vec::with_capacity(count.min(1024) as usize);
+/// With `repair` (`-r all`), extra data beyond 1 KiB is cut off and the entries that
+/// overhang 64 MiB of table are dropped, instead of failing.
+pub(crate) fn parse_snapshots(buf: &[u8], count: u32, repair: bool) -> SnapParse {
+    let mut out = SnapTable {
+        snaps: Vec::with_capacity(count.min(1024) as usize),
+        ..SnapTable::default()
+    };
     let mut off = 0u64;
     let mut table_len = 0u64;
     for i in 0..count {
+        let pre = off;
         off = off.next_multiple_of(8);
         table_len = table_len.next_multiple_of(8);
         if off + 40 > buf.len() as u64 {
             return SnapParse::Need(off + 40);
         }
         let h = &buf[off as usize..off as usize + 40];
-        let extra = be32(h, 36);
+        let raw_extra = be32(h, 36);
+        let mut extra = raw_extra;
         if extra > MAX_SNAPSHOT_EXTRA {
-            return SnapParse::TooMuchExtra(i);
+            if !repair {
+                return SnapParse::TooMuchExtra(i);
+            }
+            extra = MAX_SNAPSHOT_EXTRA;
         }
-        let id_len = u64::from(be16(h, 12));
-        let name_len = u64::from(be16(h, 14));
-        let id_at = off + 40 + u64::from(extra);
-        let end = id_at + id_len + name_len;
-        table_len += 40 + u64::from(extra) + id_len + name_len;
+        let id_len = be16(h, 12);
+        let name_len = be16(h, 14);
+        let id_at = off + 40 + u64::from(raw_extra);
+        let end = id_at + u64::from(id_len) + u64::from(name_len);
+        table_len += 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
         if table_len > MAX_SNAPSHOT_TABLE || end > i32::MAX as u64 {
-            return SnapParse::TooBig;
+            if !repair {
+                return SnapParse::TooBig(count - i);
+            }
+            out.overhanging = count - i;
+            off = pre;
+            break;
         }
         if end > buf.len() as u64 {
             return SnapParse::Need(end);
         }
-        let text = |from: u64, len: u64| {
-            String::from_utf8_lossy(&buf[from as usize..(from + len) as usize]).into_owned()
-        };
-        snaps.push(Snap {
+        if extra != raw_extra {
+            out.dropped_extra.push((i, raw_extra));
+        }
+        out.snaps.push(Snap {
             l1_offset: be64(h, 0),
             l1_size: be32(h, 8),
-            id: text(id_at, id_len),
-            name: text(id_at + id_len, name_len),
+            id: String::new(),
+            name: String::new(),
             extra_size: extra,
+            at: off,
+            id_at,
+            id_len,
+            name_len,
         });
         off = end;
     }
-    SnapParse::Done { snaps, size: off }
+    // The names only once everything is in (the table is parsed again after each read).
+    for s in &mut out.snaps {
+        let text = |from: u64, len: u16| {
+            String::from_utf8_lossy(&buf[from as usize..from as usize + usize::from(len)])
+                .into_owned()
+        };
+        s.id = text(s.id_at, s.id_len);
+        s.name = text(s.id_at + u64::from(s.id_len), s.name_len);
+    }
+    out.size = off;
+    SnapParse::Done(out)
+}
+
+/// The snapshot table QEMU's `qcow2_write_snapshots` writes for `snaps` (read from the
+/// table bytes `old`): every entry with at least the 24 bytes of extra data QEMU knows
+/// (disk size `disk_size` and icount -1 where the old entry had none), unknown extra data
+/// kept up to the entry's (possibly cut) extra size, IDs and names up to their first NUL.
+pub(crate) fn build_snapshot_table(old: &[u8], snaps: &[Snap], disk_size: u64) -> Vec<u8> {
+    let mut t = Vec::new();
+    for s in snaps {
+        t.resize(t.len().next_multiple_of(8), 0);
+        let at = s.at as usize;
+        let h = &old[at..at + 40];
+        let extra = &old[at + 40..at + 40 + s.extra_size as usize];
+        let field = |from: usize| (extra.len() >= from + 8).then(|| be64(extra, from));
+        let vm_state = field(0).unwrap_or(u64::from(be32(h, 32)));
+        let disk = field(8).unwrap_or(disk_size);
+        let icount = field(16).unwrap_or(u64::MAX);
+        let unknown = extra.get(KNOWN_SNAPSHOT_EXTRA as usize..).unwrap_or(&[]);
+        let until_nul =
+            |b: &[u8]| -> Vec<u8> { b.iter().copied().take_while(|&c| c != 0).collect() };
+        let id_at = s.id_at as usize;
+        let name_at = id_at + usize::from(s.id_len);
+        let id = until_nul(&old[id_at..name_at]);
+        let name = until_nul(&old[name_at..name_at + usize::from(s.name_len)]);
+        let extra_size = s.extra_size.max(KNOWN_SNAPSHOT_EXTRA);
+        t.extend_from_slice(&h[0..12]); // L1 offset and size
+        t.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        t.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        t.extend_from_slice(&h[16..32]); // dates and VM clock
+        let small = u32::try_from(vm_state).unwrap_or(0);
+        t.extend_from_slice(&small.to_be_bytes());
+        t.extend_from_slice(&extra_size.to_be_bytes());
+        for v in [vm_state, disk, icount] {
+            t.extend_from_slice(&v.to_be_bytes());
+        }
+        t.extend_from_slice(unknown);
+        t.extend_from_slice(&id);
+        t.extend_from_slice(&name);
+    }
+    t
 }
 
 /// A bitmap's table, from the bitmap directory.
@@ -384,10 +477,13 @@ mod tests {
         let first_len = t.len() as u64;
         t.resize(t.len().next_multiple_of(8), 0);
         t.extend(snap_entry(24, "2", "b"));
-        assert_eq!(parse_snapshots(&t[..10], 2), SnapParse::Need(40));
-        assert_eq!(parse_snapshots(&t[..50], 2), SnapParse::Need(first_len));
-        match parse_snapshots(&t, 2) {
-            SnapParse::Done { snaps, size } => {
+        assert_eq!(parse_snapshots(&t[..10], 2, false), SnapParse::Need(40));
+        assert_eq!(
+            parse_snapshots(&t[..50], 2, false),
+            SnapParse::Need(first_len)
+        );
+        match parse_snapshots(&t, 2, false) {
+            SnapParse::Done(SnapTable { snaps, size, .. }) => {
                 assert_eq!(snaps.len(), 2);
                 assert_eq!(
                     (
@@ -402,9 +498,69 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            parse_snapshots(&snap_entry(2000, "", ""), 1),
+            parse_snapshots(&snap_entry(2000, "", ""), 1, false),
             SnapParse::TooMuchExtra(0)
         );
+    }
+
+    #[test]
+    fn snapshot_repair_cuts_extra_data_and_drops_overhanging_entries() {
+        let mut t = snap_entry(2000, "1", "big");
+        t.resize(t.len().next_multiple_of(8), 0);
+        let second = t.len() as u64;
+        t.extend(snap_entry(8, "2", "small"));
+        assert_eq!(parse_snapshots(&t, 2, false), SnapParse::TooMuchExtra(0));
+        let SnapParse::Done(table) = parse_snapshots(&t, 2, true) else {
+            panic!("repair parse");
+        };
+        assert_eq!(table.dropped_extra, vec![(0, 2000)]);
+        assert_eq!(table.overhanging, 0);
+        assert_eq!(table.size, t.len() as u64);
+        assert_eq!(
+            (table.snaps[0].extra_size, table.snaps[0].id_at),
+            (1024, 40 + 2000)
+        );
+        assert_eq!(
+            (table.snaps[1].at, table.snaps[1].name.as_str()),
+            (second, "small")
+        );
+
+        // Rewritten as QEMU writes it: 24 bytes of known extra data at least (disk size
+        // and icount filled in for the short entry), unknown extra data up to 1 KiB.
+        let new = build_snapshot_table(&t, &table.snaps, 1 << 30);
+        let SnapParse::Done(again) = parse_snapshots(&new, 2, false) else {
+            panic!("rewritten table");
+        };
+        assert_eq!(again.snaps[0].extra_size, 1024);
+        assert_eq!(again.snaps[1].extra_size, 24);
+        assert_eq!(
+            (again.snaps[1].id.as_str(), again.snaps[1].name.as_str()),
+            ("2", "small")
+        );
+        let e = again.snaps[1].at as usize + 40;
+        assert_eq!(be64(&new, e + 8), 1 << 30, "disk size");
+        assert_eq!(be64(&new, e + 16), u64::MAX, "icount");
+        assert_eq!(new.len() as u64, again.size);
+
+        // Past 64 MiB of table, the rest is dropped (repair) or refused.
+        let mut huge = snap_entry(16, "1", "");
+        huge[12..14].copy_from_slice(&u16::MAX.to_be_bytes());
+        huge[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+        huge.resize(40 + 16 + 2 * 65535, b'x');
+        let n = (MAX_SNAPSHOT_TABLE / huge.len() as u64 + 2) as u32;
+        let mut big = Vec::new();
+        for _ in 0..n {
+            big.resize(big.len().next_multiple_of(8), 0);
+            big.extend_from_slice(&huge);
+        }
+        assert_eq!(parse_snapshots(&big, n, false), SnapParse::TooBig(2));
+        let SnapParse::Done(cut) = parse_snapshots(&big, n, true) else {
+            panic!("repair parse of a big table");
+        };
+        assert_eq!(cut.overhanging, 2);
+        assert_eq!(cut.snaps.len() as u32, n - 2);
+        let last = cut.snaps.last().expect("entries");
+        assert_eq!(cut.size, last.id_at + 2 * 65535);
     }
 
     #[test]

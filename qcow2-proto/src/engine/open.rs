@@ -320,7 +320,13 @@ impl Image {
     }
 
     fn snapshots_or_next(&mut self) -> Option<Step> {
-        let nb = self.hdr.nb_snapshots;
+        // A check-mode open does not read the snapshot table (like QEMU's): the check
+        // validates it, and `-r all` repairs it.
+        let nb = if self.config.check_only {
+            0
+        } else {
+            self.hdr.nb_snapshots
+        };
         self.snapshot_table_bytes = 0;
         if nb > 0 {
             match snapshot_table_len(&self.open.table, nb) {

@@ -211,11 +211,13 @@ impl Layout {
         {
             return Err(FormatError::TableOffset(Table::Refcount).into());
         }
-        // Snapshot table.
-        if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
+        // Snapshot table (QEMU's check mode leaves it to the check, which repairs it).
+        if h.nb_snapshots > snapshot::MAX_SNAPSHOTS && !check_mode {
             return Err(FormatError::TableTooLarge(Table::Snapshot).into());
         }
-        if h.nb_snapshots > 0 && !table_ok(h.snapshots_offset, u64::from(h.nb_snapshots) * 40, &geo)
+        if h.nb_snapshots > 0
+            && !check_mode
+            && !table_ok(h.snapshots_offset, u64::from(h.nb_snapshots) * 40, &geo)
         {
             return Err(FormatError::TableOffset(Table::Snapshot).into());
         }

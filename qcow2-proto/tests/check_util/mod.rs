@@ -305,19 +305,7 @@ pub fn assert_same(ours: &Result<CheckReport, OpenError>, q: &QemuCheck, what: &
         );
         return;
     }
-    let pairs = [
-        ("corruptions", ours.corruptions),
-        ("leaks", ours.leaks),
-        ("check-errors", ours.check_errors),
-        ("corruptions-fixed", ours.corruptions_fixed),
-        ("leaks-fixed", ours.leaks_fixed),
-        ("image-end-offset", ours.image_end_offset),
-        ("total-clusters", ours.total_clusters),
-        ("allocated-clusters", ours.allocated_clusters),
-        ("fragmented-clusters", ours.fragmented_clusters),
-        ("compressed-clusters", ours.compressed_clusters),
-    ];
-    for (key, value) in pairs {
+    for (key, value) in ours.qemu_fields() {
         assert_eq!(value, q.get(key), "field {key} differs: {}", ctx());
     }
     let code = if ours.corruptions > 0 {
