@@ -22,6 +22,7 @@
 pub mod async_rt;
 pub mod cases;
 pub mod counting_alloc;
+pub mod fuzzing;
 pub mod harness;
 pub mod hostile;
 pub mod model;
@@ -123,6 +124,7 @@ macro_rules! instantiate {
                 l2_entry_past_eof,
                 l2_entry_into_metadata,
                 l1_entry_damaged,
+                repair_leaving_corruption_while_open,
             }
             overlap {
                 refcount_zero_under_l2_table,

@@ -82,9 +82,10 @@ fn engine_config(cfg: &CrashConfig) -> ImageConfig {
     c
 }
 
-/// Opens a crashed image and compares it with the oracle. Returns the problem, if any, and
-/// the number of sectors holding contents the oracle does not allow.
-fn verify(img: Vec<u8>, oracle: &Oracle, seed: u64) -> (Option<String>, u64) {
+/// Opens a crashed image and compares its guest bytes below `max` with the oracle. Returns
+/// the problem, if any, and the number of sectors holding contents the oracle does not
+/// allow.
+pub(crate) fn verify(img: Vec<u8>, oracle: &Oracle, seed: u64, max: u64) -> (Option<String>, u64) {
     let mut config = ImageConfig::new(0);
     config.read_only = true;
     let (mut sim, info) = match Sim::open(SimDisk::new(img.clone()), config, seed) {
@@ -100,7 +101,7 @@ fn verify(img: Vec<u8>, oracle: &Oracle, seed: u64) -> (Option<String>, u64) {
         Ok((r, _)) => return (Some(format!("check after the crash: {r:?}")), 0),
         Err(e) => return (Some(e), 0),
     }
-    let end = info.size.min(MAX_OFFSET);
+    let end = info.size.min(max);
     let mut lost = 0;
     let mut first = None;
     let mut offset = 0;
@@ -215,7 +216,7 @@ fn run_script(
     let cs = u64::from(cfg.cluster_size);
     for (step, op) in script.ops.iter().enumerate() {
         let mut point = |d: &SimDisk, oracle: &Oracle| {
-            let (problem, lost) = verify(d.crash(&mut rng), oracle, seed);
+            let (problem, lost) = verify(d.crash(&mut rng), oracle, seed, MAX_OFFSET);
             let mut t = tally.borrow_mut();
             t.points += 1;
             t.lost += lost;
@@ -374,7 +375,7 @@ fn run_with_fault(
     let completions = done + sim.completions - start;
     sim.settle(&mut |_| {});
     // The process goes on (no crash): reopen what the file holds now.
-    let (problem, lost) = verify(sim.disk.current().to_vec(), &oracle, seed);
+    let (problem, lost) = verify(sim.disk.current().to_vec(), &oracle, seed, MAX_OFFSET);
     if let Some(p) = problem {
         return Err(format!("after the fault at {at:?}: {p} ({lost} sectors)"));
     }

@@ -40,6 +40,12 @@ impl Image {
                 .corrupt(Structure::RefcountTable, entry, CorruptReason::Unaligned)
                 .into());
         }
+        if off >= self.file_end && !self.rb.contains(off) {
+            // A new block is cached (dirty) before it is written: only others are past EOF.
+            return Err(self
+                .corrupt(Structure::RefcountBlock, off, CorruptReason::PastEof)
+                .into());
+        }
         if let Some(s) = self.metadata_overlap(off, self.geo.cluster_size(), Own::Refblock) {
             return Err(self
                 .corrupt(Structure::RefcountBlock, off, CorruptReason::Overlap(s))
@@ -375,12 +381,18 @@ impl Image {
                     }
                 }
                 Ok(None) => {}
-                Err(Block::Park) if self.cache_full => {
+                Err(Block::Park) if self.cache_full && self.rb.any_dirty() => {
+                    // Only write-back makes room: end this cycle, the next one writes.
                     self.cache_full = false;
                     self.cycle_wanted = true;
                     return Ok(());
                 }
-                Err(Block::Park) => return Err(Block::Park),
+                // Loads in flight make room; their completions resume this level (ending
+                // the cycle instead would start the next at once, and spin).
+                Err(Block::Park) => {
+                    self.cache_full = false;
+                    return Err(Block::Park);
+                }
                 Err(Block::Fail(_)) => {}
             }
             let front = self.pending_frees.front_mut().expect("front exists");

@@ -63,6 +63,11 @@ impl Cache {
         }
     }
 
+    /// Whether `key` has a slot (loaded, loading or failed).
+    pub(super) fn contains(&self, key: u64) -> bool {
+        self.map.contains_key(&key)
+    }
+
     pub(super) fn lookup(&mut self, key: u64) -> Lookup {
         let Some(&i) = self.map.get(&key) else {
             return Lookup::Miss;

@@ -65,6 +65,18 @@ impl Image {
                 return;
             }
             if let Some(e) = self.open.error.take() {
+                if let Some(t) = self.reload_task.take() {
+                    // Reloading after a repair failed: the check fails, and with the
+                    // metadata half read, the engine stops (reopening is the way out).
+                    self.phase = Phase::Open;
+                    self.poisoned = Some(RequestError::Poisoned);
+                    self.events
+                        .push_back(Event::Poisoned(RequestError::Poisoned));
+                    let task = self.task(t);
+                    task.error.get_or_insert(RequestError::CheckFailed(e));
+                    self.make_runnable(t);
+                    return;
+                }
                 self.phase = Phase::Failed;
                 self.events.push_back(Event::OpenFailed(e));
                 return;
@@ -260,8 +272,10 @@ impl Image {
     }
 
     /// Check mode accepts the dirty and corrupt bits like a read-only open does.
+    /// Whether the header is parsed as for a read-only open: also while reloading after a
+    /// repair, which may have left the corrupt bit set (the engine turns read-only then).
     fn parse_read_only(&self) -> bool {
-        self.read_only || self.config.check_only
+        self.read_only || self.config.check_only || self.reload_task.is_some()
     }
 
     fn after_cluster0(&mut self) -> Option<Step> {
@@ -284,6 +298,12 @@ impl Image {
         }
         self.geo = layout.geo;
         self.layout = Some(layout);
+        if self.reload_task.is_some()
+            && !self.config.check_only
+            && self.hdr.incompatible_features & incompat::CORRUPT != 0
+        {
+            self.read_only = true;
+        }
         if let Some(t) = self.table_past_eof() {
             self.fail_open(FormatError::TablePastEof(t).into());
             return None;

@@ -158,15 +158,17 @@ impl Image {
             return None;
         }
         let cb = self.geo.cluster_bits;
+        let last = off.saturating_add(len - 1);
         self.fixed_overlap(off, len, own)
-            .or_else(|| self.meta.hit(off >> cb, (off + len - 1) >> cb, own))
+            .or_else(|| self.meta.hit(off >> cb, last >> cb, own))
     }
 
     /// The fixed structure (header, tables, snapshot and bitmap metadata) other than
     /// `own` that the clusters of `[off, off+len)` overlap.
     fn fixed_overlap(&self, off: u64, len: u64, own: Own) -> Option<Structure> {
         let cs = self.geo.cluster_size();
-        let (start, end) = (off & !(cs - 1), self.geo.round_up(off + len));
+        let end = off.saturating_add(len).div_ceil(cs).saturating_mul(cs);
+        let start = off & !(cs - 1);
         let hit = |s: Structure, at: u64, bytes: u64| {
             own != Own::Fixed(s) && bytes > 0 && start < at.saturating_add(bytes) && at < end
         };
