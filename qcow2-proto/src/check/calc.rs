@@ -440,6 +440,12 @@ impl Pass {
                 say!(self, "ERROR Requested bitmap directory size is zero");
                 return self.fail_with(super::pass::EINVAL);
             }
+            // QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE: never read a larger directory.
+            if size > 64 << 20 {
+                self.counts.corruptions += 1;
+                say!(self, "ERROR Requested bitmap directory size is too big");
+                return self.fail_with(super::pass::EINVAL);
+            }
             self.stage = Stage::Calc(Calc::BitmapDir { waiting: true });
             return self.read(off, size);
         }

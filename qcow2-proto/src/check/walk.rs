@@ -233,7 +233,9 @@ pub(crate) fn parse_snapshots(buf: &[u8], count: u32, repair: bool) -> SnapParse
         let id_at = off + 40 + u64::from(raw_extra);
         let end = id_at + u64::from(id_len) + u64::from(name_len);
         table_len += 40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len);
-        if table_len > MAX_SNAPSHOT_TABLE || end > i32::MAX as u64 {
+        // Bytes past twice QEMU's table limit are never read (cut extra data may claim
+        // up to 4 GiB): such an entry overhangs, like one past the limit.
+        if table_len > MAX_SNAPSHOT_TABLE || end > 2 * MAX_SNAPSHOT_TABLE {
             if !repair {
                 return SnapParse::TooBig(count - i);
             }
