@@ -114,7 +114,7 @@ impl ImageBytes {
 
     /// Reads the big-endian u64 at byte `at`.
     pub fn u64_at(&self, at: usize) -> u64 {
-        u64::from_be_bytes(self.bytes[at..at + 8].try_into().expect("8 bytes"))
+        be64(&self.bytes, at as u64)
     }
 
     /// Puts a feature name table at byte 112 (after a 112-byte v3 header) naming
@@ -142,4 +142,10 @@ impl ImageBytes {
     pub fn write(&self, path: &Path) {
         std::fs::write(path, &self.bytes).expect("writing a test image");
     }
+}
+
+/// The big-endian `u64` at byte `at` of an image's bytes.
+pub fn be64(bytes: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }

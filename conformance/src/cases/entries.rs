@@ -9,16 +9,12 @@ use qcow2_proto::{CorruptReason, Corruption, OpenError, RequestError, Structure}
 
 use super::{layout, must};
 use crate::harness::{Disk, Error, Harness, Mode};
+use crate::hostile::be64;
 use crate::verify::scratch;
 
 const CLUSTER: u64 = 64 << 10;
 const COPIED: u64 = 1 << 63;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-
-fn be64(b: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 fn put64(b: &mut [u8], at: u64, v: u64) {
     let at = at as usize;

@@ -12,15 +12,11 @@ use qcow2_proto::{CorruptReason, Corruption, OpenError, RequestError, Structure}
 
 use super::must;
 use crate::harness::{Disk, Error, Harness, Mode};
+use crate::hostile::be64;
 use crate::qemu::Qemu;
 use crate::verify::scratch;
 
 const CLUSTER: u64 = 64 << 10;
-
-fn be64(b: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// The host offset of structure `s` in the image `bytes` (64 KiB clusters, one refcount
 /// block, data at guest 0, a snapshot when `s` is a snapshot structure).
