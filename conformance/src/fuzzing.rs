@@ -258,6 +258,8 @@ fn conflict(a: Step, b: Step, size: u64) -> bool {
 // The executor
 // ---------------------------------------------------------------------------------------
 
+use crate::model::{synthetic_backing, SYNTHETIC_BACKING_LEN as BACKING_LEN};
+
 /// A request's result and its guest buffer back.
 type Ran = (Result<Outcome, RequestError>, Option<Vec<u8>>);
 
@@ -340,6 +342,7 @@ impl Mem {
         me.drive_start = me.completions;
         loop {
             me.collect_ops();
+            let mut attached = false;
             while let Some(ev) = me.engine.poll_event() {
                 if me.trace {
                     eprintln!("event {ev:?}");
@@ -347,10 +350,17 @@ impl Mem {
                 match ev {
                     Event::Opened(info) => return Ok((self, *info)),
                     Event::OpenFailed(e) => return Err(e),
+                    // Whatever it names, the backing file is a synthetic raw one.
+                    Event::OpenBacking { depth, .. } => {
+                        me.engine.attach_backing(depth, BACKING_LEN);
+                        attached = true;
+                    }
                     _ => {}
                 }
             }
-            assert!(me.step(), "the engine stalled while opening");
+            if !attached {
+                assert!(me.step(), "the engine stalled while opening");
+            }
         }
     }
 
@@ -474,8 +484,32 @@ impl Mem {
         true
     }
 
+    /// A read of the synthetic backing file at `depth` (a raw file of [`BACKING_LEN`]
+    /// bytes of a pattern); anything else on it fails with EBADF.
+    fn read_backing(&mut self, depth: u32, op: &mut IoOp) -> Result<usize, IoError> {
+        if op.kind != IoKind::Read && op.kind != IoKind::ZeroFill {
+            return Err(io_error(9));
+        }
+        let zero = op.kind == IoKind::ZeroFill;
+        let mut pos = op.offset;
+        for seg in op.segments.iter_mut() {
+            let n = seg.len();
+            let out = read_target(&mut self.inflight, seg);
+            if zero {
+                out.fill(0);
+            } else {
+                synthetic_backing(depth, pos, out);
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(op.len() as usize)
+    }
+
     /// Performs `op` on the file.
     fn execute(&mut self, op: &mut IoOp) -> Result<usize, IoError> {
+        if let Target::Backing(depth) = op.target {
+            return self.read_backing(depth, op);
+        }
         if op.target != Target::Image {
             return Err(io_error(9));
         }
@@ -496,14 +530,7 @@ impl Mem {
             IoKind::Read => {
                 for seg in op.segments.iter_mut() {
                     let n = seg.len();
-                    let out: &mut [u8] = match seg {
-                        Segment::Guest { req, start, len } => {
-                            let buf = guest(&mut self.inflight, *req);
-                            &mut buf[*start..*start + *len]
-                        }
-                        Segment::Buf(b) => b.as_mut_slice(),
-                        _ => &mut [],
-                    };
+                    let out = read_target(&mut self.inflight, seg);
                     self.file.read(pos, out);
                     pos = pos.saturating_add(n as u64);
                 }
@@ -607,6 +634,22 @@ fn guest(inflight: &mut HashMap<ReqId, (usize, Option<Vec<u8>>)>, req: ReqId) ->
         .get_mut(&req)
         .and_then(|(_, b)| b.as_mut())
         .unwrap_or_else(|| panic!("an op names the guest buffer of {req:?}, which has none"))
+}
+
+/// The memory a read fills for `seg`: a span of its request's guest buffer, or a core
+/// buffer (nothing for other segments).
+fn read_target<'a>(
+    inflight: &'a mut HashMap<ReqId, (usize, Option<Vec<u8>>)>,
+    seg: &'a mut Segment,
+) -> &'a mut [u8] {
+    match seg {
+        Segment::Guest { req, start, len } => {
+            let buf = guest(inflight, *req);
+            &mut buf[*start..*start + *len]
+        }
+        Segment::Buf(b) => b.as_mut_slice(),
+        _ => &mut [],
+    }
 }
 
 fn io_error(errno: i32) -> IoError {
@@ -832,6 +875,7 @@ pub fn image(data: &[u8]) {
         return;
     };
     let cs = info.cluster_size;
+    let discard_keeps = info.version < 3 && info.backing_file.is_some();
     if let Some((at, enospc)) = plan.fault {
         m.fail_at(u64::from(at), if enospc { IoError::ENOSPC } else { 5 });
     }
@@ -849,7 +893,7 @@ pub fn image(data: &[u8]) {
         let mut closed = false;
         for (request, (result, buf)) in requests.into_iter().zip(results) {
             if let Some(model) = model.as_mut() {
-                apply_to_model(model, request, &result, buf.as_deref(), cs);
+                apply_to_model(model, request, &result, buf.as_deref(), cs, discard_keeps);
             }
             match (request, result) {
                 (Request::Resize { size: s, .. }, Ok(_)) => size = s,
@@ -924,7 +968,10 @@ pub fn image(data: &[u8]) {
 /// inside `bytes`.)
 fn leaks_over(bytes: &[u8], len: u64, config: ImageConfig, seed: u64) -> u64 {
     let mut padded = bytes.to_vec();
-    padded.resize(usize::try_from(len).map_or(bytes.len(), |n| n.max(bytes.len())), 0);
+    padded.resize(
+        usize::try_from(len).map_or(bytes.len(), |n| n.max(bytes.len())),
+        0,
+    );
     let (mut m, _) = Mem::open(&padded, config, seed)
         .unwrap_or_else(|e| panic!("the starting image, extended, does not open: {e}"));
     let report = m.run1(Request::Check { repair: None }, None);
@@ -1014,6 +1061,7 @@ fn apply_to_model(
     result: &Result<Outcome, RequestError>,
     buf: Option<&[u8]>,
     cluster: u64,
+    discard_keeps: bool,
 ) {
     if let Err(e) = result {
         // Resizes may be refused (snapshots, bitmaps, limits); nothing else may fail.
@@ -1034,6 +1082,8 @@ fn apply_to_model(
         }
         Request::Write { offset, .. } => model.write(offset, buf.expect("the write buffer")),
         Request::WriteZeroes { offset, len, .. } => model.zero(offset, len),
+        // (A v2 image over a backing file keeps discarded data: it has no zero flag.)
+        Request::Discard { .. } if discard_keeps => {}
         Request::Discard { offset, len } => model.discard(offset, len, cluster),
         Request::Resize { size, .. } => model.resize(size),
         Request::Check { .. } => {
@@ -1114,7 +1164,7 @@ pub fn script(data: &[u8]) {
     let options = plan.layout.options();
     let cs = u64::from(options.cluster_size);
     let config = plan.knobs.config(cs, false);
-    let (mut m, info) = Mem::create(options, config, plan.knobs.seed)
+    let (mut m, info) = Mem::create(options.clone(), config, plan.knobs.seed)
         .unwrap_or_else(|e| panic!("create {options:?} failed: {e}"));
     let mut model = Model::new(info.size);
     let mut items = &items[..];
@@ -1132,7 +1182,7 @@ pub fn script(data: &[u8]) {
             if let (Request::Resize { size, .. }, Err(e)) = (request, &result) {
                 panic!("resize to {size} failed: {e}");
             }
-            apply_to_model(&mut model, request, &result, buf.as_deref(), cs);
+            apply_to_model(&mut model, request, &result, buf.as_deref(), cs, false);
             closed |= request == Request::Close;
         }
         if closed {
@@ -1208,8 +1258,8 @@ pub fn crash(data: &[u8]) {
     if plan.write_through {
         config.cache_mode = CacheMode::WriteThrough;
     }
-    let (mut sim, _) =
-        Sim::create(create, config, plan.seed).unwrap_or_else(|e| panic!("create {create:?}: {e}"));
+    let (mut sim, _) = Sim::create(create.clone(), config, plan.seed)
+        .unwrap_or_else(|e| panic!("create {create:?}: {e}"));
     let mut oracle = Oracle::new(start, CRASH_MAX);
     let mut rng = Rng::new(plan.crash_seed);
     let crash_at = u64::from(plan.crash_at);

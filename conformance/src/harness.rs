@@ -92,6 +92,8 @@ pub struct Mode {
     /// images with the dirty or corrupt bit open, writable unless `read_only`, so that a
     /// repair can fix them; guest requests are refused.
     pub check_only: bool,
+    /// Refuse to open backing files named inside the image (the untrusted-image policy).
+    pub refuse_backing: bool,
 }
 
 impl Mode {

@@ -134,8 +134,14 @@ macro_rules! instantiate {
                 refcount_zero_under_snapshot_table,
                 refcount_zero_under_snapshot_l1,
             }
+            backing {
+                reads_qemu_chains,
+                writes_over_qemu_chains,
+                overlay_we_create,
+                unopenable_chains,
+                grow_over_longer_backing,
+            }
             features {
-                backing_file,
                 external_data_file,
                 extended_l2,
                 zstd_compression,

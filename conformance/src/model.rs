@@ -166,6 +166,26 @@ pub fn first_difference(got: &[u8], want: &[u8], base: u64) -> Option<String> {
     ))
 }
 
+/// Length of the synthetic raw backing file the simulator and the fuzz harness attach to
+/// every image that names one.
+pub const SYNTHETIC_BACKING_LEN: u64 = 3 << 20;
+
+/// Fills `out` with the synthetic backing file at `depth` from byte `pos` (zeros past its
+/// end): a pattern that differs per 512-byte sector and never reads as zero.
+pub fn synthetic_backing(depth: u32, pos: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        let at = pos + i as u64;
+        *b = if at >= SYNTHETIC_BACKING_LEN {
+            0
+        } else {
+            (at / 512)
+                .wrapping_mul(31)
+                .wrapping_add(u64::from(depth) * 7) as u8
+                | 1
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,12 +182,40 @@ impl Qemu {
         self.img(&args);
     }
 
+    /// `qemu-img create -f qcow2 [-u] [-o OPTIONS] -b BACKING -F FORMAT PATH [SIZE]`: an
+    /// overlay (`backing` as stored in it; relative to `path`'s directory).
+    pub fn overlay(
+        &self,
+        path: &Path,
+        backing: &str,
+        format: &str,
+        options: &str,
+        size: Option<u64>,
+    ) {
+        let mut args: Vec<OsString> = ["create", "-q", "-f", "qcow2"].map(OsString::from).to_vec();
+        if !options.is_empty() {
+            args.extend(["-o", options].map(OsString::from));
+        }
+        args.extend(["-u", "-b", backing, "-F", format].map(OsString::from));
+        args.push(path.as_os_str().to_owned());
+        args.extend(size.map(|s| OsString::from(s.to_string())));
+        self.img(&args);
+    }
+
     /// Runs the `qemu-io` commands on the qcow2 image at `path`, in one process.
     ///
     /// # Panics
     /// If qemu-io fails or reports a failed command.
     pub fn io<S: AsRef<str>>(&self, path: &Path, commands: &[S]) {
-        let mut args: Vec<OsString> = ["-f", "qcow2"].map(OsString::from).to_vec();
+        self.io_as("qcow2", path, commands);
+    }
+
+    /// [`io`](Self::io) on an image of format `fmt` (`raw`, `qcow2`).
+    ///
+    /// # Panics
+    /// If qemu-io fails or reports a failed command.
+    pub fn io_as<S: AsRef<str>>(&self, fmt: &str, path: &Path, commands: &[S]) {
+        let mut args: Vec<OsString> = ["-f", fmt].map(OsString::from).to_vec();
         for c in commands {
             args.extend(["-c", c.as_ref()].map(OsString::from));
         }

@@ -18,6 +18,11 @@ pub fn options(mode: Mode) -> OpenOptions {
         read_only: mode.read_only,
         force_share: mode.force_share,
         check_only: mode.check_only,
+        backing: if mode.refuse_backing {
+            qcow2_sync::BackingPolicy::Refuse
+        } else {
+            qcow2_sync::BackingPolicy::Follow
+        },
         cache: match (mode.durability, mode.direct) {
             (Durability::WriteBack, false) => Cache::WriteBack,
             (Durability::WriteThrough, false) => Cache::WriteThrough,

@@ -13,6 +13,7 @@ fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> C
         lazy_refcounts: lazy,
         scripts: 48,
         script_len: 30,
+        backing: false,
     }
 }
 
@@ -97,6 +98,43 @@ fn crash_lazy_refcounts_v3_4k() {
         ..config(3, 4096, false, true)
     };
     run("crash_lazy_refcounts_v3_4k", cfg, 2000);
+}
+
+/// Over a backing file: partial writes copy head and tail from it (rule C covers the copy),
+/// discards and zeroes hide it, grown space reads as zero.
+#[test]
+fn crash_backing_writeback_v3_4k() {
+    let cfg = CrashConfig {
+        scripts: 48,
+        backing: true,
+        ..config(3, 4096, false, false)
+    };
+    run("crash_backing_writeback_v3_4k", cfg, 2000);
+}
+
+/// The same in a v2 image (no zero flag: zeroes are written, discards keep data), write-
+/// through.
+#[test]
+fn crash_backing_writethrough_v2_64k() {
+    let cfg = CrashConfig {
+        backing: true,
+        ..config(2, 65536, true, false)
+    };
+    run("crash_backing_writethrough_v2_64k", cfg, 2000);
+}
+
+#[test]
+fn faults_at_every_op_backing_v3_64k() {
+    let t = qcow2_conformance::sim::fault_test(
+        "faults_at_every_op_backing_v3_64k",
+        CrashConfig {
+            scripts: 16,
+            backing: true,
+            ..config(3, 65536, false, false)
+        },
+    );
+    assert!(t.runs >= 300, "only {} fault runs", t.runs);
+    assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
 }
 
 /// Found by the fault test (a short write of a refcount block): a poisoned engine whose L2

@@ -130,6 +130,8 @@ pub struct Status {
     pub compressed: bool,
     /// Host offset, when the range maps to the host file directly.
     pub offset: Option<u64>,
+    /// Where in the backing chain the range was found (0: the image itself).
+    pub depth: u32,
 }
 
 enum Inner {
@@ -370,6 +372,20 @@ impl Disk {
             data: !hole,
             compressed: false,
             offset: Some(offset),
+            depth: 0,
+        }
+    }
+
+    /// The file of the layer at `depth` of the backing chain (0: the image), as qemu names
+    /// it in `map`.
+    pub fn layer_name(&self, depth: u32) -> String {
+        match (&self.inner, depth) {
+            (Inner::Qcow2(img), d) if d > 0 => img
+                .backing_paths()
+                .get(d as usize - 1)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            _ => self.path.display().to_string(),
         }
     }
 
@@ -381,6 +397,14 @@ impl Disk {
             .block_status(offset, max)
             .map_err(|e| engine_error(&e))?;
         let len = bs.len.clamp(1, max);
+        let depth = bs.depth;
+        let layer = (depth > 0)
+            .then(|| {
+                img.backing_paths()
+                    .get(depth as usize - 1)
+                    .map(|p| p.to_path_buf())
+            })
+            .flatten();
         let mut st = match bs.allocation {
             Allocation::Unallocated => Status {
                 len,
@@ -389,6 +413,7 @@ impl Disk {
                 data: false,
                 compressed: false,
                 offset: None,
+                depth: 0,
             },
             Allocation::Zero { host } => Status {
                 len,
@@ -397,6 +422,7 @@ impl Disk {
                 data: false,
                 compressed: false,
                 offset: host,
+                depth: 0,
             },
             Allocation::Data { host } => Status {
                 len,
@@ -405,6 +431,7 @@ impl Disk {
                 data: true,
                 compressed: false,
                 offset: Some(host),
+                depth: 0,
             },
             Allocation::Compressed => Status {
                 len,
@@ -413,6 +440,7 @@ impl Disk {
                 data: true,
                 compressed: true,
                 offset: None,
+                depth: 0,
             },
             _ => Status {
                 len,
@@ -421,12 +449,26 @@ impl Disk {
                 data: true,
                 compressed: false,
                 offset: None,
+                depth: 0,
             },
         };
-        if st.data && !st.compressed {
-            if let Some(host_offset) = st.offset {
-                self.refine_by_host(&mut st, host_offset);
+        st.depth = depth;
+        match (layer, st.offset) {
+            (None, Some(host_offset)) if st.data && !st.compressed => {
+                self.refine_by_host(&mut st, host_offset)
             }
+            (Some(path), Some(at)) if st.data && probe(&path).ok() == Some(Format::Raw) => {
+                // A raw file in the chain: its holes read as zero, as qemu reports them.
+                if let Ok(f) = File::open(&path) {
+                    let file_len = f.metadata().map_or(0, |m| m.len());
+                    if let Some(ext) = host::extent_at(&f, file_len, at, st.len) {
+                        st.len = ext.len.min(st.len);
+                        st.zero = ext.hole;
+                        st.data = !ext.hole;
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(st)
     }

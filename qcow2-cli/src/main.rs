@@ -45,6 +45,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Show how an image's guest ranges are stored.
     Map(MapArgs),
+    /// Compute the file size a new image needs (empty, or converted from an image).
+    Measure(MeasureArgs),
     /// Compare two images' guest contents.
     Compare(CompareArgs),
     /// Change an image's virtual size.
@@ -222,6 +224,41 @@ pub struct MapArgs {
     pub filename: PathBuf,
 }
 
+/// `measure` options.
+#[derive(Debug, Args)]
+pub struct MeasureArgs {
+    /// Source image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Target format (default raw, as qemu-img).
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
+    pub target_format: String,
+    /// Target format options `key=value,...`.
+    #[arg(short = 'o', long = "options")]
+    pub options: Vec<String>,
+    /// Measure a new empty image of this virtual size instead of a source image.
+    #[arg(short = 's', long = "size", allow_hyphen_values = true)]
+    pub size: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Internal snapshot of the source to measure (not supported yet).
+    #[arg(short = 'l', long = "snapshot")]
+    pub snapshot: Option<String>,
+    /// Share the image with a process that writes it (qemu-img's `-U`): read-only opens
+    /// take no conflicting lock.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The source is a qemu option string (not supported yet).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// qemu objects such as secrets (not supported yet).
+    #[arg(long)]
+    pub object: Vec<String>,
+    /// The source image (instead of `--size`).
+    pub filename: Option<PathBuf>,
+}
+
 /// `compare` options.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
@@ -343,6 +380,7 @@ fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Create(a) => cmd::create::run(&a),
         Command::Convert(a) => cmd::convert::run(&a),
         Command::Map(a) => cmd::map::run(&a),
+        Command::Measure(a) => cmd::measure::run(&a),
         Command::Compare(a) => cmd::compare::run(&a),
         Command::Resize(a) => cmd::resize::run(&a),
         Command::Io(a) => cmd::io::run(&a),

@@ -201,3 +201,24 @@ fn unsupported_convert_options_fail_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(common::stderr(&out).contains("not supported yet"));
 }
+
+/// A chain (sparse raw base, qcow2 middle, qcow2 top of another cluster size) converts to the same
+/// guest contents as qemu-img converts it, to raw and to qcow2.
+#[test]
+fn convert_from_a_backing_chain_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    sc.qemu_chain();
+    sc.ours_ok(&["convert", "-O", "raw", "top.qcow2", "ours.raw"]);
+    sc.qemu_img_ok(&["convert", "-O", "raw", "top.qcow2", "theirs.raw"]);
+    assert!(
+        std::fs::read(sc.path("ours.raw")).unwrap()
+            == std::fs::read(sc.path("theirs.raw")).unwrap(),
+        "raw conversions differ"
+    );
+    sc.ours_ok(&["convert", "-O", "qcow2", "top.qcow2", "ours.qcow2"]);
+    sc.qemu_img_ok(&["compare", "top.qcow2", "ours.qcow2"]);
+    sc.qemu_img_ok(&["check", "ours.qcow2"]);
+}

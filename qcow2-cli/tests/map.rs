@@ -203,3 +203,28 @@ fn our_writes_map_like_qemu_io_writes() {
     let theirs = sc.qemu_img_ok(&["map", "--output=json", "theirs.qcow2"]);
     assert_eq!(ours, theirs, "qemu-img map of our image vs qemu-io's");
 }
+
+/// Chains: a sparse raw base, a qcow2 middle layer with data, zero and discarded clusters,
+/// and a top of another cluster size and a larger size: JSON (depths, offsets in each
+/// layer's file) and the human form (the file column) as qemu-img prints them.
+#[test]
+fn map_matches_qemu_over_backing_chains() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    sc.qemu_chain();
+    sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    sc.qemu_io_ok(&["-c", "write 64k 64k", "q.qcow2"]);
+    sc.qemu_overlay("qt.qcow2", "q.qcow2", "qcow2", "", None);
+    for file in ["mid.qcow2", "top.qcow2", "qt.qcow2"] {
+        same_map(&sc, file, &[]);
+        same_map(&sc, file, &["-s", "100000", "-l", "3000000"]);
+        let human = |out: String| out;
+        assert_eq!(
+            human(sc.ours_ok(&["map", file])),
+            human(sc.qemu_img_ok(&["map", file])),
+            "human map of {file}"
+        );
+    }
+}

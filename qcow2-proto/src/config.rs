@@ -17,6 +17,9 @@ pub struct Limits {
     pub max_requests: usize,
     /// Largest request length in bytes.
     pub max_request_bytes: u64,
+    /// Longest backing chain opened (files below the image); a longer one, or a loop,
+    /// fails the open with [`BackingError::TooDeep`](crate::BackingError::TooDeep).
+    pub max_backing_depth: u32,
 }
 
 impl Default for Limits {
@@ -24,6 +27,7 @@ impl Default for Limits {
         Self {
             max_requests: 64,
             max_request_bytes: 1 << 30,
+            max_backing_depth: 64,
         }
     }
 }
@@ -53,6 +57,10 @@ pub struct ImageConfig {
     /// writable so that [`Request::Check`](crate::Request::Check) can repair them; every data
     /// request is refused.
     pub check_only: bool,
+    /// Do not open the backing file the image names (for metadata work: `create -u`,
+    /// `rebase -u`, `info`). Reads and copy-on-write that need its data fail with
+    /// [`RequestError::Unsupported`](crate::RequestError::Unsupported)`(BackingFile)`.
+    pub skip_backing: bool,
 }
 
 impl ImageConfig {
@@ -67,6 +75,7 @@ impl ImageConfig {
             file_len,
             inspect_only: false,
             check_only: false,
+            skip_backing: false,
         }
     }
 }
@@ -86,7 +95,7 @@ pub enum Preallocation {
 }
 
 /// How to lay out a new image, as qemu-img's `-o` options.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub struct CreateOptions {
     /// Virtual size in bytes (rounded up to 512 like qemu-img).
     pub size: u64,
@@ -100,6 +109,12 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// `preallocation`.
     pub preallocation: Preallocation,
+    /// `backing_file` (`-b`): the name stored in the image, as given (relative names are
+    /// resolved against the image's directory when it is opened).
+    pub backing_file: Option<String>,
+    /// `backing_fmt` (`-F`): `qcow2` or `raw`, stored in the backing-format extension
+    /// (without it, opening probes the backing file).
+    pub backing_format: Option<String>,
 }
 
 impl CreateOptions {
@@ -112,6 +127,8 @@ impl CreateOptions {
             refcount_bits: 16,
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
         }
     }
 }

@@ -34,6 +34,9 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
     if !rb.is_power_of_two() || rb > 64 {
         return Err(CreateError::RefcountBits);
     }
+    if opts.backing_file.is_some() && opts.preallocation != crate::config::Preallocation::Off {
+        return Err(CreateError::BackingWithPreallocation);
+    }
     if opts.version == 2 {
         if rb != 16 {
             return Err(CreateError::NeedsV3("refcount_bits other than 16"));
@@ -93,17 +96,42 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
         header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
         ..Header::default()
     };
+    let mut header = header;
     let mut cluster0 = vec![0u8; cs as usize];
-    header.encode(&mut cluster0);
-    if v3 && cs > 4096 {
-        // The feature name table, like QEMU (left out for small clusters to keep room).
-        let table = default_feature_names();
-        let at = V3_HEADER_LEN as usize;
-        let bytes = table.as_bytes();
-        cluster0[at..at + 4].copy_from_slice(&extension::FEATURE_NAMES.to_be_bytes());
-        cluster0[at + 4..at + 8].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-        cluster0[at + 8..at + 8 + bytes.len()].copy_from_slice(bytes);
+    // Header extensions as QEMU orders them: backing format, feature names (left out for
+    // small clusters to keep room), the end marker; then the backing file name.
+    let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+    if let Some(f) = &opts.backing_format {
+        exts.push((extension::BACKING_FORMAT, f.as_bytes().to_vec()));
     }
+    if v3 && cs > 4096 {
+        exts.push((
+            extension::FEATURE_NAMES,
+            default_feature_names().as_bytes().to_vec(),
+        ));
+    }
+    let mut at = header.header_length as usize;
+    for (kind, data) in exts {
+        let end = at + 8 + data.len().next_multiple_of(8);
+        if end + 8 > cluster0.len() {
+            return Err(CreateError::BackingNameTooLong);
+        }
+        cluster0[at..at + 4].copy_from_slice(&kind.to_be_bytes());
+        cluster0[at + 4..at + 8].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        cluster0[at + 8..at + 8 + data.len()].copy_from_slice(&data);
+        at = end;
+    }
+    at += 8; // the end marker (zeros)
+    if let Some(name) = &opts.backing_file {
+        let n = name.as_bytes();
+        if n.len() > crate::format::MAX_BACKING_NAME as usize || at + n.len() > cluster0.len() {
+            return Err(CreateError::BackingNameTooLong);
+        }
+        cluster0[at..at + n.len()].copy_from_slice(n);
+        header.backing_file_offset = at as u64;
+        header.backing_file_size = n.len() as u32;
+    }
+    header.encode(&mut cluster0);
     // The whole first cluster is written, as qemu-img does (and qemu-img's heuristics on
     // allocated host space then see the same file).
 

@@ -306,6 +306,57 @@ pub enum OpenError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// A file of the backing chain could not be opened.
+    #[error("Could not open backing file (chain depth {depth}): {reason}")]
+    Backing {
+        /// Where in the chain (1 = the image's backing file).
+        depth: u32,
+        /// Why.
+        reason: BackingError,
+    },
+}
+
+/// Why a backing file could not be opened.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackingError {
+    /// Its header or tables are invalid.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// It needs a feature this engine does not support.
+    #[error("Unsupported feature: {0}")]
+    Unsupported(Feature),
+    /// Reading it failed.
+    #[error("I/O error: {0}")]
+    Io(IoError),
+    /// Its metadata is inconsistent.
+    #[error(transparent)]
+    Corrupt(Corruption),
+    /// The backing-format extension names a format other than qcow2 and raw.
+    #[error("unknown backing file format (only qcow2 and raw are supported)")]
+    UnknownFormat,
+    /// The chain is longer than the configured limit (or loops).
+    #[error("backing chain longer than {0} files (or a loop)")]
+    TooDeep(u32),
+    /// Something else went wrong opening it.
+    #[error("{0}")]
+    Other(&'static str),
+}
+
+impl BackingError {
+    /// The reason a nested open failed, as seen from one level up.
+    pub(crate) fn from_open(e: OpenError) -> (u32, Self) {
+        match e {
+            OpenError::Backing { depth, reason } => (depth + 1, reason),
+            OpenError::Format(f) => (1, Self::Format(f)),
+            OpenError::Unsupported(f) => (1, Self::Unsupported(f)),
+            OpenError::Io(io) => (1, Self::Io(io)),
+            OpenError::Corrupt(c) => (1, Self::Corrupt(c)),
+            OpenError::CorruptReadWrite => (1, Self::Other("image is corrupt")),
+            OpenError::Create(_) => (1, Self::Other("invalid creation options")),
+            OpenError::Config(s) => (1, Self::Other(s)),
+        }
+    }
 }
 
 /// Creation options that cannot be honoured.
@@ -326,6 +377,14 @@ pub enum CreateError {
         "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
     )]
     SizeTooLarge,
+    /// The backing file name (or format name) does not fit the header.
+    #[error("Backing file name too long")]
+    BackingNameTooLong,
+    /// A backing file with preallocation (QEMU allows it only with extended L2 entries).
+    #[error(
+        "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+    )]
+    BackingWithPreallocation,
 }
 
 /// A request failed.

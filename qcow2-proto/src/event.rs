@@ -19,6 +19,21 @@ pub enum Event {
         /// Its result.
         result: Result<Outcome, RequestError>,
     },
+    /// Opening needs a backing file: the one named `name` by the image at depth
+    /// `depth - 1` (0 is the image itself). The runtime resolves the name (relative names
+    /// against the directory of the file that names it), applies its policy, opens the
+    /// file read-only and answers with [`Image::attach_backing`](crate::Image::attach_backing),
+    /// or gives up on the open. Ops for it then come with target
+    /// [`Target::Backing(depth)`](crate::Target::Backing).
+    OpenBacking {
+        /// Position in the chain (1 = the image's own backing file).
+        depth: u32,
+        /// The file name as stored in the image.
+        name: String,
+        /// The format named by the backing-format header extension, if any (`qcow2`,
+        /// `raw`); without one the engine probes the file's header.
+        format: Option<String>,
+    },
     /// The engine stopped accepting writes for good (fail-stop). Emitted once; reopen the
     /// image to go on.
     Poisoned(RequestError),

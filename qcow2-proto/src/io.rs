@@ -29,6 +29,10 @@ impl OpId {
 pub enum Target {
     /// The qcow2 image file itself.
     Image,
+    /// A file of the backing chain: 1 is the image's backing file, 2 that file's backing
+    /// file, and so on (the runtime opened each one when
+    /// [`Event::OpenBacking`](crate::Event::OpenBacking) asked for it). Only read.
+    Backing(u32),
 }
 
 /// What to do at [`IoOp::offset`].

@@ -98,6 +98,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod codec;
 mod config;
 pub mod create;
 mod engine;
@@ -106,14 +107,15 @@ mod event;
 pub mod format;
 mod info;
 mod io;
+pub mod measure;
 mod request;
 
 pub use check::{CheckReport, Repair};
 pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation};
 pub use engine::Image;
 pub use error::{
-    CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError, RequestError,
-    Structure, SubmitError, Table,
+    BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError,
+    RequestError, Structure, SubmitError, Table,
 };
 pub use event::Event;
 pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};

@@ -116,6 +116,11 @@ pub struct BlockStatus {
     pub len: u64,
     /// What the extent is.
     pub allocation: Allocation,
+    /// Where in the backing chain the extent was found: 0 is the image itself, 1 its
+    /// backing file, ... For an extent allocated nowhere, the depth of the last file
+    /// asked (the bottom of the chain, or 0 past the end of a shorter backing file).
+    /// `Data { host }` at a depth > 0 is a host offset in that file.
+    pub depth: u32,
 }
 
 /// The successful result of a request.

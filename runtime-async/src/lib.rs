@@ -20,7 +20,8 @@
 //! let file = tempfile::tempfile()?;
 //! let mut exec = Executor::new(false, false);
 //! let mut engine = Engine::create(ImageConfig::new(0), CreateOptions::new(1 << 20));
-//! let info = qcow2_sync::drive_open(&mut engine, &file, &mut exec)?;
+//! let (mut chain, options) = (qcow2_sync::Chain::new(None), qcow2_sync::OpenOptions::default());
+//! let info = qcow2_sync::drive_open(&mut engine, &file, &mut chain, &options, &mut exec)?;
 //! let (mut driver, image) = Driver::start(engine, info, None);
 //!
 //! let run = async {

@@ -10,7 +10,7 @@ use futures_lite::future;
 use qcow2_async::{guest_req, Driver, GuestBuf, GuestSlot};
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, ReqId, Segment};
 use qcow2_sync::exec::{Executor, Guest};
-use qcow2_sync::Cache;
+use qcow2_sync::{Cache, Chain};
 
 /// A finished op on its way back from the pool.
 struct Finished {
@@ -32,9 +32,12 @@ enum Back {
 /// Staged bytes waiting for their request's lent buffer: (req, copies, staging buffer).
 type Deferred = (ReqId, ArrayVec<(usize, usize, usize), 3>, IoBuf);
 
+/// The image file and its backing chain.
+type Files = Arc<(File, Chain)>;
+
 struct Loop {
     d: Driver,
-    file: Arc<File>,
+    files: Files,
     cache: Cache,
     done_tx: Sender<Finished>,
     execs: Vec<Executor>,
@@ -44,11 +47,11 @@ struct Loop {
 }
 
 /// Runs until every handle is gone and everything in flight has finished.
-pub(crate) async fn run(d: Driver, file: Arc<File>, cache: Cache) {
+pub(crate) async fn run(d: Driver, files: Files, cache: Cache) {
     let (done_tx, done_rx) = async_channel::unbounded();
     let mut l = Loop {
         d,
-        file,
+        files,
         cache,
         done_tx,
         execs: Vec::new(),
@@ -68,8 +71,8 @@ pub(crate) async fn run(d: Driver, file: Arc<File>, cache: Cache) {
         }
         if l.d.finished(l.inflight) {
             // The file (and its locks) goes before `close` is answered.
-            let Loop { d, file, .. } = l;
-            drop(file);
+            let Loop { d, files, .. } = l;
+            drop(files);
             return d.shutdown();
         }
         l.wait(&done_rx).await;
@@ -138,7 +141,7 @@ impl Loop {
             }
             (IoKind::ZeroFill, GuestSlot::Owned(mut buf)) => {
                 let r = self.inline.run(
-                    &*self.file,
+                    &self.files.0,
                     &mut op,
                     &mut Guest::Read(&mut buf.as_mut_slice()[base..]),
                 );
@@ -198,12 +201,15 @@ impl Loop {
             .execs
             .pop()
             .unwrap_or_else(|| Executor::for_cache(self.cache));
-        let file = self.file.clone();
+        let files = self.files.clone();
         let tx = self.done_tx.clone();
         self.inflight += 1;
         blocking::unblock(move || {
-            let (result, guest) = job(&mut exec, &file, &mut op);
-            drop(file);
+            let (result, guest) = match files.1.pick(&files.0, op.target) {
+                Ok(file) => job(&mut exec, file, &mut op),
+                Err(e) => (Err(e), Back::None),
+            };
+            drop(files);
             let _ = tx.try_send(Finished {
                 op,
                 result,

@@ -55,7 +55,7 @@ pub use qcow2_async::{
     ImageInfo, IoBuf, OpenOptions, Preallocation, Repair, RequestError,
 };
 use qcow2_sync::exec::Executor;
-use qcow2_sync::{drive_open, engine_config, open_engine, open_file};
+use qcow2_sync::{drive_open, engine_config, open_engine, open_file, Chain};
 
 /// Opens the image at `path`.
 pub async fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Error> {
@@ -63,8 +63,9 @@ pub async fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image
     let options = *options;
     start(options, move |exec| {
         let file = open_file(&path, &options, false)?;
-        let (engine, info) = open_engine(&file, &options, exec)?;
-        Ok((engine, file, info))
+        let mut chain = Chain::new(Some(&path));
+        let (engine, info) = open_engine(&file, &mut chain, &options, exec)?;
+        Ok((engine, file, chain, info))
     })
     .await
 }
@@ -76,32 +77,33 @@ pub async fn create(
     options: &OpenOptions,
 ) -> Result<Image, Error> {
     let path = path.as_ref().to_owned();
-    let (create, options) = (*create, *options);
+    let (create, options) = (create.clone(), *options);
     start(options, move |exec| {
         let file = open_file(&path, &options, true)?;
         let mut engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
-        let info = drive_open(&mut engine, &file, exec)?;
-        Ok((engine, file, info))
+        let mut chain = Chain::new(Some(&path));
+        let info = drive_open(&mut engine, &file, &mut chain, &options, exec)?;
+        Ok((engine, file, chain, info))
     })
     .await
 }
 
 /// An opening (or creating) plan run with blocking I/O.
-type Opened = (qcow2_proto::Image, File, ImageInfo);
+type Opened = (qcow2_proto::Image, File, Chain, ImageInfo);
 
 /// Runs the opening plan on the blocking pool, then spawns the driver.
 async fn start(
     options: OpenOptions,
     open: impl FnOnce(&mut Executor) -> Result<Opened, Error> + Send + 'static,
 ) -> Result<Image, Error> {
-    let (engine, file, info, exec) = blocking::unblock(move || {
+    let (engine, file, chain, info, exec) = blocking::unblock(move || {
         let mut exec = Executor::for_cache(options.cache);
-        let (engine, file, info) = open(&mut exec)?;
-        Ok::<_, Error>((engine, file, info, exec))
+        let (engine, file, chain, info) = open(&mut exec)?;
+        Ok::<_, Error>((engine, file, chain, info, exec))
     })
     .await?;
     let (driver, image) = Driver::start(engine, info, None);
     driver.count(exec.syncs, exec.bounced);
-    smol::spawn(driver::run(driver, Arc::new(file), options.cache)).detach();
+    smol::spawn(driver::run(driver, Arc::new((file, chain)), options.cache)).detach();
     Ok(image)
 }

@@ -24,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+mod chain;
 pub mod exec;
 mod file;
 mod io_adapter;
@@ -33,6 +34,7 @@ use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+pub use chain::{BackingPolicy, Chain};
 pub use file::HostFile;
 pub use io_adapter::ImageIo;
 pub use lock::{lock_image, LockMode};
@@ -40,7 +42,9 @@ pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
     Preallocation, Repair, RequestError,
 };
-use qcow2_proto::{CacheMode, Event, Feature, ImageConfig, Outcome, Request, SubmitError};
+use qcow2_proto::{
+    CacheMode, Event, Feature, ImageConfig, IoError, IoOp, Outcome, Request, SubmitError, Target,
+};
 
 use exec::{Executor, Guest};
 
@@ -112,6 +116,9 @@ pub struct OpenOptions {
     /// another process writes can be inspected (qemu-img's `-U`). Without it, an image in
     /// use by a writer (QEMU or ours) is refused with [`Error::Locked`].
     pub force_share: bool,
+    /// Whether backing files named inside the image are opened (they always are
+    /// read-only, locked as a reader, with the same cache mode).
+    pub backing: BackingPolicy,
 }
 
 impl OpenOptions {
@@ -165,6 +172,29 @@ pub enum Error {
     /// The image was closed (or its driver stopped) before the request could run.
     #[error("the image is closed")]
     Closed,
+    /// A backing file could not be opened.
+    #[error("Could not open backing file '{name}' ({}): {source}", path.display())]
+    BackingFile {
+        /// The name stored in the image.
+        name: String,
+        /// Where that name led.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The image names a backing file and the open's policy refuses backing files.
+    #[error("The image needs its backing file '{name}', and opening backing files was refused")]
+    BackingRefused {
+        /// The name stored in the image.
+        name: String,
+    },
+    /// The image names a backing file that is not a plain file (another protocol, or a
+    /// relative name for an image opened without a path).
+    #[error("Backing file '{name}' cannot be opened: only plain files are supported (relative names need the image's path)")]
+    BackingUnsupported {
+        /// The name stored in the image.
+        name: String,
+    },
     /// The runtime could not set itself up (an async runtime's ring or driver).
     #[error("{what}: {source}")]
     Runtime {
@@ -189,6 +219,7 @@ impl From<SubmitError> for Error {
 pub struct Image<F: HostFile = File> {
     engine: qcow2_proto::Image,
     file: F,
+    chain: Chain,
     exec: exec::Executor,
     info: ImageInfo,
     closed: bool,
@@ -232,33 +263,69 @@ pub fn engine_config<F: HostFile>(file: &F, options: &OpenOptions) -> Result<Ima
     config.refcount_cache_bytes = options.refcount_cache_bytes;
     config.inspect_only = options.inspect_only;
     config.check_only = options.check_only;
+    config.skip_backing = options.backing == BackingPolicy::Skip;
     Ok(config)
 }
 
-/// Runs an opening (or creating) engine's plan to its end with blocking I/O: the async
-/// runtimes open this way too (opening reads a few tables, once).
+/// Runs one op on the file it targets: the image, or a file of its backing chain.
+pub fn run_op<F: HostFile>(
+    exec: &mut Executor,
+    file: &F,
+    chain: &Chain,
+    op: &mut IoOp,
+    guest: &mut Guest<'_>,
+) -> Result<usize, IoError> {
+    match op.target {
+        Target::Image => exec.run(file, op, guest),
+        Target::Backing(d) => exec.run(chain.file(d).ok_or_else(chain::missing)?, op, guest),
+        _ => Err(chain::missing()),
+    }
+}
+
+/// What an open waits for.
+enum Opening {
+    Done(Box<ImageInfo>),
+    Backing { depth: u32, name: String },
+}
+
+/// Runs an opening (or creating) engine's plan to its end with blocking I/O, opening the
+/// backing files it names into `chain` as `options` allow: the async runtimes open this
+/// way too (opening reads a few tables, once).
 pub fn drive_open<F: HostFile>(
     engine: &mut qcow2_proto::Image,
     file: &F,
+    chain: &mut Chain,
+    options: &OpenOptions,
     exec: &mut Executor,
 ) -> Result<ImageInfo, Error> {
-    drive_until(engine, file, exec, &mut Guest::None, |ev| match ev {
-        Event::Opened(info) => Some(Ok(*info)),
-        Event::OpenFailed(e) => Some(Err(e.into())),
-        _ => None,
-    })
+    loop {
+        let next = drive_until(engine, file, chain, exec, &mut Guest::None, |ev| match ev {
+            Event::Opened(info) => Some(Ok(Opening::Done(info))),
+            Event::OpenFailed(e) => Some(Err(e.into())),
+            Event::OpenBacking { depth, name, .. } => Some(Ok(Opening::Backing { depth, name })),
+            _ => None,
+        })?;
+        match next {
+            Opening::Done(info) => return Ok(*info),
+            Opening::Backing { depth, name } => {
+                let len = chain.open(depth, &name, options)?;
+                engine.attach_backing(depth, len);
+            }
+        }
+    }
 }
 
 /// Runs one request to its end with blocking I/O.
 fn drive_request<F: HostFile>(
     engine: &mut qcow2_proto::Image,
     file: &F,
+    chain: &Chain,
     exec: &mut Executor,
     req: Request,
     guest: &mut Guest<'_>,
 ) -> Result<Outcome, Error> {
     let id = engine.submit(req)?;
-    drive_until(engine, file, exec, guest, |ev| match ev {
+    drive_until(engine, file, chain, exec, guest, |ev| match ev {
         Event::Done { req, result } if req == id => Some(result.map_err(Error::Request)),
         _ => None,
     })
@@ -268,6 +335,7 @@ fn drive_request<F: HostFile>(
 fn drive_until<F: HostFile, T>(
     engine: &mut qcow2_proto::Image,
     file: &F,
+    chain: &Chain,
     exec: &mut Executor,
     guest: &mut Guest<'_>,
     mut done: impl FnMut(Event) -> Option<Result<T, Error>>,
@@ -276,7 +344,7 @@ fn drive_until<F: HostFile, T>(
         let mut progressed = false;
         while let Some(mut op) = engine.poll_io() {
             progressed = true;
-            let r = exec.run(file, &mut op, guest);
+            let r = run_op(exec, file, chain, &mut op, guest);
             engine.complete(op, r);
         }
         while let Some(ev) = engine.poll_event() {
@@ -296,16 +364,17 @@ fn drive_until<F: HostFile, T>(
 /// rebuilt in check mode and the dirty bit cleared. Every runtime opens this way.
 pub fn open_engine<F: HostFile>(
     file: &F,
+    chain: &mut Chain,
     options: &OpenOptions,
     exec: &mut Executor,
 ) -> Result<(qcow2_proto::Image, ImageInfo), Error> {
     let mut engine = qcow2_proto::Image::open(engine_config(file, options)?);
-    match drive_open(&mut engine, file, exec) {
+    match drive_open(&mut engine, file, chain, options, exec) {
         Ok(info) => Ok((engine, info)),
         Err(Error::Open(OpenError::Unsupported(Feature::DirtyImageRepair))) => {
             repair_dirty(file, options, exec)?;
             let mut engine = qcow2_proto::Image::open(engine_config(file, options)?);
-            let info = drive_open(&mut engine, file, exec)?;
+            let info = drive_open(&mut engine, file, chain, options, exec)?;
             Ok((engine, info))
         }
         Err(e) => Err(e),
@@ -323,12 +392,13 @@ fn repair_dirty<F: HostFile>(
         ..*options
     };
     let mut engine = qcow2_proto::Image::open(engine_config(file, &check)?);
-    drive_open(&mut engine, file, exec)?;
+    let mut chain = Chain::new(None);
+    drive_open(&mut engine, file, &mut chain, &check, exec)?;
     let repair = Request::Check {
         repair: Some(Repair::All),
     };
     if let Outcome::Check(report) =
-        drive_request(&mut engine, file, exec, repair, &mut Guest::None)?
+        drive_request(&mut engine, file, &chain, exec, repair, &mut Guest::None)?
     {
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::DirtyRepair {
@@ -336,7 +406,15 @@ fn repair_dirty<F: HostFile>(
             });
         }
     }
-    drive_request(&mut engine, file, exec, Request::Close, &mut Guest::None).map(drop)
+    drive_request(
+        &mut engine,
+        file,
+        &chain,
+        exec,
+        Request::Close,
+        &mut Guest::None,
+    )
+    .map(drop)
 }
 
 impl Image<File> {
@@ -344,7 +422,7 @@ impl Image<File> {
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self, Error> {
         let path = path.as_ref();
         let file = open_file(path, options, false)?;
-        Self::from_file(file, options)
+        Self::open_in(file, Chain::new(Some(path)), options)
     }
 
     /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.
@@ -355,18 +433,27 @@ impl Image<File> {
     ) -> Result<Self, Error> {
         let path = path.as_ref();
         let file = open_file(path, options, true)?;
-        Self::create_in(file, create, options)
+        let engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
+        Self::finish_open(engine, file, Chain::new(Some(path)), options)
     }
 }
 
 impl<F: HostFile> Image<F> {
-    /// Opens an image in an already opened host file.
+    /// Opens an image in an already opened host file (backing files named with relative
+    /// names cannot be found: use [`Image::open`] for those, or `open_in`).
     pub fn from_file(file: F, options: &OpenOptions) -> Result<Self, Error> {
+        Self::open_in(file, Chain::new(None), options)
+    }
+
+    /// Opens an image in an already opened host file, its backing files into `chain`
+    /// (made with the image's path, for relative names).
+    pub fn open_in(file: F, mut chain: Chain, options: &OpenOptions) -> Result<Self, Error> {
         let mut exec = Executor::for_cache(options.cache);
-        let (engine, info) = open_engine(&file, options, &mut exec)?;
+        let (engine, info) = open_engine(&file, &mut chain, options, &mut exec)?;
         Ok(Self {
             engine,
             file,
+            chain,
             exec,
             info,
             closed: false,
@@ -379,20 +466,22 @@ impl<F: HostFile> Image<F> {
         create: &CreateOptions,
         options: &OpenOptions,
     ) -> Result<Self, Error> {
-        let engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
-        Self::finish_open(engine, file, options)
+        let engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
+        Self::finish_open(engine, file, Chain::new(None), options)
     }
 
     fn finish_open(
         mut engine: qcow2_proto::Image,
         file: F,
+        mut chain: Chain,
         options: &OpenOptions,
     ) -> Result<Self, Error> {
         let mut exec = Executor::for_cache(options.cache);
-        let info = drive_open(&mut engine, &file, &mut exec)?;
+        let info = drive_open(&mut engine, &file, &mut chain, options, &mut exec)?;
         Ok(Self {
             engine,
             file,
+            chain,
             exec,
             info,
             closed: false,
@@ -403,6 +492,7 @@ impl<F: HostFile> Image<F> {
         drive_request(
             &mut self.engine,
             &self.file,
+            &self.chain,
             &mut self.exec,
             req,
             &mut guest,
@@ -506,6 +596,11 @@ impl<F: HostFile> Image<F> {
     /// What the image is.
     pub fn info(&self) -> &ImageInfo {
         &self.info
+    }
+
+    /// Paths of the backing files opened, top down (depth 1 first).
+    pub fn backing_paths(&self) -> Vec<&Path> {
+        self.chain.paths().collect()
     }
 
     /// The host file.

@@ -58,7 +58,7 @@ pub use qcow2_async::{
     ImageInfo, IoBuf, OpenOptions, Preallocation, Repair, RequestError,
 };
 use qcow2_sync::exec::Executor;
-use qcow2_sync::{drive_open, engine_config, open_engine, open_file};
+use qcow2_sync::{drive_open, engine_config, open_engine, open_file, Chain};
 
 /// Opens the image at `path` (reading its header and tables before returning; a dirty
 /// image opened writable is repaired first).
@@ -68,8 +68,9 @@ pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Erro
     let ring = ring::Ring::new(256)?;
     let file = open_file(path, options, false)?;
     let mut exec = Executor::for_cache(options.cache);
-    let (engine, info) = open_engine(&file, options, &mut exec)?;
-    start(ring, engine, info, file, exec, options)
+    let mut chain = Chain::new(Some(path));
+    let (engine, info) = open_engine(&file, &mut chain, options, &mut exec)?;
+    start(ring, engine, info, (file, chain), exec, options)
 }
 
 /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.
@@ -81,10 +82,11 @@ pub fn create(
     let path = path.as_ref();
     let ring = ring::Ring::new(256)?;
     let file = open_file(path, options, true)?;
-    let mut engine = qcow2_proto::Image::create(engine_config(&file, options)?, *create);
+    let mut engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
     let mut exec = Executor::for_cache(options.cache);
-    let info = drive_open(&mut engine, &file, &mut exec)?;
-    start(ring, engine, info, file, exec, options)
+    let mut chain = Chain::new(Some(path));
+    let info = drive_open(&mut engine, &file, &mut chain, options, &mut exec)?;
+    start(ring, engine, info, (file, chain), exec, options)
 }
 
 /// Whether this kernel lets us set up a ring with every opcode the runtime needs; the
@@ -97,7 +99,7 @@ fn start(
     ring: ring::Ring,
     engine: qcow2_proto::Image,
     info: ImageInfo,
-    file: File,
+    files: (File, Chain),
     exec: Executor,
     options: &OpenOptions,
 ) -> Result<Image, Error> {
@@ -107,7 +109,7 @@ fn start(
     let cache = options.cache;
     std::thread::Builder::new()
         .name("qcow2-uring".into())
-        .spawn(move || ring::run(ring, driver, file, wake, cache))
+        .spawn(move || ring::run(ring, driver, files, wake, cache))
         .map_err(|source| Error::Runtime {
             what: "spawning the ring thread",
             source,

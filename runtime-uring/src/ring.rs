@@ -4,16 +4,16 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use qcow2_async::{guest_req, Driver, GuestSlot, Wake};
-use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment};
+use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment, Target};
 use qcow2_sync::exec::{Executor, Guest};
-use qcow2_sync::{Cache, Error, HostFile};
+use qcow2_sync::{Cache, Chain, Error, HostFile};
 
 /// `user_data` of the eventfd poll; ops use their slot index.
 const WAKE: u64 = u64::MAX;
@@ -26,18 +26,26 @@ const SECTOR: u64 = 512;
 /// pay a wake-up per request.
 const POLL: Duration = Duration::from_micros(50);
 
-/// Builds an entry against the image file: the registered index when registration
-/// worked, the raw descriptor otherwise.
+/// Builds an entry against the image file (or, with a target, the file of the backing
+/// chain it names): the registered index when registration worked, the raw descriptor
+/// otherwise.
 macro_rules! on_file {
     ($l:expr, |$fd:ident| $build:expr) => {
+        on_file!($l, Target::Image, |$fd| $build)
+    };
+    ($l:expr, $target:expr, |$fd:ident| $build:expr) => {{
+        let depth = match $target {
+            Target::Backing(d) => d,
+            _ => 0,
+        };
         if $l.fixed {
-            let $fd = types::Fixed(0);
+            let $fd = types::Fixed(depth);
             $build
         } else {
-            let $fd = types::Fd($l.file.as_raw_fd());
+            let $fd = types::Fd($l.raw_fd(depth));
             $build
         }
-    };
+    }};
 }
 
 /// A ring that passed the probe.
@@ -176,6 +184,8 @@ struct Loop {
     ring: IoUring,
     d: Driver,
     file: File,
+    /// The backing chain's files (ops on them are only ever reads).
+    chain: Chain,
     fixed: bool,
     wake: EventWake,
     direct: bool,
@@ -210,17 +220,18 @@ impl Drop for AbortOnUnwind {
 }
 
 /// The ring thread's body: runs until every handle is gone and nothing is in flight.
-pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cache) {
+pub(crate) fn run(ring: Ring, d: Driver, files: (File, Chain), wake: EventWake, cache: Cache) {
     let _guard = AbortOnUnwind;
-    let fixed = ring
-        .0
-        .submitter()
-        .register_files(&[file.as_raw_fd()])
-        .is_ok();
+    let (file, chain) = files;
+    let fds: Vec<_> = std::iter::once(file.as_raw_fd())
+        .chain((1..).map_while(|d| chain.file(d).map(|f| f.as_raw_fd())))
+        .collect();
+    let fixed = ring.0.submitter().register_files(&fds).is_ok();
     let mut l = Loop {
         ring: ring.0,
         d,
         file,
+        chain,
         fixed,
         wake,
         direct: cache.direct(),
@@ -278,6 +289,7 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
     let Loop {
         d,
         file,
+        chain,
         ring,
         fixed,
         ..
@@ -288,10 +300,20 @@ pub(crate) fn run(ring: Ring, d: Driver, file: File, wake: EventWake, cache: Cac
     }
     drop(ring);
     drop(file);
+    drop(chain);
     d.shutdown();
 }
 
 impl Loop {
+    /// The descriptor of the image (`depth` 0) or of a file of its backing chain; -1 (the
+    /// op then fails with EBADF) for a depth the chain does not have.
+    fn raw_fd(&self, depth: u32) -> RawFd {
+        match depth {
+            0 => self.file.as_raw_fd(),
+            d => self.chain.file(d).map_or(-1, |f| f.as_raw_fd()),
+        }
+    }
+
     /// Waits for a completion or a command: polls for [`POLL`], then sleeps in the kernel
     /// (the eventfd poll wakes it for commands).
     fn wait(&mut self) {
@@ -375,6 +397,22 @@ impl Loop {
 
     fn start(&mut self, mut op: IoOp) {
         match op.kind {
+            // (Backing files are only read; anything else on them runs the blocking way.)
+            IoKind::Read | IoKind::Write | IoKind::ZeroFill if op.target != Target::Image => {
+                if op.kind == IoKind::ZeroFill {
+                    let r = self.zero_fill(&mut op);
+                    self.d.engine.complete(op, r);
+                } else {
+                    self.start_rw(op);
+                }
+            }
+            _ if op.target != Target::Image => {
+                let r = match self.chain.pick(&self.file, op.target) {
+                    Ok(f) => self.exec.run(f, &mut op, &mut Guest::None),
+                    Err(e) => Err(e),
+                };
+                self.d.engine.complete(op, r);
+            }
             IoKind::Read | IoKind::Write => self.start_rw(op),
             IoKind::ZeroFill => {
                 let r = self.zero_fill(&mut op);
@@ -559,8 +597,11 @@ impl Loop {
         let f = self.flights[slot].as_ref().expect("in flight");
         let at = f.offset + f.done as u64;
         let (iov, n) = (f.iov.as_ptr(), f.niov as u32);
+        let target = f.op.target;
         let entry = if f.op.kind == IoKind::Read {
-            on_file!(self, |fd| opcode::Readv::new(fd, iov, n).offset(at).build())
+            on_file!(self, target, |fd| opcode::Readv::new(fd, iov, n)
+                .offset(at)
+                .build())
         } else {
             on_file!(self, |fd| opcode::Writev::new(fd, iov, n)
                 .offset(at)

@@ -23,30 +23,6 @@ fn refused<H: Harness>(h: &H, path: &Path, feature: Feature) {
     }
 }
 
-/// `qemu-img create -b base -F qcow2`.
-pub fn backing_file<H: Harness>(h: &H) {
-    crate::require!(h, real_files);
-    let Some(q) = Qemu::require("features::backing_file") else {
-        return;
-    };
-    let dir = scratch();
-    let base = dir.path().join("base.qcow2");
-    let top = dir.path().join("top.qcow2");
-    q.create(&base, "", 1 << 20);
-    q.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top.display().to_string(),
-    ]);
-    refused(h, &top, Feature::BackingFile);
-}
-
 /// `-o data_file=...`.
 pub fn external_data_file<H: Harness>(h: &H) {
     crate::require!(h, real_files);

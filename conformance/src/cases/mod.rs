@@ -1,6 +1,7 @@
 //! The cases, grouped by topic. Each is `pub fn name<H: Harness>(h: &H)` and panics on
 //! failure; [`instantiate!`](crate::instantiate) lists them all.
 
+pub mod backing;
 pub mod basic;
 pub mod concurrency;
 pub mod create;

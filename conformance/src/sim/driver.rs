@@ -10,11 +10,12 @@ use std::collections::HashMap;
 
 use qcow2_proto::{
     CreateOptions, Event, Image, ImageConfig, ImageInfo, IoError, IoKind, IoOp, OpenError, Outcome,
-    ReqId, Request, RequestError, Segment,
+    ReqId, Request, RequestError, Segment, Target,
 };
 
 use super::disk::SimDisk;
 use super::rng::Rng;
+use crate::model::{synthetic_backing, SYNTHETIC_BACKING_LEN};
 
 /// Where an injected fault strikes: the `at`-th op completion (counting from 0) fails.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -104,12 +105,21 @@ impl Sim {
             while let Some(op) = sim.engine.poll_io() {
                 sim.pending.push((op, sim.disk.mark()));
             }
+            let mut attached = false;
             while let Some(ev) = sim.engine.poll_event() {
                 match ev {
                     Event::Opened(info) => return Ok((sim, *info)),
                     Event::OpenFailed(e) => return Err(open_failed(e)),
+                    // Whatever it names, the backing file is the synthetic raw one.
+                    Event::OpenBacking { depth, .. } => {
+                        sim.engine.attach_backing(depth, SYNTHETIC_BACKING_LEN);
+                        attached = true;
+                    }
                     _ => {}
                 }
+            }
+            if attached {
+                continue;
             }
             if !sim.step(&mut |_| {}) {
                 return Err("the engine stalled while opening".into());
@@ -252,6 +262,27 @@ impl Sim {
     /// Performs `op`, issued when the disk's log stood at `mark`.
     fn execute(&mut self, op: &mut IoOp, mark: u64) -> usize {
         let mut pos = op.offset;
+        if let Target::Backing(depth) = op.target {
+            // The synthetic backing file: read-only, always durable.
+            for seg in op.segments.iter_mut() {
+                let n = seg.len();
+                let out: &mut [u8] = match seg {
+                    Segment::Guest { req, start, len } => {
+                        let buf = self.bufs.get_mut(req).expect("guest buffer");
+                        &mut buf[*start..*start + *len]
+                    }
+                    Segment::Buf(b) => b.as_mut_slice(),
+                    _ => &mut [],
+                };
+                if op.kind == IoKind::ZeroFill {
+                    out.fill(0);
+                } else {
+                    synthetic_backing(depth, pos, out);
+                }
+                pos += n as u64;
+            }
+            return op.len() as usize;
+        }
         match op.kind {
             IoKind::Read => {
                 let mut total = 0;

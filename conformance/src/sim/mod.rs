@@ -23,7 +23,7 @@ use std::cell::RefCell;
 
 use qcow2_proto::{CacheMode, CreateOptions, ImageConfig, Outcome, Repair, Request, RequestError};
 
-use crate::model::pattern;
+use crate::model::{pattern, synthetic_backing, SYNTHETIC_BACKING_LEN};
 use crate::prop;
 use crate::script::{clip, Op, Script, MAX_OFFSET};
 use disk::{SimDisk, SECTOR};
@@ -49,6 +49,9 @@ pub struct CrashConfig {
     pub scripts: u64,
     /// Operations per script (quickcheck's size).
     pub script_len: usize,
+    /// Create the image over a (synthetic, raw) backing file: every partial write into an
+    /// unallocated cluster copies from it.
+    pub backing: bool,
 }
 
 /// What a run found.
@@ -152,7 +155,12 @@ fn repair(img: Vec<u8>, seed: u64) -> SimResult<(Sim, qcow2_proto::ImageInfo)> {
 
 /// The request for script step `op`, with its buffer, after telling the oracle what it may
 /// change; `None` when the step falls outside the disk.
-fn prepare(op: &Op, oracle: &mut Oracle, cs: u64) -> Option<(Request, Option<Vec<u8>>)> {
+fn prepare(
+    op: &Op,
+    oracle: &mut Oracle,
+    cs: u64,
+    cfg: &CrashConfig,
+) -> Option<(Request, Option<Vec<u8>>)> {
     let size = oracle.len();
     Some(match *op {
         Op::Write { offset, len, seed } => {
@@ -172,7 +180,10 @@ fn prepare(op: &Op, oracle: &mut Oracle, cs: u64) -> Option<(Request, Option<Vec
         }
         Op::Discard { offset, len } => {
             let (offset, len) = clip(offset, len, size)?;
-            oracle.discard(offset, len, cs);
+            // (Over a backing file a v2 image, with no zero flag, keeps discarded data.)
+            if !(cfg.backing && cfg.version < 3) {
+                oracle.discard(offset, len, cs);
+            }
             (Request::Discard { offset, len }, None)
         }
         Op::Flush => (Request::Flush, None),
@@ -182,6 +193,30 @@ fn prepare(op: &Op, oracle: &mut Oracle, cs: u64) -> Option<(Request, Option<Vec
             (Request::Resize { size, shrink: true }, None)
         }
     })
+}
+
+/// Creation options for a run.
+fn create_options(cfg: &CrashConfig) -> CreateOptions {
+    let mut create = CreateOptions::new(START_SIZE);
+    create.version = cfg.version;
+    create.cluster_size = cfg.cluster_size;
+    create.lazy_refcounts = cfg.lazy_refcounts;
+    if cfg.backing {
+        create.backing_file = Some("base.raw".into());
+        create.backing_format = Some("raw".into());
+    }
+    create
+}
+
+/// The oracle of a fresh image: zeros, or the backing file showing through.
+fn new_oracle(cfg: &CrashConfig) -> Oracle {
+    if cfg.backing {
+        let mut base = vec![0u8; SYNTHETIC_BACKING_LEN as usize];
+        synthetic_backing(1, 0, &mut base);
+        Oracle::with_base(START_SIZE, MAX_OFFSET, &base)
+    } else {
+        Oracle::new(START_SIZE, MAX_OFFSET)
+    }
 }
 
 /// After a request completed: what became durable.
@@ -205,12 +240,8 @@ fn run_script(
     seed: u64,
     tally: &RefCell<Tally>,
 ) -> Result<(), String> {
-    let mut create = CreateOptions::new(START_SIZE);
-    create.version = cfg.version;
-    create.cluster_size = cfg.cluster_size;
-    create.lazy_refcounts = cfg.lazy_refcounts;
-    let (mut sim, _) = Sim::create(create, engine_config(cfg), seed)?;
-    let mut oracle = Oracle::new(START_SIZE, MAX_OFFSET);
+    let (mut sim, _) = Sim::create(create_options(cfg), engine_config(cfg), seed)?;
+    let mut oracle = new_oracle(cfg);
     let mut rng = Rng::new(seed ^ 0xC0FFEE);
     let mut failures = Vec::new();
     let cs = u64::from(cfg.cluster_size);
@@ -229,7 +260,7 @@ fn run_script(
                 failures.push(msg);
             }
         };
-        let Some((request, buf)) = prepare(op, &mut oracle, cs) else {
+        let Some((request, buf)) = prepare(op, &mut oracle, cs, cfg) else {
             continue;
         };
         let frozen = oracle.clone();
@@ -303,11 +334,7 @@ fn run_with_fault(
     seed: u64,
     at: Option<u64>,
 ) -> Result<(u64, bool, bool), String> {
-    let mut create = CreateOptions::new(START_SIZE);
-    create.version = cfg.version;
-    create.cluster_size = cfg.cluster_size;
-    create.lazy_refcounts = cfg.lazy_refcounts;
-    let (mut sim, _) = Sim::create(create, engine_config(cfg), seed)?;
+    let (mut sim, _) = Sim::create(create_options(cfg), engine_config(cfg), seed)?;
     // Completions of earlier sessions, and where this session's count started.
     let (mut done, mut start) = (0, sim.completions);
     let arm = |sim: &mut Sim, done: u64| {
@@ -324,11 +351,11 @@ fn run_with_fault(
             });
     };
     arm(&mut sim, done);
-    let mut oracle = Oracle::new(START_SIZE, MAX_OFFSET);
+    let mut oracle = new_oracle(cfg);
     let cs = u64::from(cfg.cluster_size);
     let (mut failed, mut poisoned) = (false, false);
     for (step, op) in script.ops.iter().enumerate() {
-        let Some((request, buf)) = prepare(op, &mut oracle, cs) else {
+        let Some((request, buf)) = prepare(op, &mut oracle, cs, cfg) else {
             continue;
         };
         let (result, buf) = sim.run(request, buf, &mut |_| {})?;

@@ -14,6 +14,8 @@ pub struct Oracle {
     bytes: Vec<u8>,
     size: usize,
     allowed: Vec<Vec<u64>>,
+    /// The backing file's contents, when the disk has one.
+    base: Option<Vec<u8>>,
 }
 
 fn hash(sector: &[u8]) -> u64 {
@@ -29,12 +31,25 @@ fn zero_hash() -> u64 {
 
 impl Oracle {
     /// A zeroed disk of `size` bytes that may grow to `max` bytes.
+    /// A disk whose first bytes are `base` (a backing file showing through), zeros after.
+    pub fn with_base(size: u64, max: u64, base: &[u8]) -> Self {
+        let mut o = Self::new(size, max);
+        let n = base.len().min(o.bytes.len());
+        o.bytes[..n].copy_from_slice(&base[..n]);
+        for s in 0..n.div_ceil(SECTOR) {
+            o.allowed[s] = vec![hash(&o.bytes[s * SECTOR..(s + 1) * SECTOR])];
+        }
+        o.base = Some(o.bytes[..n].to_vec());
+        o
+    }
+
     pub fn new(size: u64, max: u64) -> Self {
         let sectors = (max as usize).div_ceil(SECTOR);
         Self {
             bytes: vec![0; sectors * SECTOR],
             size: size as usize,
             allowed: vec![vec![zero_hash()]; sectors],
+            base: None,
         }
     }
 
@@ -103,6 +118,16 @@ impl Oracle {
             let old = self.size;
             self.bytes[size..old].fill(0);
             self.touched(size, old - size);
+            // Until the new size is durable, a crash may find the dropped clusters
+            // unallocated at the old size: showing the backing file (as in QEMU).
+            if let Some(base) = &self.base {
+                for s in size / SECTOR..old.min(base.len()).div_ceil(SECTOR) {
+                    let h = hash(&base[s * SECTOR..(s + 1) * SECTOR]);
+                    if !self.allowed[s].contains(&h) {
+                        self.allowed[s].push(h);
+                    }
+                }
+            }
         }
         self.size = size;
     }

@@ -12,9 +12,7 @@ use crate::size::parse_size;
 use crate::CreateArgs;
 
 /// Options qemu knows that this tool does not implement yet, with what they are.
-const NOT_YET: [(&str, &str); 6] = [
-    ("backing_file", "backing files"),
-    ("backing_fmt", "backing files"),
+const NOT_YET: [(&str, &str); 4] = [
     ("data_file", "external data files"),
     ("data_file_raw", "external data files"),
     ("encryption", "encryption"),
@@ -25,6 +23,11 @@ const NOT_YET: [(&str, &str); 6] = [
 fn help(format: Format) -> String {
     let rows: &[(&str, &str)] = match format {
         Format::Qcow2 => &[
+            ("backing_file=<str>", "File name of a base image"),
+            (
+                "backing_fmt=<str>",
+                "Image format of the base image (qcow2 or raw)",
+            ),
             ("cluster_size=<size>", "qcow2 cluster size"),
             (
                 "compat=<str>",
@@ -65,7 +68,7 @@ fn help(format: Format) -> String {
         out.push_str(&format!("  {name:<22} - {what}\n"));
     }
     out.push_str(
-        "\nNot supported yet: backing_file, backing_fmt, data_file, data_file_raw, encryption, encrypt.*,\n\
+        "\nNot supported yet: data_file, data_file_raw, encryption, encrypt.*,\n\
          extended_l2=on, compression_type=zstd.\n",
     );
     out
@@ -174,6 +177,11 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
                 )
             }
             (Format::Qcow2, "compat") => set_string(&mut strings, "compat", v),
+            (Format::Qcow2, "backing_file") => set_string(&mut strings, "backing_file", v),
+            (Format::Qcow2, "backing_fmt") => set_string(&mut strings, "backing_fmt", v),
+            (Format::Raw, "backing_file" | "backing_fmt") => {
+                return Err("Backing file not supported for file format 'raw'".into())
+            }
             (Format::Qcow2, "lazy_refcounts") => {
                 parse_bool(k, v)?;
                 set_string(&mut strings, "lazy_refcounts", v);
@@ -257,6 +265,14 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             if let Some(c) = get("compat") {
                 echo.push_str(&format!(" compat={c}"));
             }
+            qcow2.backing_file = get("backing_file");
+            qcow2.backing_format = get("backing_fmt");
+            if let Some(b) = &qcow2.backing_file {
+                echo.push_str(&format!(" backing_file={b}"));
+            }
+            if let Some(f) = &qcow2.backing_format {
+                echo.push_str(&format!(" backing_fmt={f}"));
+            }
             let lazy = get("lazy_refcounts");
             echo.push_str(&format!(
                 " lazy_refcounts={}",
@@ -286,6 +302,9 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             if qcow2.version == 2 && rb != 16 {
                 late("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into());
             }
+            if qcow2.backing_file.is_some() && preallocation != Preallocation::Off {
+                late("Backing file and preallocation can only be used at the same time if extended_l2 is on".into());
+            }
             if qcow2.version == 2 && qcow2.lazy_refcounts {
                 late("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
             }
@@ -306,8 +325,13 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
 pub fn create_image(path: &Path, plan: &Plan) -> Result<(), String> {
     match plan.format {
         Format::Qcow2 => {
-            let img = Image::create(path, &plan.qcow2, &OpenOptions::default())
-                .map_err(|e| engine_error(&e))?;
+            // The backing file was checked already (or `-u` says not to): the new image is
+            // only formatted, never read through it.
+            let options = OpenOptions {
+                backing: qcow2_sync::BackingPolicy::Skip,
+                ..OpenOptions::default()
+            };
+            let img = Image::create(path, &plan.qcow2, &options).map_err(|e| engine_error(&e))?;
             img.close().map_err(|e| engine_error(&e))
         }
         Format::Raw => {
@@ -380,6 +404,52 @@ fn parse_image_size(s: &str) -> Result<u64, CliError> {
     Ok(size)
 }
 
+/// Checks the backing file of a new image as qemu-img does, and returns its virtual size
+/// (`None` with `-u`, which does not open it): the format must be given; the file,
+/// resolved against the new image's directory, must open as that format.
+fn backing_size(
+    image: &Path,
+    backing: &str,
+    format: Option<&str>,
+    unsafe_backing: bool,
+) -> Result<Option<u64>, String> {
+    let path = match Path::new(backing) {
+        p if p.is_absolute() => p.to_owned(),
+        p => image.parent().unwrap_or(Path::new("")).join(p),
+    };
+    let Some(format) = format else {
+        let detected = crate::disk::probe(&path)
+            .map(|f| format!("\nDetected format of {}.", f.name()))
+            .unwrap_or_default();
+        return Err(format!(
+            "Backing file specified without backing format{detected}"
+        ));
+    };
+    if unsafe_backing {
+        return Ok(None);
+    }
+    let format = Format::parse(format)
+        .map_err(|e| format!("{}\nCould not open backing image.", e.message))?;
+    let opts = crate::disk::DiskOptions {
+        read_only: true,
+        force_share: true,
+        ..Default::default()
+    };
+    let disk = crate::disk::Disk::open_with(&path, format, opts, false, true).map_err(|e| {
+        let m = e.message.replacen(
+            &format!(
+                "Could not open '{}': Could not open '{}'",
+                path.display(),
+                path.display()
+            ),
+            &format!("Could not open '{}'", path.display()),
+            1,
+        );
+        format!("{m}\nCould not open backing image.")
+    })?;
+    Ok(Some(disk.len()))
+}
+
 /// Runs `create`.
 pub fn run(a: &CreateArgs) -> CmdResult {
     let format = Format::parse(&a.format)?;
@@ -394,17 +464,38 @@ pub fn run(a: &CreateArgs) -> CmdResult {
         ));
     };
     let name = path.display();
-    if a.backing.is_some() || a.backing_format.is_some() || a.unsafe_backing {
-        return Err(CliError::new(format!(
-            "{name}: backing files are not supported yet"
-        )));
-    }
     if !a.object.is_empty() {
         return Err(CliError::new(
             "--object is not supported yet (encryption is not implemented)",
         ));
     }
-    let size = a.size.as_deref().map(parse_image_size).transpose()?;
+    // `-b` and `-F` win over `-o backing_file=`/`backing_fmt=` (they come last).
+    let mut opts = opts;
+    if let Some(b) = &a.backing {
+        opts.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = &a.backing_format {
+        opts.push(("backing_fmt".into(), f.clone()));
+    }
+    let last = |k: &str| {
+        opts.iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let mut size = a.size.as_deref().map(parse_image_size).transpose()?;
+    if let (Format::Qcow2, Some(backing)) = (format, last("backing_file")) {
+        let size_of_backing = backing_size(
+            path,
+            &backing,
+            last("backing_fmt").as_deref(),
+            a.unsafe_backing,
+        )
+        .map_err(|e| CliError::new(format!("{name}: {e}")))?;
+        if size.is_none() && !opts.iter().any(|(k, _)| k == "size") {
+            size = size_of_backing;
+        }
+    }
     let plan = plan(format, &opts, size).map_err(|e| CliError::new(format!("{name}: {e}")))?;
     if !a.quiet {
         println!("Formatting '{name}', {}", plan.echo);
@@ -459,9 +550,6 @@ mod tests {
             echo(Format::Qcow2, "size=1M", Some(1)).unwrap_err(),
             "The image size must be specified only once"
         );
-        assert!(echo(Format::Qcow2, "backing_file=x", Some(1))
-            .unwrap_err()
-            .contains("not supported yet"));
         assert!(echo(Format::Qcow2, "encrypt.format=luks", Some(1))
             .unwrap_err()
             .contains("not supported yet"));

@@ -15,7 +15,7 @@ pub struct MapEntry {
     pub start: u64,
     /// Length in bytes.
     pub length: u64,
-    /// Depth in the backing chain (always 0: backing files are not supported yet).
+    /// Depth in the backing chain (0: the image itself).
     pub depth: u64,
     /// Allocated in the image.
     pub present: bool,
@@ -34,7 +34,7 @@ impl MapEntry {
         Self {
             start,
             length: st.len,
-            depth: 0,
+            depth: u64::from(st.depth),
             present: st.present,
             zero: st.zero,
             data: st.data,
@@ -77,7 +77,8 @@ impl MapEntry {
 
 struct Printer<'a> {
     format: OutputFormat,
-    filename: &'a str,
+    /// The file of each layer of the chain, by depth.
+    files: Vec<String>,
     out: std::io::StdoutLock<'a>,
 }
 
@@ -105,7 +106,7 @@ impl Printer<'_> {
                         hex(e.start),
                         hex(e.length),
                         hex(e.offset.unwrap_or(0)),
-                        self.filename
+                        self.files.get(e.depth as usize).map_or("", String::as_str)
                     );
                 }
                 // The human form ignores the difference between 0, ZERO and ZERO|DATA.
@@ -158,11 +159,11 @@ pub fn run(a: &MapArgs) -> CmdResult {
     if let Some(m) = max_len {
         length = length.min(start.saturating_add(m));
     }
-    let filename = a.filename.to_string_lossy();
+    let files = (0..=64).map(|d| disk.layer_name(d)).collect();
     let stdout = std::io::stdout();
     let mut p = Printer {
         format: a.output,
-        filename: &filename,
+        files,
         out: stdout.lock(),
     };
     match a.output {

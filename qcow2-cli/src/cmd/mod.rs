@@ -8,6 +8,7 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod measure;
 pub mod resize;
 
 use qcow2_sync::Cache;

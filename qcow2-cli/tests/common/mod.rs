@@ -64,6 +64,59 @@ impl Scratch {
         ok(&self.qemu_img(args), &format!("qemu-img {args:?}"))
     }
 
+    /// `qemu-img create -q -f qcow2 [-o OPTIONS] -b BACKING -F FORMAT NAME [SIZE]`.
+    pub fn qemu_overlay(
+        &self,
+        name: &str,
+        backing: &str,
+        format: &str,
+        options: &str,
+        size: Option<&str>,
+    ) {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !options.is_empty() {
+            args.extend(["-o", options]);
+        }
+        args.extend(["-b", backing, "-F", format, name]);
+        args.extend(size);
+        self.qemu_img_ok(&args);
+    }
+
+    /// A chain made by qemu: `base.raw` (4 MiB, sparse, two written ranges) under
+    /// `mid.qcow2` (data, zeroes, a discard) under `top.qcow2` (4 KiB clusters, 6 MiB, data
+    /// and zeroes); returns the top's name.
+    pub fn qemu_chain(&self) -> &'static str {
+        self.qemu_img_ok(&["create", "-q", "-f", "raw", "base.raw", "4M"]);
+        let base = [
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write 3M 64k",
+            "base.raw",
+        ];
+        self.qemu_io_ok(&base);
+        self.qemu_overlay("mid.qcow2", "base.raw", "raw", "", None);
+        let c = ["write -P 2 64k 64k", "write -z 512k 128k", "discard 3M 64k"];
+        self.qemu_io_ok(&["-c", c[0], "-c", c[1], "-c", c[2], "mid.qcow2"]);
+        self.qemu_overlay(
+            "top.qcow2",
+            "mid.qcow2",
+            "qcow2",
+            "cluster_size=4096",
+            Some("6M"),
+        );
+        self.qemu_io_ok(&[
+            "-c",
+            "write -P 3 1M 3k",
+            "-c",
+            "write -z 2M 64k",
+            "top.qcow2",
+        ]);
+        "top.qcow2"
+    }
+
     /// Runs qemu-io and asserts it succeeded.
     pub fn qemu_io_ok(&self, args: &[&str]) -> String {
         ok(&self.qemu_io(args), &format!("qemu-io {args:?}"))

@@ -22,6 +22,7 @@
 //!    close is done only with no op outstanding, since the runtime then closes the file.
 
 mod alloc;
+mod backing;
 mod cache;
 mod open;
 mod overlap;
@@ -106,6 +107,12 @@ enum Purpose {
     },
     /// The direct write of the corrupt bit after a refused metadata write.
     Mark,
+    /// An op of the backing file's engine, known to it as `inner`, carrying guest spans of
+    /// its request `nreq` (`u32::MAX`: none).
+    Nested {
+        inner: u32,
+        nreq: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -122,6 +129,8 @@ struct OpSlot {
     seq: u64,
     /// Set when the overlap check refused the op: it fails without being issued.
     refused: Option<Corruption>,
+    /// For [`Purpose::Nested`]: where its guest spans start in the nested request's buffer.
+    nested_start: usize,
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -320,6 +329,8 @@ pub struct Image {
     checker: Option<Box<Checker>>,
     /// The check task waiting for metadata to be reloaded after a repair.
     reload_task: Option<u32>,
+    /// The backing file, once the image names one and the runtime attached it.
+    backing: Option<Box<backing::Backing>>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -394,6 +405,7 @@ impl Image {
             cache_full: false,
             checker: None,
             reload_task: None,
+            backing: None,
         }
     }
 
@@ -592,6 +604,9 @@ impl Image {
                 self.task_io_done(task, Ok(()));
             }
             Purpose::Mark => self.recycle(op),
+            Purpose::Nested { inner, nreq } => {
+                self.nested_complete(op, (inner, nreq, slot.nested_start), result)
+            }
         }
         if self.refusing.take().is_some() && matches!(slot.purpose, Purpose::Writeback { .. }) {
             self.mark_corrupt_now();
@@ -605,6 +620,18 @@ impl Image {
     }
 
     fn issue(&mut self, purpose: Purpose, kind: IoKind, offset: u64, segments: Segments) {
+        self.issue_at(Target::Image, purpose, kind, offset, segments);
+    }
+
+    /// Issues an op on `target` (only the image itself is ever written).
+    fn issue_at(
+        &mut self,
+        target: Target,
+        purpose: Purpose,
+        kind: IoKind,
+        offset: u64,
+        segments: Segments,
+    ) {
         let id = self.op_free.pop().expect("callers check op_room first");
         let data = matches!(
             purpose,
@@ -613,6 +640,7 @@ impl Image {
         self.op_seq += 1;
         let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
         match kind {
+            _ if target != Target::Image => {}
             IoKind::Write => self.file_end = self.file_end.max(offset + len),
             IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
                 self.file_end = self.file_end.max(offset + len)
@@ -622,7 +650,7 @@ impl Image {
         }
         let op = IoOp {
             id: OpId(id),
-            target: Target::Image,
+            target,
             kind,
             offset,
             segments,
@@ -630,8 +658,13 @@ impl Image {
         let refused = self.write_overlap(purpose, &op);
         self.ops[id as usize] = Some(OpSlot {
             purpose,
-            seq: if data { self.op_seq } else { u64::MAX },
+            seq: if data && target == Target::Image {
+                self.op_seq
+            } else {
+                u64::MAX
+            },
             refused,
+            nested_start: 0,
         });
         match refused {
             None => self.ready.push_back(op),
@@ -643,9 +676,20 @@ impl Image {
     }
 
     fn issue_buf(&mut self, purpose: Purpose, kind: IoKind, offset: u64, buf: IoBuf) {
+        self.issue_buf_at(Target::Image, purpose, kind, offset, buf);
+    }
+
+    fn issue_buf_at(
+        &mut self,
+        target: Target,
+        purpose: Purpose,
+        kind: IoKind,
+        offset: u64,
+        buf: IoBuf,
+    ) {
         let mut segs = ArrayVec::new();
         segs.push(Segment::Buf(buf));
-        self.issue(purpose, kind, offset, segs);
+        self.issue_at(target, purpose, kind, offset, segs);
     }
 
     fn issue_bare(&mut self, purpose: Purpose, kind: IoKind, offset: u64) {
@@ -708,6 +752,9 @@ impl Image {
                 self.complete_op(op, Err(REFUSED));
                 self.wake_all();
             }
+            if self.backing_pump() {
+                self.wake_all();
+            }
             if self.phase == Phase::Opening {
                 self.open_pump();
                 if self.phase == Phase::Opening {
@@ -737,6 +784,11 @@ impl Image {
             if self.phase == Phase::Opening {
                 // Preallocation just finished: opening goes on.
                 continue;
+            }
+            if self.backing_pump() {
+                // Requests to the backing file went out, or some of them finished.
+                self.wake_all();
+                moved = true;
             }
             if (!moved || self.runnable.is_empty()) && self.refused.is_empty() {
                 return;

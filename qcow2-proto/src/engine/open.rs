@@ -28,6 +28,8 @@ pub(super) enum Step {
     HeaderUpdate,
     HeaderSync,
     Prealloc,
+    /// Waiting for the runtime to attach the backing file, then for it to open.
+    Backing,
 }
 
 #[derive(Debug, Default)]
@@ -107,7 +109,7 @@ impl Image {
                     });
                 }
                 Step::CreateWrites => {
-                    let opts = self.create.expect("create step only when creating");
+                    let opts = self.create.clone().expect("create step only when creating");
                     match initial_image(&opts) {
                         Err(e) => self.fail_open(e.into()),
                         Ok(img) => {
@@ -165,9 +167,21 @@ impl Image {
                     self.open.pending += 1;
                 }
                 Step::Prealloc => {
-                    let mode = self.create.map(|c| c.preallocation).unwrap_or_default();
+                    let mode = self
+                        .create
+                        .as_ref()
+                        .map(|c| c.preallocation)
+                        .unwrap_or_default();
                     self.start_prealloc(mode);
                     self.open.pending += 1;
+                    return;
+                }
+                Step::Backing => {
+                    self.open.pending += 1;
+                    let depth_left = self.config.limits.max_backing_depth;
+                    if !self.request_backing(depth_left) {
+                        continue;
+                    }
                     return;
                 }
             }
@@ -267,7 +281,8 @@ impl Image {
             Step::Bitmaps => self.header_update_or_next(),
             Step::HeaderUpdate => Some(Step::HeaderSync),
             Step::HeaderSync => self.prealloc_or_done(),
-            Step::Prealloc => None,
+            Step::Prealloc => self.backing_or_done(),
+            Step::Backing => None,
         }
     }
 
@@ -424,10 +439,36 @@ impl Image {
 
     fn prealloc_or_done(&mut self) -> Option<Step> {
         self.setup_runtime_state();
-        match self.create.map(|c| c.preallocation) {
+        match self.create.as_ref().map(|c| c.preallocation) {
             Some(p) if p != Preallocation::Off => Some(Step::Prealloc),
-            _ => None,
+            _ => self.backing_or_done(),
         }
+    }
+
+    /// The backing file is needed by opens that read data (not by check or inspect opens,
+    /// nor by a reload after a repair, which keeps the attached one).
+    fn backing_or_done(&mut self) -> Option<Step> {
+        let named = self
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.backing_file.is_some());
+        let data =
+            !self.config.check_only && !self.config.inspect_only && !self.config.skip_backing;
+        if named && data && self.backing.is_none() && self.reload_task.is_none() {
+            Some(Step::Backing)
+        } else {
+            None
+        }
+    }
+
+    /// The current step's outstanding work (an attach, a nested open) is over.
+    pub(super) fn open_step_done(&mut self) {
+        self.open.pending = self.open.pending.saturating_sub(1);
+    }
+
+    /// Opening fails because of the backing chain.
+    pub(super) fn fail_open_backing(&mut self, e: OpenError) {
+        self.fail_open(e);
     }
 
     /// Caches and allocator, from the configuration and the opened geometry.

@@ -22,9 +22,56 @@ mod sub {
     pub(super) const WAIT: u8 = 5;
     pub(super) const SCAN_TAIL: u8 = 6;
     pub(super) const DROP_TAIL: u8 = 7;
+    pub(super) const ZERO_GROWN: u8 = 8;
 }
 
 impl Image {
+    /// After the L1 covers the new size: grown over a longer backing file, the new space is
+    /// zeroed first (it must read as zero, not as what the backing file holds there; QEMU
+    /// zeroes it too), before the header's new size can reach the disk.
+    fn zero_grown_or_set_size(&mut self, t: u32, old: u64, new: u64) {
+        let cs = self.geo.cluster_size();
+        let from = old.next_multiple_of(cs);
+        let to = self
+            .backing
+            .as_ref()
+            .map_or(0, |b| new.min(b.size.next_multiple_of(cs)));
+        let task = self.task(t);
+        (task.pos, task.end) = (from, to);
+        task.sub = if to > from {
+            sub::ZERO_GROWN
+        } else {
+            sub::SET_SIZE
+        };
+    }
+
+    /// One step of making the task's range `[pos, end)` read as zero (zero flags for whole
+    /// clusters of v3 images, zeroes written otherwise): `Some(true)` once done,
+    /// `Some(false)` to wait, `None` to step again.
+    fn zero_step(&mut self, t: u32) -> Option<bool> {
+        let task = self.task(t);
+        let (pos, end) = (task.pos, task.end);
+        if pos >= end {
+            return Some(task.inflight == 0);
+        }
+        if !self.op_room(3) {
+            return Some(false);
+        }
+        let r = if self.hdr.version >= 3 && self.full_cluster_at(pos, end) {
+            self.edit_clusters(t, Edit::Zero { unmap: false })
+        } else {
+            self.write_piece(t, Body::Zeroes)
+        };
+        match r {
+            Ok(()) => None,
+            Err(Block::Park) => Some(false),
+            Err(Block::Fail(e)) => {
+                self.task(t).error = Some(e);
+                None
+            }
+        }
+    }
+
     pub(super) fn step_resize(&mut self, t: u32) -> bool {
         let Kind::Resize { size: new, shrink } = self.task(t).kind else {
             return true;
@@ -75,30 +122,16 @@ impl Image {
                         }
                     }
                 }
-                sub::ZERO_OLD_TAIL => {
-                    // Bytes of the old last cluster past the old end must read as zero.
-                    let task = self.task(t);
-                    if task.pos >= task.end {
-                        if task.inflight > 0 {
-                            return false;
-                        }
-                        task.sub = sub::GROW_L1;
-                        continue;
-                    }
-                    if !self.op_room(3) {
-                        return false;
-                    }
-                    if let Err(b) = self.write_piece(t, Body::Zeroes) {
-                        match b {
-                            Block::Park => return false,
-                            Block::Fail(e) => self.task(t).error = Some(e),
-                        }
-                    }
-                }
+                // Bytes of the old last cluster past the old end must read as zero.
+                sub::ZERO_OLD_TAIL => match self.zero_step(t) {
+                    Some(true) => self.task(t).sub = sub::GROW_L1,
+                    Some(false) => return false,
+                    None => {}
+                },
                 sub::GROW_L1 => {
                     let need = self.geo.l1_entries_for(new) as usize;
                     if need <= self.l1.len() {
-                        self.task(t).sub = sub::SET_SIZE;
+                        self.zero_grown_or_set_size(t, old, new);
                         continue;
                     }
                     if self.window || !self.op_room(1) {
@@ -139,7 +172,7 @@ impl Image {
                     self.l1_dirty = vec![false; (need * 8).div_ceil(TABLE_CHUNK)];
                     self.hdr.l1_table_offset = self.task(t).aux;
                     self.hdr.l1_size = need as u32;
-                    self.task(t).sub = sub::SET_SIZE;
+                    self.zero_grown_or_set_size(t, old, new);
                 }
                 sub::SET_SIZE => {
                     if self.window {
@@ -153,6 +186,11 @@ impl Image {
                     }
                     self.task(t).sub = sub::WAIT;
                 }
+                sub::ZERO_GROWN => match self.zero_step(t) {
+                    Some(true) => self.task(t).sub = sub::SET_SIZE,
+                    Some(false) => return false,
+                    None => {}
+                },
                 sub::WAIT => return self.wait_for_cycle(t),
                 sub::SCAN_TAIL => {
                     // Without consent, shrinking may only drop unallocated space.

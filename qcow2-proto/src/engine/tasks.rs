@@ -6,7 +6,7 @@ use arrayvec::ArrayVec;
 use crate::config::{CacheMode, Preallocation};
 use crate::error::{CorruptReason, Feature, RequestError, Structure};
 use crate::format::entry::{L1Entry, L2Entry, Mapping, COPIED, OFFSET_MASK};
-use crate::io::{IoError, IoKind, IoOp, Segment};
+use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
 use crate::request::{Allocation, BlockStatus};
 
 use super::alloc::PENDING_FREES_CAP;
@@ -14,6 +14,26 @@ use super::overlap::Own;
 use super::{
     be64, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose, TABLE_CHUNK,
 };
+
+/// Where an extent of a read comes from.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Src {
+    /// Host data at this offset.
+    Host(u64),
+    /// Zeros.
+    Zero,
+    /// The backing file, at the guest offset.
+    Backing,
+}
+
+/// Where a copy-on-write head or tail comes from.
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Cow {
+    /// The old host cluster, at this offset.
+    Host(u64),
+    /// The backing file, at this guest offset.
+    Backing(u64),
+}
 
 /// Ops one task may have outstanding at once.
 const MAX_TASK_OPS: u32 = 16;
@@ -30,15 +50,25 @@ pub(super) enum Edit {
 }
 
 /// The new entry (if it changes) and the host cluster to free (if any) for `edit` on `m`.
+///
+/// Over a backing file, nothing may make backing data show through again: discarding sets
+/// the zero flag (v3) or, in a v2 image, which has no zero flag, keeps the data. (QEMU
+/// lets a v2 discard expose the backing file.) Write-zeroes never comes here for v2
+/// images with a backing file: it writes zeroes.
 fn edit_entry(
     m: Mapping,
     edit: Edit,
     v3: bool,
+    backing: bool,
 ) -> Result<(Option<L2Entry>, Option<u64>), RequestError> {
     Ok(match (m, edit) {
         (Mapping::Compressed { .. }, _) => {
             return Err(RequestError::Unsupported(Feature::CompressedClusters))
         }
+        (Mapping::Unallocated, Edit::Discard) if v3 && backing => {
+            (Some(L2Entry::zero(0, false)), None)
+        }
+        (_, Edit::Discard | Edit::Zero { .. }) if !v3 && backing => (None, None),
         // Like QEMU, zeroing sets the zero flag even where nothing is allocated (a backing
         // file must not show through; without one, qemu-img map then calls it present).
         (Mapping::Unallocated, Edit::Zero { .. }) if v3 => (Some(L2Entry::zero(0, false)), None),
@@ -162,12 +192,15 @@ impl Image {
                 return false;
             }
             let l1i = gc >> self.geo.l2_bits;
-            let (extent_end, host) = match self.l1_l2(l1i) {
+            let (mut extent_end, mut src) = match self.l1_l2(l1i) {
                 Err(e) => {
                     self.task(t).error = Some(e);
                     continue;
                 }
-                Ok(None) => (end.min((l1i + 1) << (cb + self.geo.l2_bits)), None),
+                Ok(None) => (
+                    end.min((l1i + 1) << (cb + self.geo.l2_bits)),
+                    self.unallocated_src(),
+                ),
                 Ok(Some(l2)) => match self.read_extent(l2, gc, end) {
                     Ok(x) => x,
                     Err(Block::Park) => return false,
@@ -176,6 +209,30 @@ impl Image {
                         continue;
                     }
                 },
+            };
+            if src == Src::Backing && self.backing.is_none() {
+                self.task(t).error = Some(RequestError::Unsupported(Feature::BackingFile));
+                continue;
+            }
+            if src == Src::Backing {
+                let size = self.backing.as_ref().map_or(0, |b| b.size);
+                if pos >= size {
+                    // Past the end of a shorter backing file: zeros.
+                    src = Src::Zero;
+                } else {
+                    extent_end = extent_end.min(size);
+                    if !self.backing_room(1) || !self.backing_read(t, pos, extent_end) {
+                        return false;
+                    }
+                    let task = self.task(t);
+                    task.inflight += 1;
+                    task.pos = extent_end;
+                    continue;
+                }
+            }
+            let host = match src {
+                Src::Host(h) => Some(h),
+                _ => None,
             };
             let len = (extent_end - pos) as usize;
             let mut segs = ArrayVec::new();
@@ -210,19 +267,44 @@ impl Image {
         }
     }
 
-    /// The extent starting at guest cluster `gc`: its end and its host cluster (`None` when
-    /// it reads as zero).
-    fn read_extent(&mut self, l2: u64, gc: u64, end: u64) -> Result<(u64, Option<u64>), Block> {
+    /// Whether the image has a backing file (attached or not: opened with
+    /// [`ImageConfig::skip_backing`](crate::ImageConfig::skip_backing), its data cannot be
+    /// read, and zeroing must still hide it).
+    pub(super) fn names_backing(&self) -> bool {
+        self.layout
+            .as_ref()
+            .is_some_and(|l| l.backing_file.is_some())
+    }
+
+    /// What unallocated clusters read as: the backing file, or zeros without one.
+    fn unallocated_src(&self) -> Src {
+        if self.names_backing() {
+            Src::Backing
+        } else {
+            Src::Zero
+        }
+    }
+
+    /// The extent starting at guest cluster `gc`: its end and where it reads from.
+    fn read_extent(&mut self, l2: u64, gc: u64, end: u64) -> Result<(u64, Src), Block> {
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cluster_size();
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
         let first = self.mapping(self.entry(slot, idx))?;
-        let host = match first {
-            Mapping::Data { host, .. } => Some(host),
+        let src_of = |me: &Self, m: Mapping| match m {
+            Mapping::Data { host, .. } => Some(Src::Host(host)),
+            Mapping::Compressed { .. } => None,
+            Mapping::Unallocated => Some(me.unallocated_src()),
+            // (A zero flag in a v2 image is corruption: never merged into an extent.)
+            Mapping::Zero { .. } if me.hdr.version < 3 => None,
+            Mapping::Zero { .. } => Some(Src::Zero),
+        };
+        let src = match first {
             Mapping::Compressed { .. } => {
                 return Err(RequestError::Unsupported(Feature::CompressedClusters).into())
             }
-            Mapping::Unallocated | Mapping::Zero { .. } => None,
+            Mapping::Zero { .. } => Src::Zero,
+            m => src_of(self, m).expect("data and unallocated entries have a source"),
         };
         let mut n = 1;
         while idx + n < self.per_slice()
@@ -230,10 +312,9 @@ impl Image {
             && !self.alloc_covering(gc + n as u64)
         {
             let m = self.entry(slot, idx + n).mapping(cb);
-            let same = match (host, m) {
-                (Some(h), Mapping::Data { host: h2, .. }) => h2 == h + n as u64 * cs,
-                (None, Mapping::Unallocated) => true,
-                (None, Mapping::Zero { .. }) => self.hdr.version >= 3,
+            let same = match (src, src_of(self, m)) {
+                (Src::Host(h), Some(Src::Host(h2))) => h2 == h + n as u64 * cs,
+                (a, Some(b)) => a == b && !matches!(a, Src::Host(_)),
                 _ => false,
             };
             if !same {
@@ -241,7 +322,7 @@ impl Image {
             }
             n += 1;
         }
-        Ok((end.min((gc + n as u64) << cb), host))
+        Ok((end.min((gc + n as u64) << cb), src))
     }
 
     // ---- write and write-zeroes ----
@@ -275,8 +356,10 @@ impl Image {
             if self.alloc_covering(gc) {
                 return false;
             }
+            // (A v2 image cannot hide its backing file behind zero flags: it writes zeroes.)
+            let zero_flags = self.hdr.version >= 3 || !self.names_backing();
             let result = match kind {
-                Kind::Zeroes { unmap } if self.full_cluster_at(pos, end) => {
+                Kind::Zeroes { unmap } if zero_flags && self.full_cluster_at(pos, end) => {
                     self.edit_clusters(t, Edit::Zero { unmap })
                 }
                 Kind::Zeroes { .. } => self.write_piece(t, Body::Zeroes),
@@ -294,7 +377,7 @@ impl Image {
 
     /// Whether `[pos, end)` starts with a whole cluster (the partial last cluster of the
     /// image counts as whole).
-    fn full_cluster_at(&self, pos: u64, end: u64) -> bool {
+    pub(super) fn full_cluster_at(&self, pos: u64, end: u64) -> bool {
         let cs = self.geo.cluster_size();
         pos % cs == 0 && (end - pos >= cs || end == self.hdr.size)
     }
@@ -407,7 +490,12 @@ impl Image {
                 task.wrote = true;
                 Ok(())
             }
-            Mapping::Unallocated | Mapping::Zero { .. } if body == Body::Zeroes => {
+            Mapping::Zero { .. } if body == Body::Zeroes => {
+                // Reads as zero already.
+                self.task(t).pos = end.min(limit(1));
+                Ok(())
+            }
+            Mapping::Unallocated if body == Body::Zeroes && !self.names_backing() => {
                 // A partial zero write into a cluster that reads as zero: like QEMU, the
                 // whole cluster gets the zero flag (v3), nothing is written.
                 if first == Mapping::Unallocated && self.hdr.version >= 3 {
@@ -431,19 +519,36 @@ impl Image {
                         }
                     }
                 }
+                if self.names_backing() && !self.backing_room(2) {
+                    return Err(Block::Park);
+                }
                 let (host, got) = self.alloc_clusters(n as u64, false)?;
                 let body_end = end.min(limit(got as usize));
                 let head = pos - (gc << cb);
                 let tail = limit(got as usize) - body_end;
                 let last = self.entry(slot, idx + got as usize - 1).mapping(cb);
-                let cow_head = match first {
-                    Mapping::Data { host: h, .. } if head > 0 => Some(h),
+                // Head and tail come from the old cluster, or through to the backing file
+                // (while inside it), or are zeros.
+                if self.names_backing() && self.backing.is_none() {
+                    // Opened without its backing file: the head and tail cannot be copied.
+                    let from_backing = |m: Mapping, len: u64| len > 0 && m == Mapping::Unallocated;
+                    let last = self.entry(slot, idx + n - 1).mapping(cb);
+                    let tail = limit(n) - end.min(limit(n));
+                    if from_backing(first, pos - (gc << cb)) || from_backing(last, tail) {
+                        return Err(RequestError::Unsupported(Feature::BackingFile).into());
+                    }
+                }
+                let backing_size = self.backing.as_ref().map(|b| b.size);
+                let cow = |m: Mapping, host_off: u64, at: u64, len: u64| match m {
+                    _ if len == 0 => None,
+                    Mapping::Data { host: h, .. } => Some(Cow::Host(h + host_off)),
+                    Mapping::Unallocated if backing_size.is_some_and(|s| at < s) => {
+                        Some(Cow::Backing(at))
+                    }
                     _ => None,
                 };
-                let cow_tail = match last {
-                    Mapping::Data { host: h, .. } if tail > 0 => Some(h + cs - tail),
-                    _ => None,
-                };
+                let cow_head = cow(first, 0, gc << cb, head);
+                let cow_tail = cow(last, cs - tail, body_end, tail);
                 let a = self.new_alloc(Alloc {
                     task: t,
                     what: AllocWhat::Data {
@@ -466,9 +571,14 @@ impl Image {
                 task.pos = body_end;
                 task.wrote = true;
                 for (part, src, len) in [(0u8, cow_head, head), (1, cow_tail, tail)] {
-                    if let Some(src) = src {
-                        let buf = self.staging_buf(len as usize);
-                        self.issue_buf(Purpose::CowRead { alloc: a, part }, IoKind::Read, src, buf);
+                    match src {
+                        Some(Cow::Host(src)) => {
+                            let buf = self.staging_buf(len as usize);
+                            let purpose = Purpose::CowRead { alloc: a, part };
+                            self.issue_buf(purpose, IoKind::Read, src, buf);
+                        }
+                        Some(Cow::Backing(at)) => self.backing_cow_read(a, part, at, len),
+                        None => {}
                     }
                 }
                 if cow_head.is_none() && cow_tail.is_none() {
@@ -585,21 +695,45 @@ impl Image {
         op: IoOp,
         result: Result<(), IoError>,
     ) {
-        let buf = op.segments.into_iter().next().and_then(|s| match s {
-            Segment::Buf(b) => Some(b),
-            _ => None,
-        });
+        if let Some(Segment::Buf(b)) = op.segments.into_iter().next() {
+            self.set_staged(a, part, b);
+        }
         let result = result.map_err(|e| self.io_error(e));
+        self.cow_part_done(a, part, result);
+    }
+
+    /// Puts `buf` in as part `part` (0 head, 1 tail) of allocation `a`'s staging.
+    pub(super) fn set_staged(&mut self, a: u32, part: u8, buf: IoBuf) {
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
-        let AllocWhat::Data {
-            staged,
-            cow_pending,
-            ..
-        } = &mut alloc.what
-        else {
+        if let AllocWhat::Data { staged, .. } = &mut alloc.what {
+            staged[part as usize] = Some(buf);
+        }
+    }
+
+    /// `len` bytes from `start` of part `part` of allocation `a`'s staging buffer.
+    pub(super) fn staging_slice(
+        &mut self,
+        a: u32,
+        part: u8,
+        start: usize,
+        len: usize,
+    ) -> &mut [u8] {
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        match &mut alloc.what {
+            AllocWhat::Data { staged, .. } => match staged[part as usize].as_mut() {
+                Some(b) => &mut b.as_mut_slice()[start..start + len],
+                None => &mut [],
+            },
+            AllocWhat::L2Table { .. } => &mut [],
+        }
+    }
+
+    /// One copy-on-write part of allocation `a` is in its staging buffer (or failed).
+    pub(super) fn cow_part_done(&mut self, a: u32, _part: u8, result: Result<(), RequestError>) {
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        let AllocWhat::Data { cow_pending, .. } = &mut alloc.what else {
             return;
         };
-        staged[part as usize] = buf;
         *cow_pending -= 1;
         if let Err(err) = result {
             alloc.state = AllocState::Failed(err);
@@ -796,8 +930,13 @@ impl Image {
         let gc = pos >> cb;
         let l1i = gc >> self.geo.l2_bits;
         let v3 = self.hdr.version >= 3;
-        if self.l1_l2(l1i)?.is_none() && !(v3 && matches!(edit, Edit::Zero { .. })) {
-            // No table: everything reads as zero already (no backing file).
+        let hides_backing = match edit {
+            Edit::Zero { .. } => v3,
+            Edit::Discard => v3 && self.names_backing(),
+            Edit::Full => false,
+        };
+        if self.l1_l2(l1i)?.is_none() && !hides_backing {
+            // No table: nothing to drop, and nothing to hide (or no way to: v2).
             self.task(t).pos = full_end
                 .max(pos)
                 .min((l1i + 1) << (cb + self.geo.l2_bits))
@@ -813,7 +952,7 @@ impl Image {
             && !self.alloc_covering(gc + n as u64)
         {
             let m = self.mapping(self.entry(slot, idx + n))?;
-            let (new, free) = edit_entry(m, edit, v3)?;
+            let (new, free) = edit_entry(m, edit, v3, self.names_backing())?;
             if let Some(e) = new {
                 self.set_entry(slot, idx + n, e);
             }
@@ -870,8 +1009,9 @@ impl Image {
         let cs = self.geo.cluster_size();
         let task = self.task(t);
         let (pos, end) = (task.pos, task.end);
-        if task.error.is_some() || pos >= end {
-            return true;
+        if task.error.is_some() || pos >= end || task.status.is_some() {
+            // (A status from the backing file lands while the task waits for it.)
+            return task.inflight == 0;
         }
         let gc = pos >> cb;
         if self.alloc_covering(gc) {
@@ -931,15 +1071,21 @@ impl Image {
                 Ok((end.min((gc + n as u64) << cb), allocation))
             }),
         };
-        let task = self.task(t);
+        let size = self.backing.as_ref().map(|b| b.size);
         match found {
             Err(Block::Park) => return false,
-            Err(Block::Fail(e)) => task.error = Some(e),
+            Err(Block::Fail(e)) => self.task(t).error = Some(e),
+            Ok((extent_end, Allocation::Unallocated)) if size.is_some_and(|s| pos < s) => {
+                // Ask the backing file (up to its end).
+                let extent_end = extent_end.min(size.unwrap_or(0));
+                return self.backing_status(t, pos, extent_end);
+            }
             Ok((extent_end, allocation)) => {
-                task.status = Some(BlockStatus {
+                self.task(t).status = Some(BlockStatus {
                     offset: pos,
                     len: extent_end - pos,
                     allocation,
+                    depth: 0,
                 });
             }
         }
