@@ -385,6 +385,9 @@ pub enum CreateError {
         "Backing file and preallocation can only be used at the same time if extended_l2 is on"
     )]
     BackingWithPreallocation,
+    /// The existing header cannot be rewritten (its extension list is invalid).
+    #[error(transparent)]
+    Format(#[from] FormatError),
 }
 
 /// A request failed.
@@ -436,6 +439,9 @@ pub enum RequestError {
     /// The image was opened for check and repair only.
     #[error("The image is opened for check and repair only")]
     CheckOnly,
+    /// The request's options cannot be honoured (a backing name that does not fit, ...).
+    #[error(transparent)]
+    Options(CreateError),
     /// A check could not run (the header is unreadable or unacceptable).
     #[error("Check failed: {0}")]
     CheckFailed(OpenError),

@@ -74,6 +74,10 @@ pub enum Request {
         /// What to repair, if anything.
         repair: Option<Repair>,
     },
+    /// Drop every mapping of the image (QEMU's `make_empty`, after `qemu-img commit`): every
+    /// cluster becomes unallocated, reading through to the backing file again, and its host
+    /// space is freed.
+    MakeEmpty,
     /// Write back everything and mark the image clean; the engine accepts nothing after.
     /// Done only once no op is outstanding: the runtime may close the file at once.
     Close,

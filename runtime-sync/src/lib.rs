@@ -574,6 +574,35 @@ impl<F: HostFile> Image<F> {
         }
     }
 
+    /// Drops every mapping: the whole image reads through to its backing file again
+    /// (`qemu-img commit`'s emptying of the overlay).
+    pub fn make_empty(&mut self) -> Result<(), Error> {
+        self.run(Request::MakeEmpty, Guest::None).map(drop)
+    }
+
+    /// Writes a new backing file name (none: no backing file) and format into the header,
+    /// durably, as `qemu-img rebase -u` does; the guest contents are the caller's business.
+    /// The backing file opened now stays attached until the image is opened again.
+    pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<(), Error> {
+        let id = self.engine.set_backing(name, format)?;
+        drive_until(
+            &mut self.engine,
+            &self.file,
+            &self.chain,
+            &mut self.exec,
+            &mut Guest::None,
+            |ev| match ev {
+                Event::Done { req, result } if req == id => {
+                    Some(result.map(drop).map_err(Error::Request))
+                }
+                _ => None,
+            },
+        )?;
+        self.info.backing_file = name.map(str::to_owned);
+        self.info.backing_format = format.map(str::to_owned);
+        Ok(())
+    }
+
     /// Counts the host clusters below byte `end` that the image accounts as in use, up to
     /// `limit` (qemu-img's metadata-preallocation test needs it).
     pub fn count_used_clusters(&mut self, end: u64, limit: u64) -> Result<u64, Error> {

@@ -26,6 +26,7 @@ mod backing;
 mod cache;
 mod open;
 mod overlap;
+mod rebase;
 mod resize;
 mod tasks;
 mod writeback;
@@ -107,6 +108,10 @@ enum Purpose {
     },
     /// The direct write of the corrupt bit after a refused metadata write.
     Mark,
+    /// A header rewrite of task `task` (a new backing file).
+    Header {
+        task: u32,
+    },
     /// An op of the backing file's engine, known to it as `inner`, carrying guest spans of
     /// its request `nreq` (`u32::MAX`: none).
     Nested {
@@ -146,13 +151,20 @@ enum Kind {
     Close,
     CountRefcounted { limit: u64 },
     Prealloc(Preallocation),
+    MakeEmpty,
+    SetBacking,
 }
 
 impl Kind {
     fn exclusive(self) -> bool {
         matches!(
             self,
-            Self::Resize { .. } | Self::Check { .. } | Self::Close | Self::Prealloc(_)
+            Self::Resize { .. }
+                | Self::Check { .. }
+                | Self::Close
+                | Self::Prealloc(_)
+                | Self::MakeEmpty
+                | Self::SetBacking
         )
     }
 
@@ -331,6 +343,8 @@ pub struct Image {
     reload_task: Option<u32>,
     /// The backing file, once the image names one and the runtime attached it.
     backing: Option<Box<backing::Backing>>,
+    /// The backing file a set-backing task writes into the header: name and format.
+    new_backing: Option<(Option<String>, Option<String>)>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -406,6 +420,7 @@ impl Image {
             checker: None,
             reload_task: None,
             backing: None,
+            new_backing: None,
         }
     }
 
@@ -464,7 +479,15 @@ impl Image {
             Request::Check { repair } => (Kind::Check { repair }, 0, 0),
             Request::Close => (Kind::Close, 0, 0),
             Request::CountRefcounted { end, limit } => (Kind::CountRefcounted { limit }, 0, end),
+            Request::MakeEmpty => (Kind::MakeEmpty, 0, size),
         };
+        self.submit_kind(kind, offset, len)
+    }
+
+    /// Submits a task of `kind` over guest `[offset, offset + len)` after the checks every
+    /// request goes through.
+    fn submit_kind(&mut self, kind: Kind, offset: u64, len: u64) -> Result<ReqId, SubmitError> {
+        let size = self.hdr.size;
         if let Some(e) = self.poisoned {
             if kind.writes() || kind == Kind::Flush {
                 return Err(e.into());
@@ -584,6 +607,11 @@ impl Image {
             Purpose::Load { rb, slot } => self.load_done(rb, slot, op, result),
             Purpose::Writeback { pool, slot } => self.writeback_done(pool, slot, op, result),
             Purpose::Sync => self.sync_done(result),
+            Purpose::Header { task } => {
+                self.recycle(op);
+                let result = result.map_err(|e| self.io_error(e));
+                self.task_io_done(task, result);
+            }
             Purpose::TaskIo { task } => {
                 if op.kind != IoKind::Read && result.is_ok() {
                     // A new table (a grown L1): the next cycle's first barrier makes it
@@ -833,6 +861,8 @@ impl Image {
             Kind::Prealloc(_) => self.step_prealloc(t),
             Kind::Check { repair } => self.step_check(t, repair),
             Kind::CountRefcounted { limit } => self.step_count_refcounted(t, limit),
+            Kind::MakeEmpty => self.step_make_empty(t),
+            Kind::SetBacking => self.step_set_backing(t),
         };
         if finished {
             self.finish(t);

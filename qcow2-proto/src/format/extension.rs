@@ -149,6 +149,57 @@ pub struct Extensions {
     pub end_offset: usize,
 }
 
+/// Cluster 0's bytes with the backing file changed to `name` (none: no backing file) in
+/// `format` (the backing-format extension; none: left out): every other extension is kept
+/// as it is, the backing-format one first (as QEMU orders them), then the end marker, then
+/// the name. `header_len` is the header's length, `area` where the extension list must
+/// end (the old name's offset, or the cluster's end). Returns the new bytes (header fields
+/// not yet updated), the name's offset and its length; `None` when it does not fit.
+pub fn with_backing(
+    cluster0: &[u8],
+    header_len: usize,
+    area: usize,
+    name: Option<&str>,
+    format: Option<&str>,
+) -> Result<Option<(Vec<u8>, u64, u32)>, FormatError> {
+    let area = area.min(cluster0.len());
+    // Validates the list first (the walk below trusts it).
+    Extensions::parse(cluster0, header_len, area)?;
+    let mut exts: Vec<(u32, &[u8])> = Vec::new();
+    if let Some(f) = format {
+        exts.push((BACKING_FORMAT, f.as_bytes()));
+    }
+    let mut off = header_len;
+    while off + 8 <= area {
+        let head = RawExtensionHeader::read_from_bytes(&cluster0[off..off + 8]).expect("8 bytes");
+        let (kind, len) = (head.ext_type.get(), head.len.get() as usize);
+        if kind == END {
+            break;
+        }
+        if kind != BACKING_FORMAT {
+            exts.push((kind, &cluster0[off + 8..off + 8 + len]));
+        }
+        off += 8 + len.next_multiple_of(8);
+    }
+    let mut out = cluster0[..header_len].to_vec();
+    for (kind, data) in exts {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out.extend_from_slice(&[0; 8]);
+    let at = out.len() as u64;
+    let n = name.map_or(0, str::len);
+    if let Some(name) = name {
+        out.extend_from_slice(name.as_bytes());
+    }
+    if out.len() > cluster0.len() || n > crate::format::MAX_BACKING_NAME as usize {
+        return Ok(None);
+    }
+    Ok(Some((out, if name.is_some() { at } else { 0 }, n as u32)))
+}
+
 /// The bitmaps extension, decoded.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct RawBitmapsExtValue {
