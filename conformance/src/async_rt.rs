@@ -153,6 +153,12 @@ impl Disk for AsyncDisk {
             .map_err(error)
     }
 
+    fn write_compressed(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        block_on(self.img().write_compressed(buf.to_vec(), offset))
+            .0
+            .map_err(error)
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
         block_on(self.img().write_zeroes(offset, len, unmap)).map_err(error)
     }

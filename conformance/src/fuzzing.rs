@@ -550,6 +550,15 @@ impl Mem {
                     pos += n as u64;
                 }
             }
+            IoKind::Decompress { .. } => {
+                let out = match op.segments.last() {
+                    Some(&Segment::Guest { req, start, len }) => {
+                        Some(&mut guest(&mut self.inflight, req)[start..start + len])
+                    }
+                    _ => None,
+                };
+                return qcow2_proto::decompress_op(op, out);
+            }
             IoKind::ZeroFill => {
                 for seg in op.segments.iter_mut() {
                     match seg {

@@ -194,6 +194,9 @@ pub trait Disk {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), Error>;
     /// Writes `buf` at guest `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), Error>;
+    /// Writes one cluster compressed (`offset` cluster aligned, `buf` a whole cluster or
+    /// the image's partial last one, the cluster unallocated).
+    fn write_compressed(&mut self, buf: &[u8], offset: u64) -> Result<(), Error>;
     /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error>;
     /// Discards the whole clusters inside the range.

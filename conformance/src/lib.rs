@@ -144,9 +144,13 @@ macro_rules! instantiate {
             features {
                 external_data_file,
                 extended_l2,
-                zstd_compression,
                 encryption,
-                compressed_clusters,
+            }
+            compressed {
+                reads_qemu_compressed,
+                writes_over_compressed,
+                damaged_stream_is_corruption,
+                we_write_compressed,
             }
             snapshots {
                 shared_clusters_untouched_v2,

@@ -86,6 +86,10 @@ impl Disk for SyncDisk {
         self.0.write_at(buf, offset).map_err(error)
     }
 
+    fn write_compressed(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        self.0.write_compressed(buf, offset).map_err(error)
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
         self.0.write_zeroes(offset, len, unmap).map_err(error)
     }

@@ -97,6 +97,10 @@ const CASES: &[&[&str]] = &[
     &["-f", "qcow2", "-o", "size=1M", "a.qcow2", "1M"],
     &["-f", "raw", "-o", "preallocation=metadata", "r.raw", "1M"],
     &["-f", "qcow2", "-o", "cluster_size=512", "a.qcow2", "1P"],
+    &["-f", "qcow2", "-o", "compression_type=zstd", "a.qcow2", "1M"],
+    &["-f", "qcow2", "-o", "compression_type=zlib", "a.qcow2", "1M"],
+    &["-f", "qcow2", "-o", "compat=0.10,compression_type=zstd", "a.qcow2", "1M"],
+    &["-f", "qcow2", "-o", "compression_type=lz4", "a.qcow2", "1M"],
 ];
 
 /// With backing files (`base.qcow2`, 2 MiB + 512 of 0x5a; `base.raw`, 3 MiB).
@@ -278,7 +282,6 @@ fn unsupported_options_fail_clearly() {
     for o in [
         "data_file=x.raw",
         "extended_l2=on",
-        "compression_type=zstd",
         "encrypt.format=luks",
     ] {
         let out = sc.ours(&["create", "-f", "qcow2", "-o", o, "a.qcow2", "1M"]);

@@ -115,6 +115,8 @@ pub struct CreateOptions {
     /// `backing_fmt` (`-F`): `qcow2` or `raw`, stored in the backing-format extension
     /// (without it, opening probes the backing file).
     pub backing_format: Option<String>,
+    /// `compression_type`: how compressed clusters are encoded (zstd needs version 3).
+    pub compression_type: crate::codec::CompressionType,
 }
 
 impl CreateOptions {
@@ -129,6 +131,7 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             backing_file: None,
             backing_format: None,
+            compression_type: crate::codec::CompressionType::Zlib,
         }
     }
 }

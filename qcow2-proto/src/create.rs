@@ -44,6 +44,9 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
         if opts.lazy_refcounts {
             return Err(CreateError::NeedsV3("lazy_refcounts"));
         }
+        if opts.compression_type != crate::codec::CompressionType::Zlib {
+            return Err(CreateError::NeedsV3("compression_type=zstd"));
+        }
     }
     Ok(Geometry::new(cs.trailing_zeros(), rb.trailing_zeros()))
 }
@@ -94,6 +97,12 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
         },
         refcount_order: geo.refcount_order,
         header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
+        compression_type: opts.compression_type.header_value(),
+        incompatible_features: if opts.compression_type == crate::codec::CompressionType::Zlib {
+            0
+        } else {
+            crate::format::header::incompat::COMPRESSION
+        },
         ..Header::default()
     };
     let mut header = header;

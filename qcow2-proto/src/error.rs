@@ -84,6 +84,9 @@ pub enum CorruptReason {
     /// The image's corrupt bit is set.
     #[error("the image is marked corrupt")]
     MarkedCorrupt,
+    /// A compressed cluster's stream does not decompress to a whole cluster.
+    #[error("compressed data does not decompress to a cluster")]
+    BadCompressedData,
 }
 
 /// A corruption found at run time.
@@ -439,6 +442,10 @@ pub enum RequestError {
     /// The image was opened for check and repair only.
     #[error("The image is opened for check and repair only")]
     CheckOnly,
+    /// A compressed write that is not one whole cluster, or whose cluster is allocated
+    /// (compressed clusters are never overwritten in place; QEMU refuses the same).
+    #[error("Compressed writes must cover exactly one whole, unallocated cluster (guest offset {0:#x})")]
+    CompressedWrite(u64),
     /// The request's options cannot be honoured (a backing name that does not fit, ...).
     #[error(transparent)]
     Options(CreateError),

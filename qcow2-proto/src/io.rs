@@ -66,6 +66,28 @@ pub enum IoKind {
     },
     /// Fill the guest segments with zeroes. Touches no file.
     ZeroFill,
+    /// Decompress a compressed cluster: CPU work the runtime runs where it likes (another
+    /// thread, say) by calling [`decompress_op`]. Touches no file. Segments: the compressed
+    /// bytes (a buffer), a scratch buffer of `cluster_size` bytes, and the output (a guest
+    /// span or a buffer), which gets the decompressed cluster's bytes from `skip` on.
+    Decompress {
+        /// Bytes of the decompressed cluster.
+        cluster_size: u32,
+        /// Bytes of the cluster before the output's first byte.
+        skip: u32,
+        /// zstd (else zlib).
+        zstd: bool,
+    },
+    /// Compress a guest cluster: CPU work the runtime runs where it likes by calling
+    /// [`compress_op`]. Touches no file. Segments: the guest span (a whole cluster, or the
+    /// image's partial last one), and an output buffer of `cluster_size` bytes, which
+    /// `compress_op` cuts to the stream's length (to 0 when compressing does not pay).
+    Compress {
+        /// Bytes of a cluster (a shorter input is padded with zeroes).
+        cluster_size: u32,
+        /// zstd (else zlib).
+        zstd: bool,
+    },
 }
 
 /// Size of one [`Page`]; core buffers are aligned to it.
@@ -192,6 +214,89 @@ impl IoOp {
     }
 }
 
+/// Runs an [`IoKind::Decompress`] op: `guest` is the memory of its output segment when that
+/// is a guest span (a runtime resolves it as for a read). Returns the output's length; a
+/// stream that does not decompress to a whole cluster fails with `InvalidData`.
+pub fn decompress_op(op: &mut IoOp, guest: Option<&mut [u8]>) -> Result<usize, IoError> {
+    let IoKind::Decompress {
+        cluster_size,
+        skip,
+        zstd,
+    } = op.kind
+    else {
+        return Err(bad_data());
+    };
+    let kind = if zstd {
+        crate::codec::CompressionType::Zstd
+    } else {
+        crate::codec::CompressionType::Zlib
+    };
+    let [input, scratch, output] = &mut op.segments[..] else {
+        return Err(bad_data());
+    };
+    let (Segment::Buf(input), Segment::Buf(scratch)) = (input, scratch) else {
+        return Err(bad_data());
+    };
+    let cluster = scratch
+        .as_mut_slice()
+        .get_mut(..cluster_size as usize)
+        .ok_or_else(bad_data)?;
+    crate::codec::decompress(kind, input.as_slice(), cluster).map_err(|_| bad_data())?;
+    let out = match (output, guest) {
+        (Segment::Buf(b), _) => b.as_mut_slice(),
+        (Segment::Guest { .. }, Some(g)) => g,
+        _ => return Err(bad_data()),
+    };
+    let src = cluster
+        .get(skip as usize..skip as usize + out.len())
+        .ok_or_else(bad_data)?;
+    out.copy_from_slice(src);
+    Ok(out.len())
+}
+
+/// Runs an [`IoKind::Compress`] op: `guest` is the memory of its input segment (a runtime
+/// resolves it as for a write). The output buffer ends up holding the compressed stream,
+/// or empty when the stream would not be shorter than the cluster (QEMU then writes the
+/// cluster as it is). Returns the input's length.
+pub fn compress_op(op: &mut IoOp, guest: &[u8]) -> Result<usize, IoError> {
+    let IoKind::Compress { cluster_size, zstd } = op.kind else {
+        return Err(bad_data());
+    };
+    let kind = if zstd {
+        crate::codec::CompressionType::Zstd
+    } else {
+        crate::codec::CompressionType::Zlib
+    };
+    let Some(Segment::Buf(out)) = op.segments.last_mut() else {
+        return Err(bad_data());
+    };
+    let cs = cluster_size as usize;
+    if guest.len() > cs || out.capacity() < cs {
+        return Err(bad_data());
+    }
+    out.resize(crate::codec::max_compressed_len(cluster_size.trailing_zeros()));
+    let padded;
+    let input = if guest.len() < cs {
+        // The image's partial last cluster: compressed as a whole one, as QEMU does.
+        let mut p = vec![0u8; cs];
+        p[..guest.len()].copy_from_slice(guest);
+        padded = p;
+        &padded[..]
+    } else {
+        guest
+    };
+    let n = crate::codec::compress(kind, input, out.as_mut_slice()).map_err(|_| bad_data())?;
+    out.resize(n.unwrap_or(0));
+    Ok(guest.len())
+}
+
+fn bad_data() -> IoError {
+    IoError {
+        kind: std::io::ErrorKind::InvalidData,
+        raw_os_error: None,
+    }
+}
+
 /// A failed I/O, as a small copyable value.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct IoError {
@@ -226,5 +331,50 @@ impl std::fmt::Display for IoError {
             Some(code) => write!(f, "{} (os error {code})", self.kind),
             None => write!(f, "{}", self.kind),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{compress, CompressionType};
+
+    #[test]
+    fn decompress_op_fills_the_output_from_skip() {
+        let cluster: Vec<u8> = (0..4096u32).map(|i| (i / 7) as u8).collect();
+        let mut packed = IoBuf::zeroed(4096);
+        let n = compress(CompressionType::Zlib, &cluster, packed.as_mut_slice())
+            .unwrap()
+            .unwrap();
+        packed.resize(n + 300); // sector padding after the stream
+        let mut segments = Segments::new();
+        segments.push(Segment::Buf(packed));
+        segments.push(Segment::Buf(IoBuf::zeroed(4096)));
+        segments.push(Segment::Guest {
+            req: ReqId(0),
+            start: 0,
+            len: 10,
+        });
+        let kind = IoKind::Decompress {
+            cluster_size: 4096,
+            skip: 1000,
+            zstd: false,
+        };
+        let mut op = IoOp {
+            id: OpId(0),
+            target: Target::Image,
+            kind,
+            offset: 0,
+            segments,
+        };
+        let mut guest = [0u8; 10];
+        assert_eq!(decompress_op(&mut op, Some(&mut guest)), Ok(10));
+        assert_eq!(guest[..], cluster[1000..1010]);
+        // Garbage is a typed error.
+        if let Segment::Buf(b) = &mut op.segments[0] {
+            b.as_mut_slice().fill(0xff);
+        }
+        let err = decompress_op(&mut op, Some(&mut guest)).unwrap_err();
+        assert_eq!(err.kind, std::io::ErrorKind::InvalidData);
     }
 }

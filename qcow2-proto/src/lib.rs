@@ -119,5 +119,7 @@ pub use error::{
 };
 pub use event::Event;
 pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};
-pub use io::{IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments, Target, PAGE_SIZE};
+pub use io::{
+    compress_op, decompress_op, IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments, Target, PAGE_SIZE,
+};
 pub use request::{Allocation, BlockStatus, Outcome, ReqId, Request};

@@ -74,6 +74,16 @@ pub enum Request {
         /// What to repair, if anything.
         repair: Option<Repair>,
     },
+    /// Write one cluster compressed (`qemu-img convert -c`): `offset` cluster aligned, `len`
+    /// a whole cluster (or the image's partial last one), the cluster unallocated (or a
+    /// zero cluster without host space), as QEMU requires. When compressing does not pay,
+    /// the cluster is written as it is. The guest buffer holds the data.
+    WriteCompressed {
+        /// Guest byte offset of the cluster.
+        offset: u64,
+        /// Bytes: the cluster size, or what is left of the image.
+        len: u64,
+    },
     /// Drop every mapping of the image (QEMU's `make_empty`, after `qemu-img commit`): every
     /// cluster becomes unallocated, reading through to the backing file again, and its host
     /// space is freed.

@@ -118,7 +118,11 @@ impl Loop {
 
     fn start(&mut self, mut op: IoOp) {
         let req = match op.kind {
-            IoKind::Read | IoKind::Write | IoKind::ZeroFill => guest_req(&op),
+            IoKind::Read
+            | IoKind::Write
+            | IoKind::ZeroFill
+            | IoKind::Decompress { .. }
+            | IoKind::Compress { .. } => guest_req(&op),
             _ => None,
         };
         let Some(req) = req else {
@@ -130,12 +134,12 @@ impl Loop {
             return self.d.engine.complete(op, Err(refused()));
         };
         match (op.kind, std::mem::take(slot)) {
-            (IoKind::Write, GuestSlot::Owned(buf)) => {
+            (IoKind::Write | IoKind::Compress { .. }, GuestSlot::Owned(buf)) => {
                 let shared = Arc::new(buf);
                 *slot = GuestSlot::Shared(shared.clone());
                 self.spawn_write(op, shared, base);
             }
-            (IoKind::Write, GuestSlot::Shared(shared)) => {
+            (IoKind::Write | IoKind::Compress { .. }, GuestSlot::Shared(shared)) => {
                 *slot = GuestSlot::Shared(shared.clone());
                 self.spawn_write(op, shared, base);
             }
@@ -148,14 +152,14 @@ impl Loop {
                 *slot = GuestSlot::Owned(buf);
                 self.d.engine.complete(op, r);
             }
-            (IoKind::Read, GuestSlot::Owned(mut buf)) => {
+            (IoKind::Read | IoKind::Decompress { .. }, GuestSlot::Owned(mut buf)) => {
                 *slot = GuestSlot::Lent;
                 self.spawn(op, move |exec, file, op| {
                     let r = exec.run(file, op, &mut Guest::Read(&mut buf.as_mut_slice()[base..]));
                     (r, Back::Lent(req, buf))
                 });
             }
-            (IoKind::Read | IoKind::ZeroFill, GuestSlot::Lent) => {
+            (IoKind::Read | IoKind::ZeroFill | IoKind::Decompress { .. }, GuestSlot::Lent) => {
                 *slot = GuestSlot::Lent;
                 // Another op of this read holds the buffer: fill a staging buffer instead.
                 let (lo, hi) = op

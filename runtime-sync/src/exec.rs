@@ -88,6 +88,25 @@ impl Executor {
                 file.write_zeroes(op.offset, len).map(|()| 0).map_err(err)
             }
             IoKind::Allocate { len } => file.allocate(op.offset, len).map(|()| 0).map_err(err),
+            IoKind::Compress { .. } => {
+                let input = match (op.segments.first(), guest) {
+                    (Some(&Segment::Guest { start, len, .. }), Guest::Write(buf)) => {
+                        &buf[start..start + len]
+                    }
+                    _ => return Err(guest_missing()),
+                };
+                qcow2_proto::compress_op(op, input)
+            }
+            IoKind::Decompress { .. } => {
+                let out = match (op.segments.last(), guest) {
+                    (Some(&Segment::Guest { start, len, .. }), Guest::Read(buf)) => {
+                        Some(&mut buf[start..start + len])
+                    }
+                    (Some(Segment::Guest { .. }), _) => return Err(guest_missing()),
+                    _ => None,
+                };
+                qcow2_proto::decompress_op(op, out)
+            }
             IoKind::ZeroFill => {
                 for seg in op.segments.iter_mut() {
                     match (seg, &mut *guest) {

@@ -534,6 +534,15 @@ impl<F: HostFile> Image<F> {
         Ok(())
     }
 
+    /// Writes one cluster compressed (`qemu-img convert -c`): `offset` cluster aligned,
+    /// `buf` a whole cluster (or the image's partial last one), the cluster unallocated.
+    /// Written as it is when compressing does not pay.
+    pub fn write_compressed(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        self.run(Request::WriteCompressed { offset, len }, Guest::Write(buf))
+            .map(drop)
+    }
+
     /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
         self.run(Request::WriteZeroes { offset, len, unmap }, Guest::None)

@@ -418,6 +418,14 @@ impl Loop {
                 let r = self.zero_fill(&mut op);
                 self.d.engine.complete(op, r);
             }
+            IoKind::Decompress { .. } => {
+                let r = self.decompress(&mut op);
+                self.d.engine.complete(op, r);
+            }
+            IoKind::Compress { .. } => {
+                let r = self.compress(&mut op);
+                self.d.engine.complete(op, r);
+            }
             IoKind::Flush if self.ignore_flush => {
                 self.syncs += 1;
                 self.d.engine.complete(op, Ok(0));
@@ -521,6 +529,37 @@ impl Loop {
             unsafe { std::ptr::write_bytes(m.iov_base.cast::<u8>(), 0, m.iov_len) };
         }
         Ok(op.len() as usize)
+    }
+
+    /// Compression, in this thread (CPU work of a compressed write).
+    fn compress(&mut self, op: &mut IoOp) -> Result<usize, IoError> {
+        let (mem, n) = self.memory(op).ok_or_else(invalid)?;
+        if n == 0 || !matches!(op.segments.first(), Some(Segment::Guest { .. })) {
+            return Err(invalid());
+        }
+        let m = mem[0];
+        // SAFETY: `memory` checked the span against its guest buffer, which the driver
+        // keeps alive while the op is out; the op only reads it, and the slice is dropped
+        // before the op completes.
+        let input = unsafe { std::slice::from_raw_parts(m.iov_base.cast::<u8>(), m.iov_len) };
+        qcow2_proto::compress_op(op, input)
+    }
+
+    /// Decompression, in this thread (CPU work of a compressed cluster read).
+    fn decompress(&mut self, op: &mut IoOp) -> Result<usize, IoError> {
+        let (mem, n) = self.memory(op).ok_or_else(invalid)?;
+        let out = match op.segments.last() {
+            Some(Segment::Guest { .. }) if n > 0 => {
+                let m = mem[n - 1];
+                // SAFETY: `memory` checked the span against its guest buffer, which the
+                // driver keeps alive while the op is out; no other op in flight shares a
+                // guest span with it (the core's contract), and the slice is dropped
+                // before the op completes.
+                Some(unsafe { std::slice::from_raw_parts_mut(m.iov_base.cast::<u8>(), m.iov_len) })
+            }
+            _ => None,
+        };
+        qcow2_proto::decompress_op(op, out)
     }
 
     fn start_rw(&mut self, mut op: IoOp) {

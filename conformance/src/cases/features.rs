@@ -1,15 +1,13 @@
 //! Features of later issues, in images qemu-img makes: opening refuses them with
-//! `Unsupported(feature)`; compressed clusters open but reading one fails the request.
+//! `Unsupported(feature)`.
 
 use std::path::Path;
 
-use qcow2_proto::{Allocation, Feature, OpenError, RequestError};
+use qcow2_proto::{Feature, OpenError};
 
-use super::must;
-use crate::harness::{Disk, Error, Harness, Mode};
-use crate::model::{pattern, Model};
+use crate::harness::{Error, Harness, Mode};
 use crate::qemu::Qemu;
-use crate::verify::{our_check_clean, scratch};
+use crate::verify::scratch;
 
 fn refused<H: Harness>(h: &H, path: &Path, feature: Feature) {
     for mode in [Mode::writable(), Mode::read_only()] {
@@ -51,18 +49,6 @@ pub fn extended_l2<H: Harness>(h: &H) {
     refused(h, &path, Feature::ExtendedL2);
 }
 
-/// `-o compression_type=zstd`.
-pub fn zstd_compression<H: Harness>(h: &H) {
-    crate::require!(h, real_files);
-    let Some(q) = Qemu::require("features::zstd_compression") else {
-        return;
-    };
-    let dir = scratch();
-    let path = dir.path().join("img.qcow2");
-    q.create(&path, "compression_type=zstd", 1 << 20);
-    refused(h, &path, Feature::ZstdCompression);
-}
-
 /// LUKS encryption (`-o encrypt.format=luks`).
 pub fn encryption<H: Harness>(h: &H) {
     crate::require!(h, real_files);
@@ -84,64 +70,4 @@ pub fn encryption<H: Harness>(h: &H) {
         "1M",
     ]);
     refused(h, &path, Feature::Encryption);
-}
-
-/// `qemu-img convert -c`: the image opens, unallocated ranges read as zero, reading a
-/// compressed cluster fails with `Unsupported(CompressedClusters)`, and block status says
-/// `Compressed`.
-pub fn compressed_clusters<H: Harness>(h: &H) {
-    crate::require!(h, real_files);
-    let Some(q) = Qemu::require("features::compressed_clusters") else {
-        return;
-    };
-    let dir = scratch();
-    let raw = dir.path().join("data.raw");
-    let path = dir.path().join("img.qcow2");
-    let size = 1u64 << 20;
-    let mut model = Model::new(size);
-    model.write(0, &pattern(5, 0, 128 << 10));
-    model.write_raw(&raw).expect("raw file");
-    let img = path.display().to_string();
-    q.img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        &raw.display().to_string(),
-        &img,
-    ]);
-    for mode in [Mode::read_only(), Mode::writable()] {
-        let mut disk = must(h.open(&path, mode), "open a compressed image");
-        let mut buf = vec![0u8; 4096];
-        let r = disk.read_at(&mut buf, 4096);
-        assert_eq!(
-            r,
-            Err(Error::Request(RequestError::Unsupported(
-                Feature::CompressedClusters
-            ))),
-            "{mode:?}"
-        );
-        let s = must(
-            disk.block_status(0, 65536),
-            "block_status of a compressed cluster",
-        );
-        assert_eq!(s.allocation, Allocation::Compressed, "{mode:?}: {s:?}");
-        let mut tail = vec![0xffu8; 65536];
-        must(
-            disk.read_at(&mut tail, 512 << 10),
-            "read of an unallocated range",
-        );
-        assert!(
-            tail.iter().all(|&b| b == 0),
-            "{mode:?}: an unallocated range of a compressed image is not zero"
-        );
-        must(disk.close(), "close");
-    }
-    must(our_check_clean(h, &path), "our check of a compressed image");
-    q.assert_clean(&path, "the compressed image after our opens");
 }

@@ -3,6 +3,7 @@
 
 pub mod backing;
 pub mod basic;
+pub mod compressed;
 pub mod concurrency;
 pub mod create;
 pub mod entries;

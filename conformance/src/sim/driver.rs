@@ -305,6 +305,17 @@ impl Sim {
                 self.disk.write(op.offset, &data);
                 data.len()
             }
+            IoKind::Decompress { .. } => {
+                let out = match op.segments.last() {
+                    Some(&Segment::Guest { req, start, len }) => {
+                        let buf = self.bufs.get_mut(&req).expect("guest buffer");
+                        Some(&mut buf[start..start + len])
+                    }
+                    _ => None,
+                };
+                qcow2_proto::decompress_op(op, out)
+                    .expect("simulated images hold only streams the codec made")
+            }
             IoKind::ZeroFill => {
                 for seg in op.segments.iter_mut() {
                     match seg {

@@ -35,7 +35,7 @@ fn help(format: Format) -> String {
             ),
             (
                 "compression_type=<str>",
-                "Compression method used for image cluster compression (zlib only)",
+                "Compression method used for image cluster compression (zlib or zstd)",
             ),
             (
                 "extended_l2=<bool (on/off)>",
@@ -69,7 +69,7 @@ fn help(format: Format) -> String {
     }
     out.push_str(
         "\nNot supported yet: data_file, data_file_raw, encryption, encrypt.*,\n\
-         extended_l2=on, compression_type=zstd.\n",
+         extended_l2=on.\n",
     );
     out
 }
@@ -192,14 +192,7 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
                 }
                 set_string(&mut strings, "extended_l2", v);
             }
-            (Format::Qcow2, "compression_type") => {
-                if v != "zlib" {
-                    return Err(format!(
-                        "Option 'compression_type={v}' is not supported yet (only zlib images can be created)"
-                    ));
-                }
-                set_string(&mut strings, "compression_type", v);
-            }
+            (Format::Qcow2, "compression_type") => set_string(&mut strings, "compression_type", v),
             _ => return Err(format!("Invalid parameter '{k}'")),
         }
     }
@@ -304,6 +297,21 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             }
             if qcow2.backing_file.is_some() && preallocation != Preallocation::Off {
                 late("Backing file and preallocation can only be used at the same time if extended_l2 is on".into());
+            }
+            qcow2.compression_type = match get("compression_type").as_deref() {
+                None | Some("zlib") => qcow2_proto::codec::CompressionType::Zlib,
+                Some("zstd") => qcow2_proto::codec::CompressionType::Zstd,
+                Some(other) => {
+                    late(format!(
+                        "Parameter 'compression-type' does not accept value '{other}'"
+                    ));
+                    qcow2_proto::codec::CompressionType::Zlib
+                }
+            };
+            if qcow2.version == 2
+                && qcow2.compression_type != qcow2_proto::codec::CompressionType::Zlib
+            {
+                late("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
             }
             if qcow2.version == 2 && qcow2.lazy_refcounts {
                 late("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
@@ -413,10 +421,7 @@ fn backing_size(
     format: Option<&str>,
     unsafe_backing: bool,
 ) -> Result<Option<u64>, String> {
-    let path = match Path::new(backing) {
-        p if p.is_absolute() => p.to_owned(),
-        p => image.parent().unwrap_or(Path::new("")).join(p),
-    };
+    let path = crate::disk::backing_path(image, backing);
     let Some(format) = format else {
         let detected = crate::disk::probe(&path)
             .map(|f| format!("\nDetected format of {}.", f.name()))
@@ -435,18 +440,8 @@ fn backing_size(
         force_share: true,
         ..Default::default()
     };
-    let disk = crate::disk::Disk::open_with(&path, format, opts, false, true).map_err(|e| {
-        let m = e.message.replacen(
-            &format!(
-                "Could not open '{}': Could not open '{}'",
-                path.display(),
-                path.display()
-            ),
-            &format!("Could not open '{}'", path.display()),
-            1,
-        );
-        format!("{m}\nCould not open backing image.")
-    })?;
+    let disk = crate::disk::open_backing(&path, Some(format), opts, true)
+        .map_err(|m| format!("{m}\nCould not open backing image."))?;
     Ok(Some(disk.len()))
 }
 
@@ -551,9 +546,6 @@ mod tests {
             "The image size must be specified only once"
         );
         assert!(echo(Format::Qcow2, "encrypt.format=luks", Some(1))
-            .unwrap_err()
-            .contains("not supported yet"));
-        assert!(echo(Format::Qcow2, "compression_type=zstd", Some(1))
             .unwrap_err()
             .contains("not supported yet"));
         assert!(echo(Format::Qcow2, "extended_l2=on", Some(1))

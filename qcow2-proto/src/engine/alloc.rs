@@ -185,6 +185,33 @@ impl Image {
         Ok((start << cb, count))
     }
 
+    /// Host space for a compressed stream of `n` bytes (less than a cluster): after the
+    /// last stream, in its cluster, when it fits there (one more reference on that
+    /// cluster), else at the start of fresh clusters (QEMU's `qcow2_alloc_bytes`, without
+    /// its spilling into a following cluster). Returns the byte offset.
+    pub(super) fn alloc_bytes(&mut self, n: u64) -> Result<u64, Block> {
+        let cb = self.geo.cluster_bits;
+        let cs = self.geo.cluster_size();
+        if let Some(at) = self.free_bytes {
+            let c = at >> cb;
+            if at + n <= (c + 1) << cb {
+                if let Some(slot) = self.rb_slot(c)? {
+                    let rc = self.refcount(slot, c);
+                    let max = u64::MAX >> (64 - (1u32 << self.geo.refcount_order));
+                    if rc > 0 && rc < max {
+                        self.set_refcount(slot, c, rc + 1);
+                        self.free_bytes = Some(at + n).filter(|e| e % cs != 0);
+                        return Ok(at);
+                    }
+                }
+            }
+            self.free_bytes = None;
+        }
+        let (host, _) = self.alloc_clusters(n.div_ceil(cs), true)?;
+        self.free_bytes = Some(host + n).filter(|e| e % cs != 0);
+        Ok(host)
+    }
+
     /// Makes sure refcount blocks exist for the `want` clusters from `next_free`, placing
     /// missing ones before that run, so that an exact run can span several blocks.
     fn ensure_refblocks(&mut self, want: u64) -> Result<(), Block> {
@@ -377,6 +404,10 @@ impl Image {
                         self.set_refcount(slot, c, rc - 1);
                         if rc == 1 && self.free_list.len() < FREE_LIST_CAP {
                             self.free_list.push(c);
+                        }
+                        if rc == 1 && self.free_bytes.is_some_and(|b| b >> cb == c) {
+                            // Its last stream went: the cluster may be reused for anything.
+                            self.free_bytes = None;
                         }
                     }
                 }

@@ -24,6 +24,7 @@
 mod alloc;
 mod backing;
 mod cache;
+mod compress;
 mod open;
 mod overlap;
 mod rebase;
@@ -108,6 +109,34 @@ enum Purpose {
     },
     /// The direct write of the corrupt bit after a refused metadata write.
     Mark,
+    /// Read of a compressed cluster's stream for task `task`'s guest bytes `start..+len`,
+    /// which are bytes `skip..` of the cluster.
+    CompressedRead {
+        task: u32,
+        skip: u32,
+        start: usize,
+        len: u32,
+    },
+    /// Read of a compressed cluster's stream for part `part` of allocation `alloc`'s
+    /// copy-on-write (bytes `skip..` of the cluster).
+    CompressedCow {
+        alloc: u32,
+        part: u8,
+        skip: u32,
+    },
+    /// Compression of task `task`'s guest cluster.
+    Compress {
+        task: u32,
+    },
+    /// Decompression into task `task`'s guest buffer.
+    Decompress {
+        task: u32,
+    },
+    /// Decompression into part `part` of allocation `alloc`'s staging.
+    DecompressCow {
+        alloc: u32,
+        part: u8,
+    },
     /// A header rewrite of task `task` (a new backing file).
     Header {
         task: u32,
@@ -153,6 +182,7 @@ enum Kind {
     Prealloc(Preallocation),
     MakeEmpty,
     SetBacking,
+    WriteCompressed,
 }
 
 impl Kind {
@@ -229,6 +259,9 @@ enum AllocWhat {
     },
     /// A new L2 table for L1 index `l1_index`, copied from `old` when non-zero.
     L2Table { l1_index: u64, old: u64 },
+    /// A compressed stream of `len` bytes for guest cluster `guest_cluster` (the
+    /// allocation's `host` is its byte offset, `count` the clusters it touches).
+    Compressed { guest_cluster: u64, len: u64 },
 }
 
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
@@ -345,6 +378,10 @@ pub struct Image {
     backing: Option<Box<backing::Backing>>,
     /// The backing file a set-backing task writes into the header: name and format.
     new_backing: Option<(Option<String>, Option<String>)>,
+    /// Where the next compressed stream may go in the partly used cluster of the last one.
+    free_bytes: Option<u64>,
+    /// Compressed streams waiting for host space, by task.
+    streams: Vec<Option<IoBuf>>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -421,6 +458,8 @@ impl Image {
             reload_task: None,
             backing: None,
             new_backing: None,
+            free_bytes: None,
+            streams: Vec::new(),
         }
     }
 
@@ -480,6 +519,7 @@ impl Image {
             Request::Close => (Kind::Close, 0, 0),
             Request::CountRefcounted { end, limit } => (Kind::CountRefcounted { limit }, 0, end),
             Request::MakeEmpty => (Kind::MakeEmpty, 0, size),
+            Request::WriteCompressed { offset, len } => (Kind::WriteCompressed, offset, len),
         };
         self.submit_kind(kind, offset, len)
     }
@@ -510,7 +550,12 @@ impl Image {
         }
         if matches!(
             kind,
-            Kind::Read | Kind::Write | Kind::Zeroes { .. } | Kind::Discard | Kind::Status
+            Kind::Read
+                | Kind::Write
+                | Kind::Zeroes { .. }
+                | Kind::Discard
+                | Kind::Status
+                | Kind::WriteCompressed
         ) {
             let out = RequestError::OutOfRange { offset, len, size };
             if offset.checked_add(len).is_none_or(|e| e > size) {
@@ -607,6 +652,35 @@ impl Image {
             Purpose::Load { rb, slot } => self.load_done(rb, slot, op, result),
             Purpose::Writeback { pool, slot } => self.writeback_done(pool, slot, op, result),
             Purpose::Sync => self.sync_done(result),
+            Purpose::CompressedRead {
+                task,
+                skip,
+                start,
+                len,
+            } => self.compressed_read_done(task, (skip, start, len), op, result),
+            Purpose::CompressedCow { alloc, part, skip } => {
+                self.compressed_cow_done(alloc, part, skip, op, result)
+            }
+            Purpose::Compress { task } => self.compress_done(task, op, result),
+            Purpose::Decompress { task } => {
+                self.recycle(op);
+                let result = result.map_err(|e| self.decompress_error(e));
+                self.task_io_done(task, result);
+            }
+            Purpose::DecompressCow { alloc, part } => {
+                let mut segs = op.segments.into_iter();
+                let (input, scratch, out) = (segs.next(), segs.next(), segs.next());
+                for s in [input, scratch].into_iter().flatten() {
+                    if let Segment::Buf(b) = s {
+                        self.put_staging(b);
+                    }
+                }
+                if let Some(Segment::Buf(b)) = out {
+                    self.set_staged(alloc, part, b);
+                }
+                let result = result.map_err(|e| self.decompress_error(e));
+                self.cow_part_done(alloc, part, result);
+            }
             Purpose::Header { task } => {
                 self.recycle(op);
                 let result = result.map_err(|e| self.io_error(e));
@@ -863,6 +937,7 @@ impl Image {
             Kind::CountRefcounted { limit } => self.step_count_refcounted(t, limit),
             Kind::MakeEmpty => self.step_make_empty(t),
             Kind::SetBacking => self.step_set_backing(t),
+            Kind::WriteCompressed => self.step_write_compressed(t),
         };
         if finished {
             self.finish(t);

@@ -24,6 +24,8 @@ enum Src {
     Zero,
     /// The backing file, at the guest offset.
     Backing,
+    /// A compressed cluster's stream of `len` bytes at `host`.
+    Compressed { host: u64, len: u64 },
 }
 
 /// Where a copy-on-write head or tail comes from.
@@ -33,6 +35,8 @@ enum Cow {
     Host(u64),
     /// The backing file, at this guest offset.
     Backing(u64),
+    /// A compressed cluster (its stream), from byte `skip` of the cluster.
+    Compressed { host: u64, len: u64, skip: u64 },
 }
 
 /// Ops one task may have outstanding at once.
@@ -49,22 +53,21 @@ pub(super) enum Edit {
     Full,
 }
 
-/// The new entry (if it changes) and the host cluster to free (if any) for `edit` on `m`.
+/// The new entry (if it changes) and the mapping whose host space to free (if any) for
+/// `edit` on `m`.
 ///
 /// Over a backing file, nothing may make backing data show through again: discarding sets
 /// the zero flag (v3) or, in a v2 image, which has no zero flag, keeps the data. (QEMU
 /// lets a v2 discard expose the backing file.) Write-zeroes never comes here for v2
-/// images with a backing file: it writes zeroes.
+/// images with a backing file: it writes zeroes. A compressed cluster cannot be zeroed in
+/// place: it goes, like a shared one.
 fn edit_entry(
     m: Mapping,
     edit: Edit,
     v3: bool,
     backing: bool,
-) -> Result<(Option<L2Entry>, Option<u64>), RequestError> {
-    Ok(match (m, edit) {
-        (Mapping::Compressed { .. }, _) => {
-            return Err(RequestError::Unsupported(Feature::CompressedClusters))
-        }
+) -> (Option<L2Entry>, Option<Mapping>) {
+    match (m, edit) {
         (Mapping::Unallocated, Edit::Discard) if v3 && backing => {
             (Some(L2Entry::zero(0, false)), None)
         }
@@ -75,18 +78,16 @@ fn edit_entry(
         (Mapping::Unallocated, _) => (None, None),
         (Mapping::Zero { host: 0, .. }, Edit::Full) => (Some(L2Entry(0)), None),
         (Mapping::Zero { host: 0, .. }, _) => (None, None),
-        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, Edit::Full) => {
-            (Some(L2Entry(0)), Some(host))
+        (_, Edit::Full) => (Some(L2Entry(0)), Some(m)),
+        (Mapping::Data { .. } | Mapping::Compressed { .. }, _) if !v3 => {
+            (Some(L2Entry(0)), Some(m))
         }
-        (Mapping::Data { host, .. }, _) if !v3 => (Some(L2Entry(0)), Some(host)),
         (Mapping::Zero { .. }, Edit::Zero { unmap: false }) => (None, None),
         (Mapping::Data { host, copied: true }, Edit::Zero { unmap: false }) => {
             (Some(L2Entry::zero(host, true)), None)
         }
-        (Mapping::Data { host, .. } | Mapping::Zero { host, .. }, _) => {
-            (Some(L2Entry::zero(0, false)), Some(host))
-        }
-    })
+        _ => (Some(L2Entry::zero(0, false)), Some(m)),
+    }
 }
 
 impl Image {
@@ -144,23 +145,39 @@ impl Image {
                 Err(self.corrupt(Structure::L2Table, e.0, CorruptReason::ZeroFlagInV2))
             }
             Mapping::Data { host, .. } => self.check_data_cluster(host).map(|()| m),
+            Mapping::Compressed { host, .. } => {
+                // Byte-packed streams: only where they start is checked (QEMU reads past
+                // the end of the file as zeros).
+                let reason = if host < self.geo.cluster_size() {
+                    Some(CorruptReason::PointsAtHeader)
+                } else if host >= self.file_end {
+                    Some(CorruptReason::PastEof)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(r) => Err(self.corrupt(Structure::DataCluster, host, r)),
+                    None => Ok(m),
+                }
+            }
             Mapping::Zero { host, .. } if host != 0 => self.check_data_cluster(host).map(|()| m),
             _ => Ok(m),
         }
     }
 
     /// The in-flight data allocation covering guest cluster `gc`, if any.
-    fn alloc_covering(&self, gc: u64) -> bool {
+    pub(super) fn alloc_covering(&self, gc: u64) -> bool {
         self.alloc_free.len() < self.allocs.len()
             && self.allocs.iter().flatten().any(|a| match a.what {
                 AllocWhat::Data { guest_cluster, .. } => {
                     (guest_cluster..guest_cluster + a.count).contains(&gc)
                 }
+                AllocWhat::Compressed { guest_cluster, .. } => guest_cluster == gc,
                 AllocWhat::L2Table { .. } => false,
             })
     }
 
-    fn new_alloc(&mut self, a: Alloc) -> u32 {
+    pub(super) fn new_alloc(&mut self, a: Alloc) -> u32 {
         let i = self
             .alloc_free
             .pop()
@@ -229,6 +246,20 @@ impl Image {
                     task.pos = extent_end;
                     continue;
                 }
+            }
+            if let Src::Compressed { host, len: stream } = src {
+                let buf = self.staging_buf(stream as usize);
+                let purpose = Purpose::CompressedRead {
+                    task: t,
+                    skip: (pos - (gc << cb)) as u32,
+                    start: (pos - origin) as usize,
+                    len: (extent_end - pos) as u32,
+                };
+                self.issue_buf(purpose, IoKind::Read, host, buf);
+                let task = self.task(t);
+                task.inflight += 1;
+                task.pos = extent_end;
+                continue;
             }
             let host = match src {
                 Src::Host(h) => Some(h),
@@ -300,8 +331,9 @@ impl Image {
             Mapping::Zero { .. } => Some(Src::Zero),
         };
         let src = match first {
-            Mapping::Compressed { .. } => {
-                return Err(RequestError::Unsupported(Feature::CompressedClusters).into())
+            Mapping::Compressed { host, len } => {
+                // One cluster at a time: each has a stream of its own.
+                return Ok((end.min((gc + 1) << cb), Src::Compressed { host, len }));
             }
             Mapping::Zero { .. } => Src::Zero,
             m => src_of(self, m).expect("data and unallocated entries have a source"),
@@ -323,6 +355,117 @@ impl Image {
             n += 1;
         }
         Ok((end.min((gc + n as u64) << cb), src))
+    }
+
+    // ---- compressed clusters ----
+
+    /// Frees the host space of a mapping dropped from an L2 entry: its cluster, or every
+    /// cluster a compressed stream touches (each holds one reference per stream).
+    pub(super) fn free_mapping(&mut self, m: Mapping) {
+        match m {
+            Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != 0 => {
+                self.queue_free(host)
+            }
+            Mapping::Compressed { host, len } => {
+                let cs = self.geo.cluster_size();
+                let mut c = host / cs * cs;
+                while c < host + len {
+                    self.queue_free(c);
+                    c += cs;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The decompression op for a stream read into `input`: output into `out`, bytes
+    /// `skip..` of the cluster.
+    fn issue_decompress(&mut self, purpose: Purpose, input: IoBuf, skip: u32, out: Segment) {
+        let cs = self.geo.cluster_size() as usize;
+        let mut segs = ArrayVec::new();
+        segs.push(Segment::Buf(input));
+        segs.push(Segment::Buf(self.staging_buf(cs)));
+        segs.push(out);
+        let kind = IoKind::Decompress {
+            cluster_size: cs as u32,
+            skip,
+            zstd: self.hdr.compression_type == 1,
+        };
+        self.issue(purpose, kind, 0, segs);
+    }
+
+    /// A compressed stream for a guest read came in: decompress it into the guest buffer.
+    /// (The stream's op slot just came back: there is room for the decompression.)
+    pub(super) fn compressed_read_done(
+        &mut self,
+        t: u32,
+        (skip, start, len): (u32, usize, u32),
+        op: IoOp,
+        result: Result<(), IoError>,
+    ) {
+        let input = op.segments.into_iter().next();
+        let input = match (result, input) {
+            (Ok(()), Some(Segment::Buf(b))) => b,
+            (r, _) => {
+                let e = self.io_error(r.err().unwrap_or(crate::io::IoError {
+                    kind: std::io::ErrorKind::InvalidData,
+                    raw_os_error: None,
+                }));
+                return self.task_io_done(t, Err(e));
+            }
+        };
+        let req = self.task(t).req;
+        let out = Segment::Guest {
+            req,
+            start,
+            len: len as usize,
+        };
+        self.issue_decompress(Purpose::Decompress { task: t }, input, skip, out);
+    }
+
+    /// A compressed stream for copy-on-write came in: decompress the part into staging.
+    pub(super) fn compressed_cow_done(
+        &mut self,
+        a: u32,
+        part: u8,
+        skip: u32,
+        op: IoOp,
+        result: Result<(), IoError>,
+    ) {
+        let input = op.segments.into_iter().next();
+        let input = match (result, input) {
+            (Ok(()), Some(Segment::Buf(b))) => b,
+            (r, _) => {
+                let e = self.io_error(r.err().unwrap_or(crate::io::IoError {
+                    kind: std::io::ErrorKind::InvalidData,
+                    raw_os_error: None,
+                }));
+                return self.cow_part_done(a, part, Err(e));
+            }
+        };
+        let len = match &self.allocs[a as usize]
+            .as_ref()
+            .expect("live allocation")
+            .what
+        {
+            AllocWhat::Data { head, tail, .. } => [*head, *tail][part as usize],
+            AllocWhat::L2Table { .. } | AllocWhat::Compressed { .. } => 0,
+        };
+        let out = Segment::Buf(self.staging_buf(len as usize));
+        self.issue_decompress(Purpose::DecompressCow { alloc: a, part }, input, skip, out);
+    }
+
+    /// A failed decompression: a stream that does not decompress is corruption.
+    pub(super) fn decompress_error(&mut self, e: IoError) -> RequestError {
+        if e.kind == std::io::ErrorKind::InvalidData {
+            RequestError::Corrupt(crate::error::Corruption {
+                structure: Structure::DataCluster,
+                offset: 0,
+                reason: CorruptReason::BadCompressedData,
+            })
+        } else {
+            self.io_error(e)
+        }
     }
 
     // ---- write and write-zeroes ----
@@ -425,8 +568,9 @@ impl Image {
     /// Gives back the clusters of an allocation that will never be linked.
     fn abort_alloc(&mut self, a: u32) {
         let alloc = self.drop_alloc(a);
+        let first = alloc.host >> self.geo.cluster_bits << self.geo.cluster_bits;
         for i in 0..alloc.count {
-            self.queue_free(alloc.host + (i << self.geo.cluster_bits));
+            self.queue_free(first + (i << self.geo.cluster_bits));
         }
         if let AllocWhat::Data { staged, .. } = alloc.what {
             for b in staged.into_iter().flatten() {
@@ -456,9 +600,6 @@ impl Image {
             Body::Zeroes => Segment::Zeroes(len as usize),
         };
         match first {
-            Mapping::Compressed { .. } => {
-                Err(RequestError::Unsupported(Feature::CompressedClusters).into())
-            }
             Mapping::Data { host, copied: true } => {
                 let mut n = 1;
                 while idx + n < self.per_slice()
@@ -542,6 +683,11 @@ impl Image {
                 let cow = |m: Mapping, host_off: u64, at: u64, len: u64| match m {
                     _ if len == 0 => None,
                     Mapping::Data { host: h, .. } => Some(Cow::Host(h + host_off)),
+                    Mapping::Compressed { host, len: stream } => Some(Cow::Compressed {
+                        host,
+                        len: stream,
+                        skip: host_off,
+                    }),
                     Mapping::Unallocated if backing_size.is_some_and(|s| at < s) => {
                         Some(Cow::Backing(at))
                     }
@@ -578,6 +724,19 @@ impl Image {
                             self.issue_buf(purpose, IoKind::Read, src, buf);
                         }
                         Some(Cow::Backing(at)) => self.backing_cow_read(a, part, at, len),
+                        Some(Cow::Compressed {
+                            host,
+                            len: stream,
+                            skip,
+                        }) => {
+                            let buf = self.staging_buf(stream as usize);
+                            let purpose = Purpose::CompressedCow {
+                                alloc: a,
+                                part,
+                                skip: skip as u32,
+                            };
+                            self.issue_buf(purpose, IoKind::Read, host, buf);
+                        }
                         None => {}
                     }
                 }
@@ -724,7 +883,7 @@ impl Image {
                 Some(b) => &mut b.as_mut_slice()[start..start + len],
                 None => &mut [],
             },
-            AllocWhat::L2Table { .. } => &mut [],
+            AllocWhat::L2Table { .. } | AllocWhat::Compressed { .. } => &mut [],
         }
     }
 
@@ -757,11 +916,10 @@ impl Image {
         let cb = self.geo.cluster_bits;
         let alloc = self.allocs[a as usize].as_ref().expect("live allocation");
         let (host, count) = (alloc.host, alloc.count);
-        let AllocWhat::Data {
-            guest_cluster: gc, ..
-        } = alloc.what
-        else {
-            return Ok(());
+        let (gc, stream) = match alloc.what {
+            AllocWhat::Data { guest_cluster, .. } => (guest_cluster, None),
+            AllocWhat::Compressed { guest_cluster, len } => (guest_cluster, Some(len)),
+            AllocWhat::L2Table { .. } => return Ok(()),
         };
         let l1i = gc >> self.geo.l2_bits;
         let raw = self.l1[l1i as usize];
@@ -774,14 +932,19 @@ impl Image {
             .into());
         }
         let (slot, idx) = self.l2_entry_slot(raw & OFFSET_MASK, gc)?;
+        if let Some(len) = stream {
+            let entry = crate::codec::compressed_entry(host, len, cb)
+                .expect("streams are shorter than a cluster, placed below 2^56");
+            self.set_entry(slot, idx, L2Entry(entry));
+            self.drop_alloc(a);
+            self.wake_all();
+            return Ok(());
+        }
         for i in 0..count as usize {
-            match self.entry(slot, idx + i).mapping(cb) {
-                Mapping::Data {
-                    host: h,
-                    copied: false,
-                } => self.queue_free(h),
-                Mapping::Zero { host: h, .. } if h != 0 => self.queue_free(h),
-                _ => {}
+            let m = self.entry(slot, idx + i).mapping(cb);
+            if !matches!(m, Mapping::Data { copied: true, .. }) {
+                // (Unallocated and zero-without-host entries free nothing.)
+                self.free_mapping(m);
             }
             self.set_entry(
                 slot,
@@ -798,7 +961,7 @@ impl Image {
 
     /// The L2 table of L1 index `l1i`, writable in place; starts making one (new, or a copy
     /// of a table shared with a snapshot) and parks when there is none.
-    fn owned_l2(&mut self, t: u32, l1i: u64) -> Result<u64, Block> {
+    pub(super) fn owned_l2(&mut self, t: u32, l1i: u64) -> Result<u64, Block> {
         let raw = self.l1[l1i as usize];
         let old = match self.l1_l2(l1i)? {
             Some(off) if raw & COPIED != 0 => return Ok(off),
@@ -952,12 +1115,12 @@ impl Image {
             && !self.alloc_covering(gc + n as u64)
         {
             let m = self.mapping(self.entry(slot, idx + n))?;
-            let (new, free) = edit_entry(m, edit, v3, self.names_backing())?;
+            let (new, free) = edit_entry(m, edit, v3, self.names_backing());
             if let Some(e) = new {
                 self.set_entry(slot, idx + n, e);
             }
-            if let Some(h) = free {
-                self.queue_free(h);
+            if let Some(m) = free {
+                self.free_mapping(m);
             }
             n += 1;
         }

@@ -271,8 +271,6 @@ impl Layout {
             Some(Feature::ExternalDataFile)
         } else if h.incompatible_features & incompat::EXTENDED_L2 != 0 {
             Some(Feature::ExtendedL2)
-        } else if h.compression_type == 1 {
-            Some(Feature::ZstdCompression)
         } else if h.incompatible_features & incompat::DIRTY != 0 && !read_only {
             Some(Feature::DirtyImageRepair)
         } else {
