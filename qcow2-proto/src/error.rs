@@ -444,7 +444,9 @@ pub enum RequestError {
     CheckOnly,
     /// A compressed write that is not one whole cluster, or whose cluster is allocated
     /// (compressed clusters are never overwritten in place; QEMU refuses the same).
-    #[error("Compressed writes must cover exactly one whole, unallocated cluster (guest offset {0:#x})")]
+    #[error(
+        "Compressed writes must cover exactly one whole, unallocated cluster (guest offset {0:#x})"
+    )]
     CompressedWrite(u64),
     /// The request's options cannot be honoured (a backing name that does not fit, ...).
     #[error(transparent)]

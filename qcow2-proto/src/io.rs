@@ -274,7 +274,9 @@ pub fn compress_op(op: &mut IoOp, guest: &[u8]) -> Result<usize, IoError> {
     if guest.len() > cs || out.capacity() < cs {
         return Err(bad_data());
     }
-    out.resize(crate::codec::max_compressed_len(cluster_size.trailing_zeros()));
+    out.resize(crate::codec::max_compressed_len(
+        cluster_size.trailing_zeros(),
+    ));
     let padded;
     let input = if guest.len() < cs {
         // The image's partial last cluster: compressed as a whole one, as QEMU does.

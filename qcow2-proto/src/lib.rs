@@ -120,6 +120,7 @@ pub use error::{
 pub use event::Event;
 pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};
 pub use io::{
-    compress_op, decompress_op, IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments, Target, PAGE_SIZE,
+    compress_op, decompress_op, IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments,
+    Target, PAGE_SIZE,
 };
 pub use request::{Allocation, BlockStatus, Outcome, ReqId, Request};

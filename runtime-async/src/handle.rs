@@ -186,8 +186,11 @@ impl Image {
     /// Writes one cluster compressed (`qemu-img convert -c`): `offset` cluster aligned,
     /// `buf` a whole cluster (or the image's partial last one), the cluster unallocated.
     pub async fn write_compressed<B: GuestBuf>(&self, buf: B, offset: u64) -> BufResult<(), B> {
-        self.with_buf(buf, offset, |offset, len| Request::WriteCompressed { offset, len })
-            .await
+        self.with_buf(buf, offset, |offset, len| Request::WriteCompressed {
+            offset,
+            len,
+        })
+        .await
     }
 
     /// Makes `len` guest bytes at `offset` read as zero; `unmap` lets host space go.

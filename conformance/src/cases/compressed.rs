@@ -242,7 +242,10 @@ pub fn we_write_compressed<H: Harness>(h: &H) {
             let mut buf = vec![0u8; n as usize];
             model.read(at, &mut buf);
             if buf.iter().any(|&b| b != 0) {
-                must(disk.write_compressed(&buf, at), format!("{layout}: cluster {at:#x}"));
+                must(
+                    disk.write_compressed(&buf, at),
+                    format!("{layout}: cluster {at:#x}"),
+                );
             }
             at += n;
         }
@@ -260,7 +263,10 @@ pub fn we_write_compressed<H: Harness>(h: &H) {
             panic!("{layout}: qemu-img reads our compressed image differently: {e}");
         }
         let map = q.img(&["map", "--output=json", &path.display().to_string()]);
-        assert!(map.contains("\"compressed\": true"), "{layout}: nothing compressed:\n{map}");
+        assert!(
+            map.contains("\"compressed\": true"),
+            "{layout}: nothing compressed:\n{map}"
+        );
         // Rewrite and discard some compressed clusters: the shared clusters' refcounts
         // must come down exactly.
         let mut disk = must(h.open(&path, Mode::writable()), layout);
