@@ -97,9 +97,30 @@ const CASES: &[&[&str]] = &[
     &["-f", "qcow2", "-o", "size=1M", "a.qcow2", "1M"],
     &["-f", "raw", "-o", "preallocation=metadata", "r.raw", "1M"],
     &["-f", "qcow2", "-o", "cluster_size=512", "a.qcow2", "1P"],
-    &["-f", "qcow2", "-o", "compression_type=zstd", "a.qcow2", "1M"],
-    &["-f", "qcow2", "-o", "compression_type=zlib", "a.qcow2", "1M"],
-    &["-f", "qcow2", "-o", "compat=0.10,compression_type=zstd", "a.qcow2", "1M"],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "a.qcow2",
+        "1M",
+    ],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zlib",
+        "a.qcow2",
+        "1M",
+    ],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,compression_type=zstd",
+        "a.qcow2",
+        "1M",
+    ],
     &["-f", "qcow2", "-o", "compression_type=lz4", "a.qcow2", "1M"],
 ];
 
@@ -279,11 +300,7 @@ fn compare_with_qemu(cases: &[&[&str]], setup: impl Fn(&Scratch)) {
 #[test]
 fn unsupported_options_fail_clearly() {
     let sc = Scratch::new();
-    for o in [
-        "data_file=x.raw",
-        "extended_l2=on",
-        "encrypt.format=luks",
-    ] {
+    for o in ["data_file=x.raw", "extended_l2=on", "encrypt.format=luks"] {
         let out = sc.ours(&["create", "-f", "qcow2", "-o", o, "a.qcow2", "1M"]);
         assert_eq!(out.status.code(), Some(1), "{o}");
         assert!(
