@@ -162,13 +162,22 @@ pub struct Disk {
 
 /// Describes why the qcow2 image at `path` could not be opened, like qemu-img.
 pub fn qcow2_open_error(path: &Path, e: &qcow2_sync::Error) -> CliError {
+    let p = path.display();
     match e {
         qcow2_sync::Error::File { source, .. } => open_error(path, source),
-        _ => CliError::new(format!(
-            "Could not open '{}': {}",
-            path.display(),
-            engine_error(e)
+        qcow2_sync::Error::BackingFile {
+            path: backing,
+            source,
+            ..
+        } => CliError::new(format!(
+            "Could not open '{p}': Could not open backing file: Could not open '{}': {}",
+            backing.display(),
+            strerror(source)
         )),
+        qcow2_sync::Error::Open(qcow2_sync::OpenError::Backing { reason, .. }) => CliError::new(
+            format!("Could not open '{p}': Could not open backing file: {reason}"),
+        ),
+        _ => CliError::new(format!("Could not open '{p}': {}", engine_error(e))),
     }
 }
 
@@ -309,6 +318,15 @@ impl Disk {
         match &mut self.inner {
             Inner::Qcow2(img) => img.discard(offset, len).map_err(|e| engine_error(&e)),
             Inner::Raw(r) => r.discard(offset, len).map_err(|e| strerror(&e)),
+        }
+    }
+
+    /// Changes the virtual size (a raw file's length; a qcow2 image's header size; growing
+    /// only: data past a smaller size would be refused).
+    pub fn resize(&mut self, size: u64) -> Result<(), String> {
+        match &mut self.inner {
+            Inner::Qcow2(img) => img.resize(size, false).map_err(|e| engine_error(&e)),
+            Inner::Raw(r) => r.resize(size).map_err(|e| strerror(&e)),
         }
     }
 
@@ -498,4 +516,90 @@ impl Disk {
             st.zero |= ext.hole;
         }
     }
+}
+
+/// Where a backing file name leads, as qemu resolves it for the image at `image`
+/// (`bdrv_get_full_backing_filename_from_filename`): absolute names stay, relative ones are
+/// taken from the image's directory.
+pub fn backing_path(image: &Path, name: &str) -> PathBuf {
+    match Path::new(name) {
+        p if p.is_absolute() => p.to_owned(),
+        p => image.parent().unwrap_or(Path::new("")).join(p),
+    }
+}
+
+/// Opens a backing file given on the command line, as `format` or probed by magic; the
+/// error is qemu's message for it, which does not name the file a second time.
+pub fn open_backing(
+    path: &Path,
+    format: Option<Format>,
+    opts: DiskOptions,
+    inspect_only: bool,
+) -> Result<Disk, String> {
+    let named = format!("Could not open '{}': ", path.display());
+    let inner = |e: CliError| match e.message.strip_prefix(&named) {
+        Some(rest) => rest.to_owned(),
+        None => e.message,
+    };
+    let format = match format {
+        Some(f) => f,
+        None => probe(path).map_err(inner)?,
+    };
+    Disk::open_with(path, format, opts, false, inspect_only).map_err(inner)
+}
+
+/// qemu's `bdrv_find_backing_image`: the depth (1: the image's backing file) of the file of
+/// `img`'s chain that `name` names, taking `name` as each layer in turn would (relative to
+/// its directory) and comparing canonical paths.
+pub fn find_backing_layer(img: &Image, image_path: &Path, name: &str) -> Option<u32> {
+    let mut namer = image_path;
+    for (depth, layer) in (1..).zip(img.backing_paths()) {
+        let same = (
+            backing_path(namer, name).canonicalize(),
+            layer.canonicalize(),
+        );
+        if matches!(same, (Ok(a), Ok(b)) if a == b) {
+            return Some(depth);
+        }
+        namer = layer;
+    }
+    None
+}
+
+/// The format of the file at `depth` (1: the backing file) of `img`'s chain: what the layer
+/// above names in its backing-format extension, else the probed one (as the engine does).
+pub fn layer_format(img: &Image, depth: u32) -> Result<Format, CliError> {
+    let paths = img.backing_paths();
+    let path = paths
+        .get(depth as usize - 1)
+        .ok_or_else(|| CliError::new("no such layer in the backing chain"))?;
+    let named = if depth == 1 {
+        img.info().backing_format.clone()
+    } else {
+        let above = paths[depth as usize - 2];
+        let o = OpenOptions {
+            read_only: true,
+            force_share: true,
+            inspect_only: true,
+            backing: qcow2_sync::BackingPolicy::Skip,
+            ..OpenOptions::default()
+        };
+        Image::open(above, &o)
+            .map_err(|e| qcow2_open_error(above, &e))?
+            .info()
+            .backing_format
+            .clone()
+    };
+    match named.as_deref().map(Format::parse) {
+        Some(Ok(f)) => Ok(f),
+        _ => probe(path),
+    }
+}
+
+/// Where qemu's qcow2 driver ends one block-status answer starting at `offset`: at the end
+/// of the L2 slice (4 KiB of entries, or one cluster of them for smaller clusters) that maps
+/// it. qemu-img's loops step by these answers; following them keeps our output the same.
+pub fn l2_slice_end(offset: u64, cluster_size: u64) -> u64 {
+    let covered = (cluster_size.min(4096) / 8) * cluster_size;
+    (offset / covered + 1) * covered
 }

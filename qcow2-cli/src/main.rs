@@ -51,6 +51,10 @@ enum Command {
     Compare(CompareArgs),
     /// Change an image's virtual size.
     Resize(ResizeArgs),
+    /// Change an image's backing file (copying what differs, unless `-u`).
+    Rebase(RebaseArgs),
+    /// Write an image's changes into its backing file.
+    Commit(CommitArgs),
     /// Run qemu-io-like commands (`read`, `write`, `discard`, `flush`) on an image.
     Io(IoArgs),
     /// Measure the engine against a raw file (MB/s, IOPS, ratios).
@@ -180,9 +184,13 @@ pub struct ConvertArgs {
     /// Compress the target (not supported yet).
     #[arg(short = 'c', long = "compress")]
     pub compress: bool,
-    /// Backing file of the target (not supported yet).
-    #[arg(short = 'B', long = "target-backing")]
+    /// Backing file of the target: it is created as an overlay of it, and only what the
+    /// source's top layer stores is copied.
+    #[arg(short = 'B', long = "backing", visible_alias = "target-backing")]
     pub backing: Option<String>,
+    /// Format of the target's backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
     /// Parallel requests (accepted; this tool copies sequentially).
     #[arg(short = 'm', long = "parallel")]
     pub parallel: Option<u32>,
@@ -316,6 +324,84 @@ pub struct ResizeArgs {
     pub size: String,
 }
 
+/// `rebase` options.
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Cache mode of the image.
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// Cache mode of the old and new backing files.
+    #[arg(short = 'T', long = "backing-cache")]
+    pub backing_cache: Option<String>,
+    /// The new backing file (`""`: none).
+    #[arg(short = 'b', long = "backing")]
+    pub backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
+    /// Unsafe: only change the name in the header; the old backing file is not opened.
+    #[arg(short = 'u', long = "backing-unsafe")]
+    pub unsafe_rebase: bool,
+    /// Compress the data copied (not supported yet).
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Open the new backing file sharing it with writers.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// qemu objects such as secrets (not supported yet).
+    #[arg(long)]
+    pub object: Vec<String>,
+    /// The image is a qemu option string (not supported yet).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image.
+    pub files: Vec<PathBuf>,
+}
+
+/// `commit` options.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Cache mode of the image and the file committed into.
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// The file of the backing chain to commit into (default: the backing file); implies
+    /// `-d`.
+    #[arg(short = 'b', long = "base")]
+    pub base: Option<String>,
+    /// Do not empty the image afterwards.
+    #[arg(short = 'd', long = "drop")]
+    pub drop: bool,
+    /// I/O rate limit in bytes per second (not supported yet).
+    #[arg(short = 'r', long = "rate-limit")]
+    pub rate_limit: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// qemu objects such as secrets (not supported yet).
+    #[arg(long)]
+    pub object: Vec<String>,
+    /// The image is a qemu option string (not supported yet).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// The image.
+    pub files: Vec<PathBuf>,
+}
+
 /// `io` options.
 #[derive(Debug, Args)]
 pub struct IoArgs {
@@ -383,6 +469,8 @@ fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Measure(a) => cmd::measure::run(&a),
         Command::Compare(a) => cmd::compare::run(&a),
         Command::Resize(a) => cmd::resize::run(&a),
+        Command::Rebase(a) => cmd::rebase::run(&a),
+        Command::Commit(a) => cmd::commit::run(&a),
         Command::Io(a) => cmd::io::run(&a),
         Command::Bench(a) => cmd::bench::run(&a),
     }

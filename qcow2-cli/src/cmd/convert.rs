@@ -1,14 +1,23 @@
 //! `convert`: copy one or more images (concatenated) into a new or existing one, keeping it
 //! sparse: ranges the source reports as zero or unallocated are skipped, and so are runs of
 //! zero bytes at least `-S` long (default 4 KiB) inside data.
+//!
+//! With a backing file for the target (`-B`, or `-o backing_file=`), the target is created
+//! as its overlay and, as qemu-img does, only what the source's top layer stores is copied:
+//! what the source leaves to its own backing chain is left unallocated (the new backing file
+//! is taken to hold the same), zeroes are written as zeroes, except past the end of the new
+//! backing file, where the target reads as zero anyway.
 
 use std::collections::VecDeque;
 
 use qcow2_sync::{Cache, OpenOptions};
 
-use crate::cmd::create::{create_image, plan, split_options, wants_help};
+use crate::cmd::create::{add_backing_options, create_image, plan, split_options, wants_help};
 use crate::cmd::{parse_cache, parse_size_arg};
-use crate::disk::{engine_error, qcow2_open_error, resolve_format, Disk, DiskOptions, Format};
+use crate::disk::{
+    backing_path, engine_error, l2_slice_end, open_backing, qcow2_open_error, resolve_format, Disk,
+    DiskOptions, Format, Status,
+};
 use crate::error::{CliError, CmdResult};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
@@ -25,11 +34,6 @@ const WINDOW: usize = 8;
 pub fn run(a: &ConvertArgs) -> CmdResult {
     if a.compress {
         return Err(CliError::new("Compressed output (-c) is not supported yet"));
-    }
-    if a.backing.is_some() {
-        return Err(CliError::new(
-            "Target backing files (-B) are not supported yet",
-        ));
     }
     let target_format = Format::parse(&a.target_format)?;
     let opts = split_options(&a.options);
@@ -80,19 +84,50 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     let total: u64 = srcs.iter().map(Disk::len).sum();
 
     let dst_name = dst_path.display();
-    if a.no_create {
+    let mut opts = opts;
+    let backing = if a.no_create {
         if !opts.is_empty() {
             return Err(CliError::new(
                 "-o has no effect when skipping image creation",
             ));
         }
+        a.backing.clone().map(|name| (name, None))
     } else {
-        let plan = plan(target_format, &opts, Some(total))
-            .map_err(|e| CliError::new(format!("{dst_name}: {e}")))?;
-        if let Some(e) = plan.late_error {
-            return Err(CliError::new(format!("{dst_name}: {e}")));
+        target_backing(a, target_format, &mut opts)?
+    };
+    if backing.is_some() {
+        if a.target_is_zero {
+            // (qemu-img 10.0 reports this and exits with status 0, having done nothing.)
+            return Err(CliError::with_code(
+                0,
+                "Cannot use --target-is-zero when the destination image has a backing file",
+            ));
         }
-        create_image(dst_path, &plan).map_err(|e| CliError::new(format!("{dst_name}: {e}")))?;
+        if srcs.len() > 1 {
+            return Err(CliError::new(
+                "Having a backing file for the target makes no sense when concatenating multiple input images",
+            ));
+        }
+    }
+    if !a.no_create {
+        if let Some((_, None)) = &backing {
+            return Err(CliError::new(
+                "Use of backing file requires explicit backing format",
+            ));
+        }
+        // Options qemu rejects while parsing them are reported alone; what its image
+        // creation rejects, as an error converting to the format.
+        let plan = plan(target_format, &opts, Some(total)).map_err(CliError::new)?;
+        let creating = |e: String| {
+            CliError::new(format!(
+                "{dst_name}: error while converting {}: {e}",
+                target_format.name()
+            ))
+        };
+        if let Some(e) = plan.late_error {
+            return Err(creating(e));
+        }
+        create_image(dst_path, &plan).map_err(creating)?;
     }
     let mut dst = Sink::open(dst_path, target_format, dst_cache, runtime)?;
     if dst.len() < total {
@@ -101,18 +136,37 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             dst.len()
         )));
     }
-    let target_zero = !a.no_create || a.target_is_zero;
+    // The new backing file's length: past it, zeroes need not be written (unknown with
+    // `-n`, as for qemu).
+    let backing = backing.map(|(name, format)| {
+        let format = format.and_then(|f| Format::parse(&f).ok());
+        let opts = DiskOptions {
+            read_only: true,
+            force_share: true,
+            ..DiskOptions::default()
+        };
+        let path = backing_path(dst_path, &name);
+        let len = match a.no_create {
+            true => None,
+            false => open_backing(&path, format, opts, true)
+                .ok()
+                .map(|d| d.len()),
+        };
+        TargetBacking { len }
+    });
+    let target_zero = backing.is_none() && (!a.no_create || a.target_is_zero);
 
     // Progress counts the bytes the sources store as data, as qemu-img's does.
     let mut data_total = 0u64;
     for src in &mut srcs {
-        data_total += data_bytes(src)?;
+        data_total += data_bytes(src, backing)?;
     }
     let mut progress = Progress::new(a.progress && !a.quiet, 1.0);
     progress.set(0.0);
     let mut copier = Copier {
         dst: &mut dst,
         target_zero,
+        backing,
         sparse,
         data_total,
         data_done: 0,
@@ -138,17 +192,116 @@ fn write_error(offset: u64, e: &str) -> CliError {
     CliError::new(format!("error while writing at byte {offset}: {e}"))
 }
 
-/// Bytes `src` stores as data (not zero, not unallocated).
-fn data_bytes(src: &mut Disk) -> Result<u64, CliError> {
+/// The target's backing file (`-B`), as the copy needs it.
+#[derive(Clone, Copy, Debug)]
+struct TargetBacking {
+    /// Its virtual size, when known.
+    len: Option<u64>,
+}
+
+/// The target's backing file: `-B` and `-F` (which win over `-o backing_file=` and
+/// `backing_fmt=`, being added after them), with its format if one is given.
+fn target_backing(
+    a: &ConvertArgs,
+    format: Format,
+    opts: &mut Vec<(String, String)>,
+) -> Result<Option<(String, Option<String>)>, CliError> {
+    if format == Format::Raw {
+        if a.backing.is_some() {
+            return Err(CliError::new(
+                "Backing file not supported for file format 'raw'",
+            ));
+        }
+        if a.backing_format.is_some() {
+            return Err(CliError::new(
+                "Backing file format not supported for file format 'raw'",
+            ));
+        }
+    }
+    let (name, format) =
+        add_backing_options(opts, a.backing.as_deref(), a.backing_format.as_deref());
+    Ok(name.map(|name| (name, format)))
+}
+
+/// What convert does with an extent of a source.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Kind {
+    /// Leave the target unallocated there (its backing file shows).
+    Skip,
+    /// Zeroes.
+    Zero,
+    /// Data to copy.
+    Data,
+}
+
+/// qemu's largest request (`BDRV_REQUEST_MAX_BYTES`): one block-status query covers at most
+/// this much.
+const MAX_REQUEST: u64 = (i32::MAX as u64 >> 9) << 9;
+
+/// qemu-img's `convert_iteration_sectors`: what to do with the source extent at `off`
+/// (target offset `at`), and how long it is.
+///
+/// With a target backing file only the source's top layer counts, as
+/// `bdrv_block_status_above(source, its backing file)` sees it: what the top layer leaves
+/// to its backing chain is skipped, in runs as qemu's qcow2 driver reports them (to the end
+/// of an L2 slice), which read as zero when they start past the end of the source's backing
+/// file (or it has none); zeroes past the end of the target's backing file need no writing.
+fn next_extent(
+    src: &mut Disk,
+    off: u64,
+    at: u64,
+    backing: Option<TargetBacking>,
+) -> Result<(Kind, u64), CliError> {
+    let mut max = src.len() - off;
+    let status =
+        |src: &mut Disk, off: u64, max: u64| src.status(off, max).map_err(|e| read_error(off, &e));
+    let Some(b) = backing else {
+        let st = status(src, off, max)?;
+        return Ok((if st.zero { Kind::Zero } else { Kind::Data }, st.len));
+    };
+    max = max.min(MAX_REQUEST);
+    let past_backing = match b.len {
+        Some(end) if at >= end => true,
+        Some(end) => {
+            max = max.min(end - at);
+            false
+        }
+        None => false,
+    };
+    let st = status(src, off, max)?;
+    let in_top = |st: &Status| st.depth == 0 && st.present;
+    if in_top(&st) {
+        let kind = match (st.zero, past_backing) {
+            (false, _) => Kind::Data,
+            (true, false) => Kind::Zero,
+            (true, true) => Kind::Skip,
+        };
+        return Ok((kind, st.len));
+    }
+    let zero = st.depth == 0 && !past_backing;
+    let cluster = src.qcow2().map_or(512, |img| img.info().cluster_size);
+    let limit = max.min(l2_slice_end(off, cluster) - off);
+    let mut n = st.len.min(limit);
+    while n < limit {
+        let next = status(src, off + n, limit - n)?;
+        if in_top(&next) {
+            break;
+        }
+        n += next.len.min(limit - n);
+    }
+    Ok((if zero { Kind::Zero } else { Kind::Skip }, n))
+}
+
+/// Bytes `src` stores as data (not zero, not unallocated; with a target backing file, in
+/// its top layer only).
+fn data_bytes(src: &mut Disk, backing: Option<TargetBacking>) -> Result<u64, CliError> {
     let (mut off, len, mut sum) = (0, src.len(), 0);
     while off < len {
-        let st = src
-            .status(off, len - off)
-            .map_err(|e| read_error(off, &e))?;
-        if !st.zero {
-            sum += st.len;
+        let (kind, n) = next_extent(src, off, off, backing)?;
+        if kind == Kind::Data {
+            sum += n;
         }
-        off += st.len;
+        off += n;
     }
     Ok(sum)
 }
@@ -267,6 +420,7 @@ impl Sink {
 struct Copier<'a> {
     dst: &'a mut Sink,
     target_zero: bool,
+    backing: Option<TargetBacking>,
     sparse: u64,
     data_total: u64,
     data_done: u64,
@@ -279,22 +433,24 @@ impl Copier<'_> {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut off = 0;
         while off < len {
-            let st = src
-                .status(off, len - off)
-                .map_err(|e| read_error(off, &e))?;
-            if st.zero && self.sparse > 0 {
-                self.zero(base + off, st.len)?;
-                off += st.len;
+            let (kind, n) = next_extent(src, off, base + off, self.backing)?;
+            if kind == Kind::Skip {
+                off += n;
                 continue;
             }
-            let end = off + st.len;
+            if kind == Kind::Zero && self.sparse > 0 {
+                self.zero(base + off, n)?;
+                off += n;
+                continue;
+            }
+            let end = off + n;
             while off < end {
                 let n = (end - off).min(CHUNK);
                 let chunk = &mut buf[..n as usize];
                 src.read_at(chunk, off).map_err(|e| read_error(off, &e))?;
                 self.write(chunk, base + off)?;
                 off += n;
-                if !st.zero {
+                if kind == Kind::Data {
                     self.data_done += n;
                     if self.data_total > 0 {
                         self.progress

@@ -104,6 +104,29 @@ pub fn split_options(opts: &[String]) -> Vec<(String, String)> {
     out
 }
 
+/// Adds `-b` and `-F` (`backing`, `format`) to the `-o` options, after them: they win over
+/// `backing_file=` and `backing_fmt=`, as in qemu-img. Returns the backing file and format
+/// the options then name.
+pub fn add_backing_options(
+    opts: &mut Vec<(String, String)>,
+    backing: Option<&str>,
+    format: Option<&str>,
+) -> (Option<String>, Option<String>) {
+    if let Some(b) = backing {
+        opts.push(("backing_file".into(), b.into()));
+    }
+    if let Some(f) = format {
+        opts.push(("backing_fmt".into(), f.into()));
+    }
+    let last = |k: &str| {
+        opts.iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    (last("backing_file"), last("backing_fmt"))
+}
+
 /// Whether the options ask for help.
 pub fn wants_help(opts: &[(String, String)]) -> bool {
     opts.iter()
@@ -464,29 +487,14 @@ pub fn run(a: &CreateArgs) -> CmdResult {
             "--object is not supported yet (encryption is not implemented)",
         ));
     }
-    // `-b` and `-F` win over `-o backing_file=`/`backing_fmt=` (they come last).
     let mut opts = opts;
-    if let Some(b) = &a.backing {
-        opts.push(("backing_file".into(), b.clone()));
-    }
-    if let Some(f) = &a.backing_format {
-        opts.push(("backing_fmt".into(), f.clone()));
-    }
-    let last = |k: &str| {
-        opts.iter()
-            .rev()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-    };
+    let (backing, backing_format) =
+        add_backing_options(&mut opts, a.backing.as_deref(), a.backing_format.as_deref());
     let mut size = a.size.as_deref().map(parse_image_size).transpose()?;
-    if let (Format::Qcow2, Some(backing)) = (format, last("backing_file")) {
-        let size_of_backing = backing_size(
-            path,
-            &backing,
-            last("backing_fmt").as_deref(),
-            a.unsafe_backing,
-        )
-        .map_err(|e| CliError::new(format!("{name}: {e}")))?;
+    if let (Format::Qcow2, Some(backing)) = (format, backing) {
+        let size_of_backing =
+            backing_size(path, &backing, backing_format.as_deref(), a.unsafe_backing)
+                .map_err(|e| CliError::new(format!("{name}: {e}")))?;
         if size.is_none() && !opts.iter().any(|(k, _)| k == "size") {
             size = size_of_backing;
         }

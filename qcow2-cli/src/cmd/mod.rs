@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -9,6 +10,7 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 
 use qcow2_sync::Cache;
@@ -28,5 +30,27 @@ pub fn parse_cache(mode: Option<&str>, default: Cache) -> Result<Cache, CliError
 
 /// Parses a size option, naming the option in the error.
 pub fn parse_size_arg(value: &str, what: &str) -> Result<u64, CliError> {
-    parse_size(value).map_err(|_| CliError::new(format!("Invalid {what} specified: '{value}'")))
+    parse_size(value).map_err(|_| CliError::new(format!("Invalid {what} specified: '{value}'.")))
+}
+
+/// A command-line usage error, with qemu-img's pointer to the command's help.
+pub fn usage(command: &str, message: &str) -> CliError {
+    CliError::new(format!(
+        "{message}\nTry 'qcow2 {command} --help' for more info"
+    ))
+}
+
+/// Refuses qemu's `--object` and `--image-opts`, which this tool does not implement.
+pub fn refuse_qemu_objects(objects: &[String], image_opts: bool) -> Result<(), CliError> {
+    if !objects.is_empty() {
+        return Err(CliError::new(
+            "--object is not supported yet (encryption is not implemented)",
+        ));
+    }
+    if image_opts {
+        return Err(CliError::new(
+            "--image-opts is not supported yet (give the image's file name)",
+        ));
+    }
+    Ok(())
 }

@@ -122,6 +122,16 @@ impl Scratch {
         ok(&self.qemu_io(args), &format!("qemu-io {args:?}"))
     }
 
+    /// Runs the qemu-io `commands` (`write -P 1 0 64k`, ...) on `file` of format `fmt`.
+    pub fn qemu_io_cmds(&self, fmt: &str, file: &str, commands: &[&str]) {
+        let mut args = vec!["-f", fmt];
+        for c in commands {
+            args.extend(["-c", c]);
+        }
+        args.push(file);
+        self.qemu_io_ok(&args);
+    }
+
     /// Runs our tool and asserts it succeeded.
     pub fn ours_ok(&self, args: &[&str]) -> String {
         ok(&self.ours(args), &format!("qcow2 {args:?}"))
@@ -218,5 +228,161 @@ pub fn messages(out: &Output) -> String {
                 .unwrap_or_else(|| l.to_string());
             format!("{l}\n")
         })
+        .collect()
+}
+
+/// Stderr messages as [`messages`] gives them, with qemu-img's name in its pointers to a
+/// command's help (`Try 'qemu-img rebase --help' for more info`) put as ours.
+pub fn messages_as_ours(out: &Output) -> String {
+    messages(out).replace("Try 'qemu-img ", "Try 'qcow2 ")
+}
+
+/// Two scratch directories prepared alike: one for our tool, one for qemu-img.
+pub struct Twins {
+    /// Where our tool runs.
+    pub ours: Scratch,
+    /// Where qemu-img runs.
+    pub qemu: Scratch,
+}
+
+impl Twins {
+    /// Two directories, each prepared by `setup`.
+    pub fn new(setup: impl Fn(&Scratch)) -> Self {
+        let twins = Self {
+            ours: Scratch::new(),
+            qemu: Scratch::new(),
+        };
+        setup(&twins.ours);
+        setup(&twins.qemu);
+        twins
+    }
+
+    /// Runs the command `args` with our tool and with qemu-img, each in its directory, and
+    /// asserts the same stdout, exit status and messages; returns whether it succeeded.
+    pub fn run_both(&self, args: &[&str]) -> bool {
+        let ours = self.ours.ours(args);
+        let theirs = self.qemu.qemu_img(args);
+        assert_eq!(stdout(&ours), stdout(&theirs), "stdout of {args:?}");
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "status of {args:?}; ours said: {}",
+            stderr(&ours)
+        );
+        assert_eq!(
+            messages_as_ours(&ours),
+            messages_as_ours(&theirs),
+            "messages of {args:?}"
+        );
+        ours.status.success()
+    }
+
+    /// Asserts that `file` is the same image in both directories: the same guest contents
+    /// (`qemu-img compare`), the same size and backing file, and (qcow2) clean.
+    pub fn assert_same_image(&self, file: &str, what: &str) {
+        let (a, b) = (self.ours.path(file), self.qemu.path(file));
+        let out = self.ours.qemu_img(&["compare", "-U", s(&a), s(&b)]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{what}: {file} differs from qemu-img's: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        let info = |sc: &Scratch| {
+            let v = json(&sc.qemu_img_ok(&["info", "-U", "--output=json", file]));
+            let field = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+            [
+                "format",
+                "virtual-size",
+                "backing-filename",
+                "backing-filename-format",
+            ]
+            .map(field)
+        };
+        assert_eq!(info(&self.ours), info(&self.qemu), "{what}: info of {file}");
+        if file.ends_with(".qcow2") {
+            self.ours.qemu_img_ok(&["check", file]);
+        }
+    }
+}
+
+/// One run of `qemu-img map --output=json` without its host offset.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct MapRun {
+    /// Guest offset.
+    pub start: u64,
+    /// Length.
+    pub length: u64,
+    /// Layer of the chain.
+    pub depth: u64,
+    /// Allocated in that layer.
+    pub present: bool,
+    /// Reads as zero.
+    pub zero: bool,
+    /// Stores data.
+    pub data: bool,
+}
+
+/// How `file` is allocated, layer by layer, as `qemu-img map` says, without host offsets
+/// (runs that then look alike are merged: where data lands in the file is the engine's
+/// business).
+pub fn map_shape(sc: &Scratch, file: &str) -> Vec<MapRun> {
+    let v = json(&sc.qemu_img_ok(&["map", "-U", "--output=json", file]));
+    let mut runs: Vec<MapRun> = Vec::new();
+    for e in v.as_array().expect("map is an array") {
+        let num = |k: &str| e[k].as_u64().expect("number");
+        let flag = |k: &str| e[k].as_bool().expect("bool");
+        let run = MapRun {
+            start: num("start"),
+            length: num("length"),
+            depth: num("depth"),
+            present: flag("present"),
+            zero: flag("zero"),
+            data: flag("data"),
+        };
+        match runs.last_mut() {
+            Some(last)
+                if (last.depth, last.present, last.zero, last.data)
+                    == (run.depth, run.present, run.zero, run.data) =>
+            {
+                last.length += run.length
+            }
+            _ => runs.push(run),
+        }
+    }
+    runs
+}
+
+impl Scratch {
+    /// Three qcow2 files made by qemu: `base.qcow2` (4 MiB, data) under `mid.qcow2`
+    /// (`mid_cluster` clusters; data over the base's and past it, a zero cluster) under
+    /// `top.qcow2` (compat 0.10, 6 MiB: longer than the others; data, zeroes); and
+    /// `before.raw` and `mid.raw`, what the top and the middle show.
+    pub fn qemu_chain3(&self, mid_cluster: &str) {
+        self.qemu_img_ok(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+        self.qemu_io_cmds("qcow2", "base.qcow2", &["write -P 1 0 1M"]);
+        let o = format!("cluster_size={mid_cluster}");
+        self.qemu_overlay("mid.qcow2", "base.qcow2", "qcow2", &o, None);
+        self.qemu_io_cmds(
+            "qcow2",
+            "mid.qcow2",
+            &["write -P 2 512k 1M", "write -z 3M 64k"],
+        );
+        self.qemu_overlay("top.qcow2", "mid.qcow2", "qcow2", "compat=0.10", Some("6M"));
+        self.qemu_io_cmds(
+            "qcow2",
+            "top.qcow2",
+            &["write -P 3 1M 4k", "write -z 0 64k", "write -P 4 5M 64k"],
+        );
+        self.qemu_img_ok(&["convert", "-O", "raw", "top.qcow2", "before.raw"]);
+        self.qemu_img_ok(&["convert", "-O", "raw", "mid.qcow2", "mid.raw"]);
+    }
+}
+
+/// A command line written as one string: words split at spaces, `''` for an empty one.
+pub fn args(line: &str) -> Vec<&str> {
+    line.split_whitespace()
+        .map(|w| if w == "''" { "" } else { w })
         .collect()
 }
