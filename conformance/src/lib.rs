@@ -140,6 +140,7 @@ macro_rules! instantiate {
                 overlay_we_create,
                 unopenable_chains,
                 grow_over_longer_backing,
+                block_status_through_three_files,
             }
             features {
                 external_data_file,

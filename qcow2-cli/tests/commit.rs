@@ -128,10 +128,9 @@ fn commit_into_a_deeper_file() {
     commit_within_a_chain("64k");
 }
 
-/// The same with a middle file of 4 KiB clusters, on which the engine's block status
-/// through the chain stalls ("internal error: the engine stalled").
+/// The same with a middle file of 4 KiB clusters (found a stall: a status request to a
+/// backing file was submitted again while the first was in flight).
 #[test]
-#[ignore = "engine: block status through a three-file chain stalls"]
 fn commit_into_a_deeper_file_small_clusters() {
     commit_within_a_chain("4k");
 }

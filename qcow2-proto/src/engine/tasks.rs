@@ -1172,7 +1172,7 @@ impl Image {
         let cs = self.geo.cluster_size();
         let task = self.task(t);
         let (pos, end) = (task.pos, task.end);
-        if task.error.is_some() || pos >= end || task.status.is_some() {
+        if task.error.is_some() || pos >= end || task.status.is_some() || task.inflight > 0 {
             // (A status from the backing file lands while the task waits for it.)
             return task.inflight == 0;
         }
