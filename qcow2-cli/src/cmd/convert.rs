@@ -32,11 +32,18 @@ const WINDOW: usize = 8;
 
 /// Runs `convert`.
 pub fn run(a: &ConvertArgs) -> CmdResult {
-    if a.compress {
-        return Err(CliError::new("Compressed output (-c) is not supported yet"));
-    }
     let target_format = Format::parse(&a.target_format)?;
     let opts = split_options(&a.options);
+    if a.compress && target_format == Format::Raw {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    if a.compress && opts.iter().any(|(k, v)| k == "preallocation" && v != "off") {
+        return Err(CliError::new(
+            "Compression and preallocation not supported at the same time",
+        ));
+    }
     if wants_help(&opts) {
         return crate::cmd::create::run(&crate::CreateArgs {
             format: a.target_format.clone(),
@@ -163,8 +170,25 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     }
     let mut progress = Progress::new(a.progress && !a.quiet, 1.0);
     progress.set(0.0);
+    let compress = match a.compress {
+        true => Some(dst.cluster_size().filter(|cs| {
+            // Whole target clusters per source: several sources must fill whole clusters.
+            srcs.iter().rev().skip(1).all(|s| s.len() % cs == 0)
+        })),
+        false => None,
+    };
+    let compress = match compress {
+        Some(None) => {
+            return Err(CliError::new(
+                "Compressed output of several sources needs every source but the last to be a whole number of target clusters",
+            ))
+        }
+        Some(Some(cs)) => Some(cs),
+        None => None,
+    };
     let mut copier = Copier {
         dst: &mut dst,
+        compress,
         target_zero,
         backing,
         sparse,
@@ -399,6 +423,30 @@ impl Sink {
         }
     }
 
+    /// The target's cluster size (a qcow2 target).
+    fn cluster_size(&mut self) -> Option<u64> {
+        match self {
+            Self::Disk(d) => d.qcow2().map(|img| img.info().cluster_size),
+            Self::Async { img, .. } => Some(img.info().cluster_size),
+        }
+    }
+
+    /// Writes one whole cluster compressed (after the writes in flight).
+    fn write_compressed(&mut self, buf: &[u8], offset: u64) -> Result<(), String> {
+        self.drain(0)?;
+        match self {
+            Self::Disk(d) => match d.qcow2() {
+                Some(img) => img
+                    .write_compressed(buf, offset)
+                    .map_err(|e| engine_error(&e)),
+                None => Err("Compression not supported for this file format".into()),
+            },
+            Self::Async { img, .. } => smol::block_on(img.write_compressed(buf.to_vec(), offset))
+                .0
+                .map_err(|e| engine_error(&e)),
+        }
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), String> {
         match self {
             Self::Disk(d) => d.write_zeroes(offset, len, unmap),
@@ -419,6 +467,8 @@ impl Sink {
 
 struct Copier<'a> {
     dst: &'a mut Sink,
+    /// `-c`: write whole target clusters of this size compressed.
+    compress: Option<u64>,
     target_zero: bool,
     backing: Option<TargetBacking>,
     sparse: u64,
@@ -429,6 +479,9 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     fn copy(&mut self, src: &mut Disk, base: u64) -> Result<(), CliError> {
+        if let Some(cs) = self.compress {
+            return self.copy_compressed(src, base, cs);
+        }
         let len = src.len();
         let mut buf = vec![0u8; CHUNK as usize];
         let mut off = 0;
@@ -458,6 +511,43 @@ impl Copier<'_> {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `-c`: every target cluster holding data written compressed (whole: what the
+    /// source shows there, its backing files included), as qemu-img does; clusters the
+    /// source leaves to the target's backing file, or that read as zero, are not written.
+    fn copy_compressed(&mut self, src: &mut Disk, base: u64, cs: u64) -> Result<(), CliError> {
+        let len = src.len();
+        let mut buf = vec![0u8; cs as usize];
+        let mut off = 0;
+        while off < len {
+            let n = cs.min(len - off);
+            let (kind, run) = next_extent(src, off, base + off, self.backing)?;
+            if kind != Kind::Data && run >= n {
+                if kind == Kind::Zero {
+                    self.zero(base + off, n)?;
+                }
+                off += n;
+                continue;
+            }
+            let chunk = &mut buf[..n as usize];
+            src.read_at(chunk, off).map_err(|e| read_error(off, &e))?;
+            if chunk.iter().all(|&b| b == 0) {
+                self.zero(base + off, n)?;
+            } else {
+                self.dst
+                    .write_compressed(chunk, base + off)
+                    .map_err(|e| write_error(base + off, &e))?;
+            }
+            self.data_done += n;
+            if self.data_total > 0 {
+                let done = self.data_done.min(self.data_total);
+                self.progress
+                    .set((done as f64 * 100.0 / self.data_total as f64) as f32);
+            }
+            off += n;
         }
         Ok(())
     }
