@@ -550,6 +550,15 @@ impl Mem {
                     pos += n as u64;
                 }
             }
+            IoKind::Compress { .. } => {
+                let input = match op.segments.first() {
+                    Some(&Segment::Guest { req, start, len }) => {
+                        guest(&mut self.inflight, req)[start..start + len].to_vec()
+                    }
+                    _ => Vec::new(),
+                };
+                return qcow2_proto::compress_op(op, &input);
+            }
             IoKind::Decompress { .. } => {
                 let out = match op.segments.last() {
                     Some(&Segment::Guest { req, start, len }) => {

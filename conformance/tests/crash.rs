@@ -14,6 +14,7 @@ fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> C
         scripts: 48,
         script_len: 30,
         backing: false,
+        compressed: false,
     }
 }
 
@@ -131,6 +132,32 @@ fn faults_at_every_op_backing_v3_64k() {
             scripts: 16,
             backing: true,
             ..config(3, 65536, false, false)
+        },
+    );
+    assert!(t.runs >= 300, "only {} fault runs", t.runs);
+    assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
+}
+
+/// Compressed writes among the others: streams byte-packed into shared clusters, linked
+/// only once written; overwriting and discarding them frees their space.
+#[test]
+fn crash_compressed_writeback_v3_4k() {
+    let cfg = CrashConfig {
+        scripts: 64,
+        compressed: true,
+        ..config(3, 4096, false, false)
+    };
+    run("crash_compressed_writeback_v3_4k", cfg, 2000);
+}
+
+#[test]
+fn faults_at_every_op_compressed_v2_64k() {
+    let t = qcow2_conformance::sim::fault_test(
+        "faults_at_every_op_compressed_v2_64k",
+        CrashConfig {
+            scripts: 16,
+            compressed: true,
+            ..config(2, 65536, true, false)
         },
     );
     assert!(t.runs >= 300, "only {} fault runs", t.runs);

@@ -305,6 +305,15 @@ impl Sim {
                 self.disk.write(op.offset, &data);
                 data.len()
             }
+            IoKind::Compress { .. } => {
+                let input = match op.segments.first() {
+                    Some(&Segment::Guest { req, start, len }) => {
+                        self.bufs[&req][start..start + len].to_vec()
+                    }
+                    _ => Vec::new(),
+                };
+                qcow2_proto::compress_op(op, &input).expect("the engine's compress ops are valid")
+            }
             IoKind::Decompress { .. } => {
                 let out = match op.segments.last() {
                     Some(&Segment::Guest { req, start, len }) => {

@@ -52,6 +52,9 @@ pub struct CrashConfig {
     /// Create the image over a (synthetic, raw) backing file: every partial write into an
     /// unallocated cluster copies from it.
     pub backing: bool,
+    /// Turn every third write into a compressed write of the cluster it starts in (a
+    /// typed refusal, and no change, when that cluster is allocated).
+    pub compressed: bool,
 }
 
 /// What a run found.
@@ -163,6 +166,14 @@ fn prepare(
 ) -> Option<(Request, Option<Vec<u8>>)> {
     let size = oracle.len();
     Some(match *op {
+        Op::Write { offset, seed, .. } if cfg.compressed && seed % 3 == 0 => {
+            let (offset, _) = clip(offset, 1, size)?;
+            let offset = offset / cs * cs;
+            let len = cs.min(size - offset);
+            let data = pattern(seed, offset, len as usize);
+            oracle.write(offset, &data);
+            (Request::WriteCompressed { offset, len }, Some(data))
+        }
         Op::Write { offset, len, seed } => {
             let (offset, len) = clip(offset, len, size)?;
             let data = pattern(seed, offset, len as usize);
@@ -224,7 +235,9 @@ fn completed(request: Request, oracle: &mut Oracle, cfg: &CrashConfig) {
     match request {
         Request::Flush | Request::Close => oracle.flushed(),
         // Write-through promises durability for writes, not for discards (as QEMU).
-        Request::Write { offset, len } | Request::WriteZeroes { offset, len, .. }
+        Request::Write { offset, len }
+        | Request::WriteZeroes { offset, len, .. }
+        | Request::WriteCompressed { offset, len }
             if cfg.write_through =>
         {
             oracle.settled(offset, len)
@@ -260,11 +273,19 @@ fn run_script(
                 failures.push(msg);
             }
         };
+        let before = cfg.compressed.then(|| oracle.clone());
         let Some((request, buf)) = prepare(op, &mut oracle, cs, cfg) else {
             continue;
         };
         let frozen = oracle.clone();
         let (result, buf) = sim.run(request, buf, &mut |d| point(d, &frozen))?;
+        if let (Request::WriteCompressed { .. }, Err(RequestError::CompressedWrite(_))) =
+            (request, &result)
+        {
+            // Refused before any I/O (its cluster is allocated): nothing changed.
+            oracle = before.expect("kept for compressed writes");
+            continue;
+        }
         result.map_err(|e| format!("step {step} {op:?} failed: {e}"))?;
         if let (Request::Read { offset, len }, Some(got)) = (request, &buf) {
             if got.as_slice() != oracle.current(offset, len as usize) {
@@ -355,11 +376,16 @@ fn run_with_fault(
     let cs = u64::from(cfg.cluster_size);
     let (mut failed, mut poisoned) = (false, false);
     for (step, op) in script.ops.iter().enumerate() {
+        let before = cfg.compressed.then(|| oracle.clone());
         let Some((request, buf)) = prepare(op, &mut oracle, cs, cfg) else {
             continue;
         };
         let (result, buf) = sim.run(request, buf, &mut |_| {})?;
         match result {
+            Err(RequestError::CompressedWrite(_)) if !failed => {
+                oracle = before.expect("kept for compressed writes");
+                continue;
+            }
             Ok(_) => {
                 if poisoned {
                     return Err(format!("step {step} {op:?} succeeded on a poisoned engine"));

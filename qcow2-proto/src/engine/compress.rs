@@ -91,8 +91,10 @@ impl Image {
                     let Some(stream) = self.stream_of(t) else {
                         return true;
                     };
-                    if stream.is_empty() {
-                        // Compressing does not pay: an ordinary write, as QEMU does.
+                    if stream.is_empty() || stream.len() as u64 >= cs {
+                        // Compressing does not pay: an ordinary write, as QEMU does. (A
+                        // runtime that left the output a whole cluster long did not run the
+                        // codec: the same.)
                         self.drop_stream(t);
                         let task = self.task(t);
                         (task.kind, task.sub) = (Kind::Write, 0);
