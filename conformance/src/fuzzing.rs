@@ -270,6 +270,8 @@ type Ran = (Result<Outcome, RequestError>, Option<Vec<u8>>);
 pub struct Mem {
     engine: Image,
     file: File,
+    /// The external data file, when the image names one (empty at first).
+    data: Option<File>,
     pending: Vec<IoOp>,
     /// Guest buffers of requests in flight, and which batch slot each fills.
     inflight: HashMap<ReqId, (usize, Option<Vec<u8>>)>,
@@ -313,7 +315,7 @@ impl Mem {
     ) -> Result<(Self, ImageInfo), OpenError> {
         config.file_len = self.file.len;
         let mut me = Self::new(Image::open(config), self.file, seed);
-        (me.completions, me.fault) = (self.completions, self.fault);
+        (me.completions, me.fault, me.data) = (self.completions, self.fault, self.data);
         me.opened()
     }
 
@@ -325,6 +327,7 @@ impl Mem {
         Self {
             engine,
             file,
+            data: None,
             pending: Vec::new(),
             inflight: HashMap::new(),
             results: Vec::new(),
@@ -353,6 +356,12 @@ impl Mem {
                     // Whatever it names, the backing file is a synthetic raw one.
                     Event::OpenBacking { depth, .. } => {
                         me.engine.attach_backing(depth, BACKING_LEN);
+                        attached = true;
+                    }
+                    // Whatever it names, the data file is an in-memory one (empty at first).
+                    Event::OpenDataFile { .. } => {
+                        let data = me.data.get_or_insert_with(|| File::new(&[]));
+                        me.engine.attach_data_file(data.len);
                         attached = true;
                     }
                     _ => {}
@@ -509,6 +518,18 @@ impl Mem {
     fn execute(&mut self, op: &mut IoOp) -> Result<usize, IoError> {
         if let Target::Backing(depth) = op.target {
             return self.read_backing(depth, op);
+        }
+        if op.target == Target::DataFile {
+            let Some(mut data) = self.data.take() else {
+                return Err(io_error(9));
+            };
+            std::mem::swap(&mut self.file, &mut data);
+            op.target = Target::Image;
+            let r = self.execute(op);
+            op.target = Target::DataFile;
+            std::mem::swap(&mut self.file, &mut data);
+            self.data = Some(data);
+            return r;
         }
         if op.target != Target::Image {
             return Err(io_error(9));

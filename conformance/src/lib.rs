@@ -142,8 +142,14 @@ macro_rules! instantiate {
                 grow_over_longer_backing,
                 block_status_through_three_files,
             }
+            data_file {
+                reads_qemu_data_files,
+                writes_mirror_qemu,
+                we_create_data_files,
+                relative_name_next_to_the_image,
+                resize_follows,
+            }
             features {
-                external_data_file,
                 extended_l2,
                 encryption,
             }

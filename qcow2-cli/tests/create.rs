@@ -122,6 +122,31 @@ const CASES: &[&[&str]] = &[
         "1M",
     ],
     &["-f", "qcow2", "-o", "compression_type=lz4", "a.qcow2", "1M"],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw,data_file_raw=on",
+        "a.qcow2",
+        "1M",
+    ],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw,cluster_size=4096",
+        "a.qcow2",
+        "3M",
+    ],
+    &["-f", "qcow2", "-o", "data_file_raw=on", "a.qcow2", "1M"],
+    &[
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw,compat=0.10",
+        "a.qcow2",
+        "1M",
+    ],
 ];
 
 /// With backing files (`base.qcow2`, 2 MiB + 512 of 0x5a; `base.raw`, 3 MiB).
@@ -300,7 +325,7 @@ fn compare_with_qemu(cases: &[&[&str]], setup: impl Fn(&Scratch)) {
 #[test]
 fn unsupported_options_fail_clearly() {
     let sc = Scratch::new();
-    for o in ["data_file=x.raw", "extended_l2=on", "encrypt.format=luks"] {
+    for o in ["extended_l2=on", "encrypt.format=luks"] {
         let out = sc.ours(&["create", "-f", "qcow2", "-o", o, "a.qcow2", "1M"]);
         assert_eq!(out.status.code(), Some(1), "{o}");
         assert!(

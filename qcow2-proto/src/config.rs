@@ -117,9 +117,26 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// `compression_type`: how compressed clusters are encoded (zstd needs version 3).
     pub compression_type: crate::codec::CompressionType,
+    /// `data_file`: the external data file's name stored in the image (guest data goes
+    /// there; relative names are resolved against the image's directory). The runtime
+    /// creates the file; the engine sets its length to the virtual size. Version 3 only.
+    pub data_file: Option<String>,
+    /// `data_file_raw`: keep the data file a valid raw image of the disk (needs
+    /// `data_file`, excludes a backing file; implies metadata preallocation, as in QEMU).
+    pub data_file_raw: bool,
 }
 
 impl CreateOptions {
+    /// The preallocation the image gets: with `data_file_raw`, at least the metadata (every
+    /// cluster mapped 1:1 into the data file), like `qcow2_co_create`.
+    pub fn effective_preallocation(&self) -> Preallocation {
+        if self.data_file_raw && self.preallocation == Preallocation::Off {
+            Preallocation::Metadata
+        } else {
+            self.preallocation
+        }
+    }
+
     /// qemu-img's defaults: v3, 64 KiB clusters, 16-bit refcounts.
     pub fn new(size: u64) -> Self {
         Self {
@@ -132,6 +149,8 @@ impl CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: crate::codec::CompressionType::Zlib,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }

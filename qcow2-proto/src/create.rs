@@ -37,7 +37,16 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
     if opts.backing_file.is_some() && opts.preallocation != crate::config::Preallocation::Off {
         return Err(CreateError::BackingWithPreallocation);
     }
+    if opts.data_file_raw && opts.data_file.is_none() {
+        return Err(CreateError::RawDataWithoutDataFile);
+    }
+    if opts.data_file_raw && opts.backing_file.is_some() {
+        return Err(CreateError::BackingWithRawDataFile);
+    }
     if opts.version == 2 {
+        if opts.data_file.is_some() {
+            return Err(CreateError::NeedsV3("data_file"));
+        }
         if rb != 16 {
             return Err(CreateError::NeedsV3("refcount_bits other than 16"));
         }
@@ -102,16 +111,33 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
             0
         } else {
             crate::format::header::incompat::COMPRESSION
+        } | if opts.data_file.is_some() {
+            crate::format::header::incompat::DATA_FILE
+        } else {
+            0
+        },
+        autoclear_features: if opts.data_file_raw {
+            crate::format::header::autoclear::RAW_DATA
+        } else {
+            0
         },
         ..Header::default()
     };
     let mut header = header;
     let mut cluster0 = vec![0u8; cs as usize];
-    // Header extensions as QEMU orders them: backing format, feature names (left out for
-    // small clusters to keep room), the end marker; then the backing file name.
+    // Header extensions as QEMU orders them: backing format, data file name, feature names
+    // (left out for small clusters to keep room), the end marker; then the backing file
+    // name.
     let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
     if let Some(f) = &opts.backing_format {
         exts.push((extension::BACKING_FORMAT, f.as_bytes().to_vec()));
+    }
+    if let Some(f) = &opts.data_file {
+        let room = cs as usize - header.header_length as usize - 16;
+        if f.len() > room.min(crate::format::MAX_BACKING_NAME as usize) {
+            return Err(CreateError::DataFileNameTooLong);
+        }
+        exts.push((extension::DATA_FILE, f.as_bytes().to_vec()));
     }
     if v3 && cs > 4096 {
         exts.push((

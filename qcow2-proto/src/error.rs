@@ -87,6 +87,12 @@ pub enum CorruptReason {
     /// A compressed cluster's stream does not decompress to a whole cluster.
     #[error("compressed data does not decompress to a cluster")]
     BadCompressedData,
+    /// A data cluster of an image with an external data file is not at its guest offset.
+    #[error("external data file host cluster offset does not match the guest offset")]
+    DataFileOffset,
+    /// A compressed cluster in an image with an external data file.
+    #[error("compressed cluster entry found in an image with an external data file")]
+    CompressedInDataFile,
 }
 
 /// A corruption found at run time.
@@ -388,6 +394,15 @@ pub enum CreateError {
         "Backing file and preallocation can only be used at the same time if extended_l2 is on"
     )]
     BackingWithPreallocation,
+    /// `data_file_raw` without `data_file`.
+    #[error("data-file-raw requires data-file")]
+    RawDataWithoutDataFile,
+    /// `data_file_raw` with a backing file.
+    #[error("Backing file and data-file-raw cannot be used at the same time")]
+    BackingWithRawDataFile,
+    /// The data file name does not fit in the header cluster.
+    #[error("data file name too long")]
+    DataFileNameTooLong,
     /// The existing header cannot be rewritten (its extension list is invalid).
     #[error(transparent)]
     Format(#[from] FormatError),

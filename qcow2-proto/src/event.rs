@@ -34,6 +34,16 @@ pub enum Event {
         /// `raw`); without one the engine probes the file's header.
         format: Option<String>,
     },
+    /// Opening needs the image's external data file, named `name` by the image (its
+    /// data-file header extension). The runtime resolves the name like a backing file's
+    /// (relative to the image's directory), applies its policy, opens it with the image's
+    /// writability and answers with
+    /// [`Image::attach_data_file`](crate::Image::attach_data_file), or gives up on the open.
+    /// Guest data ops then come with target [`Target::DataFile`](crate::Target::DataFile).
+    OpenDataFile {
+        /// The file name as stored in the image.
+        name: String,
+    },
     /// The engine stopped accepting writes for good (fail-stop). Emitted once; reopen the
     /// image to go on.
     Poisoned(RequestError),

@@ -33,6 +33,10 @@ pub enum Target {
     /// file, and so on (the runtime opened each one when
     /// [`Event::OpenBacking`](crate::Event::OpenBacking) asked for it). Only read.
     Backing(u32),
+    /// The image's external data file (opened when
+    /// [`Event::OpenDataFile`](crate::Event::OpenDataFile) asked for it, writable with the
+    /// image): guest data at host offsets equal to the guest offsets.
+    DataFile,
 }
 
 /// What to do at [`IoOp::offset`].

@@ -80,8 +80,11 @@ pub async fn create(
     let (create, options) = (create.clone(), *options);
     start(options, move |exec| {
         let file = open_file(&path, &options, true)?;
-        let mut engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
         let mut chain = Chain::new(Some(&path));
+        if let Some(name) = &create.data_file {
+            chain.create_data_file(name, &options)?;
+        }
+        let mut engine = qcow2_proto::Image::create(engine_config(&file, &options)?, create);
         let info = drive_open(&mut engine, &file, &mut chain, &options, exec)?;
         Ok((engine, file, chain, info))
     })

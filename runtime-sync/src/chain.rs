@@ -1,9 +1,12 @@
-//! The files of an image's backing chain, opened as the engine names them.
+//! The files of an image's backing chain, and its external data file, opened as the engine
+//! names them.
 //!
 //! The engine decides everything about the format (it reads the backing-format extension
-//! or probes the header); this module only resolves names and opens files, read-only, with
-//! the image's cache mode and QEMU's locks (a reader's: nobody may write the backing file
-//! meanwhile, unless `force_share`).
+//! or probes the header); this module only resolves names and opens files: backing files
+//! read-only, with the image's cache mode and QEMU's locks (a reader's: nobody may write
+//! the backing file meanwhile, unless `force_share`); the data file with the image's
+//! writability and locks (QEMU opens it as a child of the image, with the same
+//! permissions), under the same policy as backing files.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,8 @@ pub struct Chain {
     /// directory).
     image: Option<PathBuf>,
     files: Vec<(PathBuf, File)>,
+    /// The image's external data file.
+    data: Option<(PathBuf, File)>,
 }
 
 impl Chain {
@@ -49,7 +54,50 @@ impl Chain {
         Self {
             image: image.map(Path::to_owned),
             files: Vec::new(),
+            data: None,
         }
+    }
+
+    /// The image's external data file, once opened.
+    pub fn data_file(&self) -> Option<&File> {
+        self.data.as_ref().map(|(_, f)| f)
+    }
+
+    /// Path of the external data file, once opened.
+    pub fn data_path(&self) -> Option<&Path> {
+        self.data.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// Creates (or truncates) the data file `name` for an image being created at the
+    /// chain's image path, as `qemu-img create -o data_file=` does; the engine then sets its
+    /// length when it asks for it.
+    pub fn create_data_file(&mut self, name: &str, options: &OpenOptions) -> Result<(), Error> {
+        let path = resolve(name, self.image.as_deref())?;
+        let file = open_file(&path, options, true).map_err(|e| data_error(e, name, &path))?;
+        self.data = Some((path, file));
+        Ok(())
+    }
+
+    /// Opens the external data file `name` named by the image (relative to the image's
+    /// directory), writable when the image is; returns its length. A file created by
+    /// [`create_data_file`](Self::create_data_file) is reused.
+    pub fn open_data_file(&mut self, name: &str, options: &OpenOptions) -> Result<u64, Error> {
+        if self.data.is_none() {
+            if options.backing == BackingPolicy::Refuse {
+                return Err(Error::BackingRefused {
+                    name: name.to_owned(),
+                });
+            }
+            let path = resolve(name, self.image.as_deref())?;
+            let file = open_file(&path, options, false).map_err(|e| data_error(e, name, &path))?;
+            self.data = Some((path, file));
+        }
+        let (path, file) = self.data.as_ref().expect("just opened");
+        HostFile::len(file).map_err(|source| Error::BackingFile {
+            name: name.to_owned(),
+            path: path.clone(),
+            source,
+        })
     }
 
     /// The file at `depth` (1 = the image's backing file).
@@ -62,6 +110,7 @@ impl Chain {
         match target {
             Target::Image => Ok(image),
             Target::Backing(d) => self.file(d).ok_or_else(missing),
+            Target::DataFile => self.data_file().ok_or_else(missing),
             _ => Err(missing()),
         }
     }
@@ -103,6 +152,17 @@ impl Chain {
         self.files.truncate(depth as usize - 1);
         self.files.push((path, file));
         Ok(len)
+    }
+}
+
+fn data_error(e: Error, name: &str, path: &Path) -> Error {
+    match e {
+        Error::File { source, .. } => Error::BackingFile {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            source,
+        },
+        e => e,
     }
 }
 

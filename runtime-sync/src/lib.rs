@@ -278,6 +278,7 @@ pub fn run_op<F: HostFile>(
     match op.target {
         Target::Image => exec.run(file, op, guest),
         Target::Backing(d) => exec.run(chain.file(d).ok_or_else(chain::missing)?, op, guest),
+        Target::DataFile => exec.run(chain.data_file().ok_or_else(chain::missing)?, op, guest),
         _ => Err(chain::missing()),
     }
 }
@@ -286,6 +287,7 @@ pub fn run_op<F: HostFile>(
 enum Opening {
     Done(Box<ImageInfo>),
     Backing { depth: u32, name: String },
+    DataFile { name: String },
 }
 
 /// Runs an opening (or creating) engine's plan to its end with blocking I/O, opening the
@@ -303,6 +305,7 @@ pub fn drive_open<F: HostFile>(
             Event::Opened(info) => Some(Ok(Opening::Done(info))),
             Event::OpenFailed(e) => Some(Err(e.into())),
             Event::OpenBacking { depth, name, .. } => Some(Ok(Opening::Backing { depth, name })),
+            Event::OpenDataFile { name } => Some(Ok(Opening::DataFile { name })),
             _ => None,
         })?;
         match next {
@@ -310,6 +313,10 @@ pub fn drive_open<F: HostFile>(
             Opening::Backing { depth, name } => {
                 let len = chain.open(depth, &name, options)?;
                 engine.attach_backing(depth, len);
+            }
+            Opening::DataFile { name } => {
+                let len = chain.open_data_file(&name, options)?;
+                engine.attach_data_file(len);
             }
         }
     }
@@ -433,8 +440,12 @@ impl Image<File> {
     ) -> Result<Self, Error> {
         let path = path.as_ref();
         let file = open_file(path, options, true)?;
+        let mut chain = Chain::new(Some(path));
+        if let Some(name) = &create.data_file {
+            chain.create_data_file(name, options)?;
+        }
         let engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
-        Self::finish_open(engine, file, Chain::new(Some(path)), options)
+        Self::finish_open(engine, file, chain, options)
     }
 }
 

@@ -85,6 +85,9 @@ pub fn create(
     let mut engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
     let mut exec = Executor::for_cache(options.cache);
     let mut chain = Chain::new(Some(path));
+    if let Some(name) = &create.data_file {
+        chain.create_data_file(name, options)?;
+    }
     let info = drive_open(&mut engine, &file, &mut chain, options, &mut exec)?;
     start(ring, engine, info, (file, chain), exec, options)
 }

@@ -34,15 +34,12 @@ macro_rules! on_file {
         on_file!($l, Target::Image, |$fd| $build)
     };
     ($l:expr, $target:expr, |$fd:ident| $build:expr) => {{
-        let depth = match $target {
-            Target::Backing(d) => d,
-            _ => 0,
-        };
+        let index = $l.index($target);
         if $l.fixed {
-            let $fd = types::Fixed(depth);
+            let $fd = types::Fixed(index);
             $build
         } else {
-            let $fd = types::Fd($l.raw_fd(depth));
+            let $fd = types::Fd($l.raw_fd(index));
             $build
         }
     }};
@@ -184,8 +181,10 @@ struct Loop {
     ring: IoUring,
     d: Driver,
     file: File,
-    /// The backing chain's files (ops on them are only ever reads).
+    /// The backing chain's files (ops on them are only ever reads) and the data file.
     chain: Chain,
+    /// Registered index of the data file (after the image and the backing chain).
+    data_index: u32,
     fixed: bool,
     wake: EventWake,
     direct: bool,
@@ -223,15 +222,20 @@ impl Drop for AbortOnUnwind {
 pub(crate) fn run(ring: Ring, d: Driver, files: (File, Chain), wake: EventWake, cache: Cache) {
     let _guard = AbortOnUnwind;
     let (file, chain) = files;
-    let fds: Vec<_> = std::iter::once(file.as_raw_fd())
+    let mut fds: Vec<_> = std::iter::once(file.as_raw_fd())
         .chain((1..).map_while(|d| chain.file(d).map(|f| f.as_raw_fd())))
         .collect();
+    let data_index = fds.len() as u32;
+    if let Some(f) = chain.data_file() {
+        fds.push(f.as_raw_fd());
+    }
     let fixed = ring.0.submitter().register_files(&fds).is_ok();
     let mut l = Loop {
         ring: ring.0,
         d,
         file,
         chain,
+        data_index,
         fixed,
         wake,
         direct: cache.direct(),
@@ -305,11 +309,22 @@ pub(crate) fn run(ring: Ring, d: Driver, files: (File, Chain), wake: EventWake, 
 }
 
 impl Loop {
-    /// The descriptor of the image (`depth` 0) or of a file of its backing chain; -1 (the
-    /// op then fails with EBADF) for a depth the chain does not have.
-    fn raw_fd(&self, depth: u32) -> RawFd {
-        match depth {
+    /// The registered index of `target`'s file: 0 the image, then the backing chain by
+    /// depth, then the data file.
+    fn index(&self, target: Target) -> u32 {
+        match target {
+            Target::Backing(d) => d,
+            Target::DataFile => self.data_index,
+            _ => 0,
+        }
+    }
+
+    /// The descriptor of the file at registered `index` (see [`index`](Self::index)); -1
+    /// (the op then fails with EBADF) for a file the chain does not have.
+    fn raw_fd(&self, index: u32) -> RawFd {
+        match index {
             0 => self.file.as_raw_fd(),
+            i if i == self.data_index => self.chain.data_file().map_or(-1, |f| f.as_raw_fd()),
             d => self.chain.file(d).map_or(-1, |f| f.as_raw_fd()),
         }
     }
@@ -397,7 +412,8 @@ impl Loop {
 
     fn start(&mut self, mut op: IoOp) {
         match op.kind {
-            // (Backing files are only read; anything else on them runs the blocking way.)
+            // (Backing files are only read; the data file takes guest reads and writes here;
+            // anything else on them runs the blocking way.)
             IoKind::Read | IoKind::Write | IoKind::ZeroFill if op.target != Target::Image => {
                 if op.kind == IoKind::ZeroFill {
                     let r = self.zero_fill(&mut op);
@@ -607,10 +623,10 @@ impl Loop {
                 // Read-modify-write of the partial sectors: rare (unaligned guest offsets under
                 // O_DIRECT), so done right here with blocking reads.
                 let mut edge = IoBuf::zeroed(SECTOR as usize);
+                let file = self.chain.pick(&self.file, f.op.target)?;
                 for sector in [start, end - SECTOR] {
                     let at = (sector - start) as usize;
-                    read_full(&self.file, edge.as_mut_slice(), sector)
-                        .map_err(|e| IoError::from(&e))?;
+                    read_full(file, edge.as_mut_slice(), sector).map_err(|e| IoError::from(&e))?;
                     buf[at..at + SECTOR as usize].copy_from_slice(edge.as_slice());
                 }
             }
@@ -642,7 +658,7 @@ impl Loop {
                 .offset(at)
                 .build())
         } else {
-            on_file!(self, |fd| opcode::Writev::new(fd, iov, n)
+            on_file!(self, target, |fd| opcode::Writev::new(fd, iov, n)
                 .offset(at)
                 .build())
         };

@@ -21,22 +21,6 @@ fn refused<H: Harness>(h: &H, path: &Path, feature: Feature) {
     }
 }
 
-/// `-o data_file=...`.
-pub fn external_data_file<H: Harness>(h: &H) {
-    crate::require!(h, real_files);
-    let Some(q) = Qemu::require("features::external_data_file") else {
-        return;
-    };
-    let dir = scratch();
-    let path = dir.path().join("img.qcow2");
-    q.create(
-        &path,
-        &format!("data_file={}", dir.path().join("data.raw").display()),
-        1 << 20,
-    );
-    refused(h, &path, Feature::ExternalDataFile);
-}
-
 /// `-o extended_l2=on`.
 pub fn extended_l2<H: Harness>(h: &H) {
     crate::require!(h, real_files);

@@ -6,6 +6,7 @@ pub mod basic;
 pub mod compressed;
 pub mod concurrency;
 pub mod create;
+pub mod data_file;
 pub mod entries;
 pub mod features;
 pub mod flush;

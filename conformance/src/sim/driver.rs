@@ -115,6 +115,12 @@ impl Sim {
                         sim.engine.attach_backing(depth, SYNTHETIC_BACKING_LEN);
                         attached = true;
                     }
+                    // (The simulator makes no data-file images; a named one is attached
+                    // empty so that opening cannot stall.)
+                    Event::OpenDataFile { .. } => {
+                        sim.engine.attach_data_file(0);
+                        attached = true;
+                    }
                     _ => {}
                 }
             }

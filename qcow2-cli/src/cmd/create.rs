@@ -12,12 +12,7 @@ use crate::size::parse_size;
 use crate::CreateArgs;
 
 /// Options qemu knows that this tool does not implement yet, with what they are.
-const NOT_YET: [(&str, &str); 4] = [
-    ("data_file", "external data files"),
-    ("data_file_raw", "external data files"),
-    ("encryption", "encryption"),
-    ("encrypt.", "encryption"),
-];
+const NOT_YET: [(&str, &str); 2] = [("encryption", "encryption"), ("encrypt.", "encryption")];
 
 /// `-o help` for each format.
 fn help(format: Format) -> String {
@@ -68,7 +63,7 @@ fn help(format: Format) -> String {
         out.push_str(&format!("  {name:<22} - {what}\n"));
     }
     out.push_str(
-        "\nNot supported yet: data_file, data_file_raw, encryption, encrypt.*,\n\
+        "\nNot supported yet: encryption, encrypt.*,\n\
          extended_l2=on.\n",
     );
     out
@@ -202,6 +197,11 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             (Format::Qcow2, "compat") => set_string(&mut strings, "compat", v),
             (Format::Qcow2, "backing_file") => set_string(&mut strings, "backing_file", v),
             (Format::Qcow2, "backing_fmt") => set_string(&mut strings, "backing_fmt", v),
+            (Format::Qcow2, "data_file") => set_string(&mut strings, "data_file", v),
+            (Format::Qcow2, "data_file_raw") => {
+                parse_bool(k, v)?;
+                set_string(&mut strings, "data_file_raw", v);
+            }
             (Format::Raw, "backing_file" | "backing_fmt") => {
                 return Err("Backing file not supported for file format 'raw'".into())
             }
@@ -289,6 +289,14 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             if let Some(f) = &qcow2.backing_format {
                 echo.push_str(&format!(" backing_fmt={f}"));
             }
+            qcow2.data_file = get("data_file");
+            if let Some(d) = &qcow2.data_file {
+                echo.push_str(&format!(" data_file={d}"));
+            }
+            if let Some(r) = get("data_file_raw") {
+                echo.push_str(&format!(" data_file_raw={r}"));
+                qcow2.data_file_raw = parse_bool("data_file_raw", &r).unwrap_or(false);
+            }
             let lazy = get("lazy_refcounts");
             echo.push_str(&format!(
                 " lazy_refcounts={}",
@@ -335,6 +343,12 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
                 && qcow2.compression_type != qcow2_proto::codec::CompressionType::Zlib
             {
                 late("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
+            }
+            if qcow2.version == 2 && qcow2.data_file.is_some() {
+                late("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
+            }
+            if qcow2.data_file_raw && qcow2.data_file.is_none() {
+                late("data-file-raw requires data-file".into());
             }
             if qcow2.version == 2 && qcow2.lazy_refcounts {
                 late("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());

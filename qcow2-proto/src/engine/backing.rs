@@ -87,14 +87,15 @@ impl Backing {
 
 fn shift_down(t: Target) -> Target {
     match t {
-        Target::Image => Target::Backing(1),
+        // (Nested engines never open a data file: see `nested_event`.)
+        Target::Image | Target::DataFile => Target::Backing(1),
         Target::Backing(d) => Target::Backing(d + 1),
     }
 }
 
 fn shift_up(t: Target) -> Target {
     match t {
-        Target::Backing(1) | Target::Image => Target::Image,
+        Target::Backing(1) | Target::Image | Target::DataFile => Target::Image,
         Target::Backing(d) => Target::Backing(d - 1),
     }
 }
@@ -381,6 +382,14 @@ impl Image {
                 name,
                 format,
             }),
+            Event::OpenDataFile { .. } => {
+                // A backing file with an external data file is not supported (yet): its
+                // ops would need a target of their own.
+                self.open_backing_done(Some((
+                    1,
+                    BackingError::Unsupported(crate::error::Feature::ExternalDataFile),
+                )));
+            }
             Event::Poisoned(_) => {}
         }
     }

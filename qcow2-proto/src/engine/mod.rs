@@ -25,6 +25,7 @@ mod alloc;
 mod backing;
 mod cache;
 mod compress;
+mod datafile;
 mod open;
 mod overlap;
 mod rebase;
@@ -376,6 +377,8 @@ pub struct Image {
     reload_task: Option<u32>,
     /// The backing file, once the image names one and the runtime attached it.
     backing: Option<Box<backing::Backing>>,
+    /// The external data file, once the image names one.
+    data_file: Option<datafile::DataFile>,
     /// The backing file a set-backing task writes into the header: name and format.
     new_backing: Option<(Option<String>, Option<String>)>,
     /// Where the next compressed stream may go in the partly used cluster of the last one.
@@ -457,6 +460,7 @@ impl Image {
             checker: None,
             reload_task: None,
             backing: None,
+            data_file: None,
             new_backing: None,
             free_bytes: None,
             streams: Vec::new(),
@@ -544,6 +548,10 @@ impl Image {
         }
         if self.config.check_only && !metadata_only {
             return Err(RequestError::CheckOnly.into());
+        }
+        if kind == Kind::WriteCompressed && self.has_data_file() {
+            // Like QEMU: an external data file has no room for compressed clusters.
+            return Err(RequestError::Unsupported(crate::error::Feature::ExternalDataFile).into());
         }
         if self.read_only && kind.writes() && kind != Kind::Close {
             return Err(RequestError::ReadOnly.into());
@@ -725,10 +733,12 @@ impl Image {
         self.issue_at(Target::Image, purpose, kind, offset, segments);
     }
 
-    /// Issues an op on `target` (only the image itself is ever written).
+    /// Issues an op on `target` (only the image itself and its data file are ever
+    /// written). Guest data ops aimed at the image go to the external data file when there
+    /// is one.
     fn issue_at(
         &mut self,
-        target: Target,
+        mut target: Target,
         purpose: Purpose,
         kind: IoKind,
         offset: u64,
@@ -739,6 +749,9 @@ impl Image {
             purpose,
             Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. }
         );
+        if data && target == Target::Image && kind != IoKind::ZeroFill && self.has_data_file() {
+            target = Target::DataFile;
+        }
         self.op_seq += 1;
         let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
         match kind {
@@ -796,6 +809,10 @@ impl Image {
 
     fn issue_bare(&mut self, purpose: Purpose, kind: IoKind, offset: u64) {
         self.issue(purpose, kind, offset, ArrayVec::new());
+    }
+
+    fn issue_bare_at(&mut self, target: Target, purpose: Purpose, kind: IoKind, offset: u64) {
+        self.issue_at(target, purpose, kind, offset, ArrayVec::new());
     }
 
     /// The oldest data op still outstanding, by issue sequence.
@@ -1180,6 +1197,10 @@ impl Image {
     /// Checks that a host cluster taken from an L2 entry may hold data: aligned, inside the
     /// file, clear of metadata.
     fn check_data_cluster(&mut self, host: u64) -> Result<(), RequestError> {
+        if self.has_data_file() {
+            // In the data file: at the guest offset (checked by the caller), any length.
+            return Ok(());
+        }
         let reason = if !self.geo.aligned(host) {
             Some(CorruptReason::Unaligned)
         } else if host < self.geo.cluster_size() {

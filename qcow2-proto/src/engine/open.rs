@@ -27,6 +27,8 @@ pub(super) enum Step {
     Bitmaps,
     HeaderUpdate,
     HeaderSync,
+    /// Waiting for the runtime to attach the external data file.
+    DataFile,
     Prealloc,
     /// Waiting for the runtime to attach the backing file, then for it to open.
     Backing,
@@ -166,11 +168,19 @@ impl Image {
                     self.issue_bare(Purpose::Open, IoKind::Flush, 0);
                     self.open.pending += 1;
                 }
+                Step::DataFile => {
+                    self.open.pending += 1;
+                    if !self.request_data_file() {
+                        self.open.pending -= 1;
+                        continue;
+                    }
+                    return;
+                }
                 Step::Prealloc => {
                     let mode = self
                         .create
                         .as_ref()
-                        .map(|c| c.preallocation)
+                        .map(|c| c.effective_preallocation())
                         .unwrap_or_default();
                     self.start_prealloc(mode);
                     self.open.pending += 1;
@@ -281,6 +291,7 @@ impl Image {
             Step::Bitmaps => self.header_update_or_next(),
             Step::HeaderUpdate => Some(Step::HeaderSync),
             Step::HeaderSync => self.prealloc_or_done(),
+            Step::DataFile => self.prealloc_or_backing(),
             Step::Prealloc => self.backing_or_done(),
             Step::Backing => None,
         }
@@ -439,7 +450,22 @@ impl Image {
 
     fn prealloc_or_done(&mut self) -> Option<Step> {
         self.setup_runtime_state();
-        match self.create.as_ref().map(|c| c.preallocation) {
+        self.data_file_or_next()
+    }
+
+    /// The external data file is needed by opens that read or write data (not by check or
+    /// inspect opens, nor by a reload after a repair, which keeps the attached one).
+    fn data_file_or_next(&mut self) -> Option<Step> {
+        let data = !self.config.check_only && !self.config.inspect_only;
+        if self.has_data_file() && data && self.data_file.is_none() {
+            Some(Step::DataFile)
+        } else {
+            self.prealloc_or_backing()
+        }
+    }
+
+    fn prealloc_or_backing(&mut self) -> Option<Step> {
+        match self.create.as_ref().map(|c| c.effective_preallocation()) {
             Some(p) if p != Preallocation::Off => Some(Step::Prealloc),
             _ => self.backing_or_done(),
         }

@@ -175,8 +175,19 @@ impl Image {
                     self.zero_grown_or_set_size(t, old, new);
                 }
                 sub::SET_SIZE => {
-                    if self.window {
+                    if self.window || !self.op_room(1) {
                         return false;
+                    }
+                    if self.has_data_file() {
+                        // Like QEMU's qcow2_co_truncate: the data file follows the disk's
+                        // size (a raw one stays the disk).
+                        self.issue_bare_at(
+                            crate::io::Target::DataFile,
+                            Purpose::TaskIo { task: t },
+                            IoKind::SetLen,
+                            new,
+                        );
+                        self.task(t).inflight += 1;
                     }
                     self.hdr.size = new;
                     self.hdr.encode(self.header_buf.as_mut_slice());
@@ -191,7 +202,12 @@ impl Image {
                     Some(false) => return false,
                     None => {}
                 },
-                sub::WAIT => return self.wait_for_cycle(t),
+                sub::WAIT => {
+                    if self.task(t).inflight > 0 {
+                        return false;
+                    }
+                    return self.wait_for_cycle(t);
+                }
                 sub::SCAN_TAIL => {
                     // Without consent, shrinking may only drop unallocated space.
                     let cb = self.geo.cluster_bits;
@@ -216,13 +232,16 @@ impl Image {
                                 self.task(t).error = Some(e);
                                 continue;
                             }
-                            Ok((slot, idx)) => match self.entry(slot, idx).mapping(cb) {
-                                Mapping::Data { .. } | Mapping::Compressed { .. } => {
-                                    self.task(t).error = Some(RequestError::ShrinkDropsData(pos));
-                                    continue;
+                            Ok((slot, idx)) => {
+                                match self.entry(slot, idx).mapping_in(cb, self.has_data_file()) {
+                                    Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                                        self.task(t).error =
+                                            Some(RequestError::ShrinkDropsData(pos));
+                                        continue;
+                                    }
+                                    _ => (gc + 1) << cb,
                                 }
-                                _ => (gc + 1) << cb,
-                            },
+                            }
                         },
                     };
                     self.task(t).pos = next;

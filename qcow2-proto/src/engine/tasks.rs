@@ -137,9 +137,27 @@ impl Image {
         self.l2.unit / 8
     }
 
-    /// Decodes and validates an L2 entry (`at` = guest cluster, for messages).
-    fn mapping(&mut self, e: L2Entry) -> Result<Mapping, RequestError> {
-        let m = e.mapping(self.geo.cluster_bits);
+    /// Decodes and validates the L2 entry of guest cluster `gc`.
+    fn mapping(&mut self, e: L2Entry, gc: u64) -> Result<Mapping, RequestError> {
+        let cb = self.geo.cluster_bits;
+        let m = e.mapping_in(cb, self.has_data_file());
+        if self.has_data_file() {
+            // (QEMU: "External data file host cluster offset ... does not match guest
+            // cluster offset", and no compressed clusters in such images.)
+            let reason = match m {
+                Mapping::Compressed { .. } => Some(CorruptReason::CompressedInDataFile),
+                Mapping::Data { host, .. } if host != gc << cb => {
+                    Some(CorruptReason::DataFileOffset)
+                }
+                Mapping::Zero { host, .. } if host != 0 && host != gc << cb => {
+                    Some(CorruptReason::DataFileOffset)
+                }
+                _ => None,
+            };
+            if let Some(r) = reason {
+                return Err(self.corrupt(Structure::DataCluster, e.0, r));
+            }
+        }
         match m {
             Mapping::Zero { .. } if self.hdr.version < 3 => {
                 Err(self.corrupt(Structure::L2Table, e.0, CorruptReason::ZeroFlagInV2))
@@ -321,7 +339,7 @@ impl Image {
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cluster_size();
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
-        let first = self.mapping(self.entry(slot, idx))?;
+        let first = self.mapping(self.entry(slot, idx), gc)?;
         let src_of = |me: &Self, m: Mapping| match m {
             Mapping::Data { host, .. } => Some(Src::Host(host)),
             Mapping::Compressed { .. } => None,
@@ -343,7 +361,9 @@ impl Image {
             && (gc + n as u64) << cb < end
             && !self.alloc_covering(gc + n as u64)
         {
-            let m = self.entry(slot, idx + n).mapping(cb);
+            let m = self
+                .entry(slot, idx + n)
+                .mapping_in(cb, self.has_data_file());
             let same = match (src, src_of(self, m)) {
                 (Src::Host(h), Some(Src::Host(h2))) => h2 == h + n as u64 * cs,
                 (a, Some(b)) => a == b && !matches!(a, Src::Host(_)),
@@ -362,6 +382,10 @@ impl Image {
     /// Frees the host space of a mapping dropped from an L2 entry: its cluster, or every
     /// cluster a compressed stream touches (each holds one reference per stream).
     pub(super) fn free_mapping(&mut self, m: Mapping) {
+        if self.has_data_file() {
+            // Data-file clusters have no refcounts: nothing to free.
+            return;
+        }
         match m {
             Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != 0 => {
                 self.queue_free(host)
@@ -569,8 +593,11 @@ impl Image {
     fn abort_alloc(&mut self, a: u32) {
         let alloc = self.drop_alloc(a);
         let first = alloc.host >> self.geo.cluster_bits << self.geo.cluster_bits;
+        let refcounted = !(self.has_data_file() && matches!(alloc.what, AllocWhat::Data { .. }));
         for i in 0..alloc.count {
-            self.queue_free(first + (i << self.geo.cluster_bits));
+            if refcounted {
+                self.queue_free(first + (i << self.geo.cluster_bits));
+            }
         }
         if let AllocWhat::Data { staged, .. } = alloc.what {
             for b in staged.into_iter().flatten() {
@@ -589,7 +616,7 @@ impl Image {
         let gc = pos >> cb;
         let l2 = self.owned_l2(t, gc >> self.geo.l2_bits)?;
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
-        let first = self.mapping(self.entry(slot, idx))?;
+        let first = self.mapping(self.entry(slot, idx), gc)?;
         let limit = |n: usize| (gc + n as u64) << cb;
         let body_seg = |start: u64, len: u64| match body {
             Body::Guest => Segment::Guest {
@@ -605,7 +632,9 @@ impl Image {
                 while idx + n < self.per_slice()
                     && limit(n) < end
                     && !self.alloc_covering(gc + n as u64)
-                    && self.entry(slot, idx + n).mapping(cb)
+                    && self
+                        .entry(slot, idx + n)
+                        .mapping_in(cb, self.has_data_file())
                         == (Mapping::Data {
                             host: host + n as u64 * cs,
                             copied: true,
@@ -652,7 +681,10 @@ impl Image {
                         && limit(n) < end
                         && !self.alloc_covering(gc + n as u64)
                     {
-                        match self.entry(slot, idx + n).mapping(cb) {
+                        match self
+                            .entry(slot, idx + n)
+                            .mapping_in(cb, self.has_data_file())
+                        {
                             Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => {
                                 break
                             }
@@ -663,17 +695,21 @@ impl Image {
                 if self.names_backing() && !self.backing_room(2) {
                     return Err(Block::Park);
                 }
-                let (host, got) = self.alloc_clusters(n as u64, false)?;
+                let (host, got) = self.alloc_data(gc, n as u64)?;
                 let body_end = end.min(limit(got as usize));
                 let head = pos - (gc << cb);
                 let tail = limit(got as usize) - body_end;
-                let last = self.entry(slot, idx + got as usize - 1).mapping(cb);
+                let last = self
+                    .entry(slot, idx + got as usize - 1)
+                    .mapping_in(cb, self.has_data_file());
                 // Head and tail come from the old cluster, or through to the backing file
                 // (while inside it), or are zeros.
                 if self.names_backing() && self.backing.is_none() {
                     // Opened without its backing file: the head and tail cannot be copied.
                     let from_backing = |m: Mapping, len: u64| len > 0 && m == Mapping::Unallocated;
-                    let last = self.entry(slot, idx + n - 1).mapping(cb);
+                    let last = self
+                        .entry(slot, idx + n - 1)
+                        .mapping_in(cb, self.has_data_file());
                     let tail = limit(n) - end.min(limit(n));
                     if from_backing(first, pos - (gc << cb)) || from_backing(last, tail) {
                         return Err(RequestError::Unsupported(Feature::BackingFile).into());
@@ -791,8 +827,9 @@ impl Image {
         let mut edges = [None, None];
         // Clusters past the end of the file read as zero already: instead of writing zeroes
         // around the data of a fresh allocation, allocate those edges (like QEMU's zero
-        // range over the new cluster), concurrently, since the ranges are disjoint.
-        if host >= self.file_end {
+        // range over the new cluster), concurrently, since the ranges are disjoint. (Not in
+        // an external data file: the guest offset's old bytes are there.)
+        if host >= self.file_end && !self.has_data_file() {
             if let Some(&Segment::Zeroes(n)) = segs.first() {
                 edges[0] = Some((host, n as u64));
                 host += n as u64;
@@ -941,7 +978,9 @@ impl Image {
             return Ok(());
         }
         for i in 0..count as usize {
-            let m = self.entry(slot, idx + i).mapping(cb);
+            let m = self
+                .entry(slot, idx + i)
+                .mapping_in(cb, self.has_data_file());
             if !matches!(m, Mapping::Data { copied: true, .. }) {
                 // (Unallocated and zero-without-host entries free nothing.)
                 self.free_mapping(m);
@@ -1114,7 +1153,7 @@ impl Image {
             && (gc + n as u64) << cb < full_end
             && !self.alloc_covering(gc + n as u64)
         {
-            let m = self.mapping(self.entry(slot, idx + n))?;
+            let m = self.mapping(self.entry(slot, idx + n), gc + n as u64)?;
             let (new, free) = edit_entry(m, edit, v3, self.names_backing());
             if let Some(e) = new {
                 self.set_entry(slot, idx + n, e);
@@ -1123,6 +1162,19 @@ impl Image {
                 self.free_mapping(m);
             }
             n += 1;
+        }
+        if n > 0 && self.data_file_raw() && edit != Edit::Full {
+            // The data file stays a valid raw image: what now reads as zero is zeroed
+            // there too (QEMU's qcow2_subcluster_zeroize; a discard becomes zeroes).
+            let start = gc << cb;
+            let len = (((gc + n as u64) << cb).min(self.hdr.size)) - start;
+            self.issue_bare_at(
+                crate::io::Target::DataFile,
+                Purpose::TaskIo { task: t },
+                IoKind::WriteZeroes { len },
+                start,
+            );
+            self.task(t).inflight += 1;
         }
         let task = self.task(t);
         task.pos = end.min((gc + n.max(1) as u64) << cb);
@@ -1197,7 +1249,7 @@ impl Image {
                 Ok((end.min(next << l2_span), Allocation::Unallocated))
             }
             Ok(Some(l2)) => self.l2_entry_slot(l2, gc).and_then(|(slot, idx)| {
-                let first = self.mapping(self.entry(slot, idx))?;
+                let first = self.mapping(self.entry(slot, idx), gc)?;
                 let class = |m: Mapping| match m {
                     Mapping::Unallocated => 0,
                     Mapping::Zero { host: 0, .. } => 1,
@@ -1207,7 +1259,9 @@ impl Image {
                 };
                 let mut n = 1;
                 while idx + n < self.per_slice() && (gc + n as u64) << cb < end {
-                    let m = self.entry(slot, idx + n).mapping(cb);
+                    let m = self
+                        .entry(slot, idx + n)
+                        .mapping_in(cb, self.has_data_file());
                     let same = class(m) == class(first)
                         && match (first, m) {
                             (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. })
@@ -1296,7 +1350,10 @@ impl Image {
                 let mut n = 0;
                 while idx + n < self.per_slice()
                     && (gc + n as u64) << cb < end
-                    && self.entry(slot, idx + n).mapping(cb) == Mapping::Unallocated
+                    && self
+                        .entry(slot, idx + n)
+                        .mapping_in(cb, self.has_data_file())
+                        == Mapping::Unallocated
                 {
                     n += 1;
                 }
@@ -1304,7 +1361,7 @@ impl Image {
                     self.task(t).pos = (gc + 1) << cb;
                     return Ok(());
                 }
-                let (host, got) = self.alloc_clusters(n as u64, false)?;
+                let (host, got) = self.alloc_data(gc, n as u64)?;
                 let a = self.new_alloc(Alloc {
                     task: t,
                     what: AllocWhat::Data {

@@ -28,7 +28,7 @@
 //! changed (a new size, say, must still wait for the tables written after it).
 
 use crate::format::header::Header;
-use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
+use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment, Target};
 
 use super::{put_be64, Block, Image, Pool, Purpose, TABLE_CHUNK};
 
@@ -300,14 +300,21 @@ impl Image {
         if !(cycle.wrote || (first && self.unsynced_data)) {
             return true;
         }
-        if !self.op_room(1) {
+        if !self.op_room(2) {
             return false;
         }
+        let data_file = first && self.unsynced_data && self.has_data_file();
         let cycle = self.cycle.as_mut().expect("cycle in progress");
         cycle.wrote = false;
         cycle.pending += 1;
         self.unsynced_data = false;
         self.issue_bare(Purpose::Sync, IoKind::Flush, 0);
+        if data_file {
+            // Guest data in the external data file is durable before the metadata that
+            // finds it (rule C) and at every guest flush.
+            self.cycle.as_mut().expect("cycle in progress").pending += 1;
+            self.issue_bare_at(Target::DataFile, Purpose::Sync, IoKind::Flush, 0);
+        }
         true
     }
 

@@ -83,8 +83,16 @@ pub enum Mapping {
 pub struct L2Entry(pub u64);
 
 impl L2Entry {
-    /// Decodes the entry for an image with `cluster_bits`.
+    /// Decodes the entry for an image with `cluster_bits` (and no external data file).
     pub fn mapping(self, cluster_bits: u32) -> Mapping {
+        self.mapping_in(cluster_bits, false)
+    }
+
+    /// Decodes the entry for an image with `cluster_bits`, with an external data file when
+    /// `data_file`. There host offset 0 is a valid data cluster (guest cluster 0): as in
+    /// QEMU (`qcow2_get_subcluster_type`), the COPIED flag tells it from an unallocated
+    /// entry, every data-file cluster having refcount 1.
+    pub fn mapping_in(self, cluster_bits: u32, data_file: bool) -> Mapping {
         let v = self.0;
         if v & COMPRESSED != 0 {
             let x = 62 - (cluster_bits - 8);
@@ -97,7 +105,7 @@ impl L2Entry {
         let copied = v & COPIED != 0;
         if v & ZERO != 0 {
             Mapping::Zero { host, copied }
-        } else if host == 0 {
+        } else if host == 0 && !(data_file && copied) {
             Mapping::Unallocated
         } else {
             Mapping::Data { host, copied }
@@ -138,6 +146,24 @@ mod tests {
                 host: 0xa0_0000,
                 len: 5 * 512
             }
+        );
+    }
+
+    #[test]
+    fn offset_zero_is_data_in_a_data_file_when_copied() {
+        let e = L2Entry(0x8000_0000_0000_0000);
+        assert_eq!(e.mapping(16), Mapping::Unallocated);
+        assert_eq!(
+            e.mapping_in(16, true),
+            Mapping::Data {
+                host: 0,
+                copied: true
+            }
+        );
+        assert_eq!(L2Entry(0).mapping_in(16, true), Mapping::Unallocated);
+        assert_eq!(
+            L2Entry::data(0, true).mapping_in(16, true),
+            e.mapping_in(16, true)
         );
     }
 

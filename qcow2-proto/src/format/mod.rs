@@ -267,8 +267,6 @@ impl Layout {
         }
         let unsupported = if h.crypt_method != 0 {
             Some(Feature::Encryption)
-        } else if has_data_file {
-            Some(Feature::ExternalDataFile)
         } else if h.incompatible_features & incompat::EXTENDED_L2 != 0 {
             Some(Feature::ExtendedL2)
         } else if h.incompatible_features & incompat::DIRTY != 0 && !read_only {
