@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use qcow2_proto::{Allocation, BackingError, CreateOptions, OpenError};
 
+use super::mirror::Step;
 use super::must;
 use crate::harness::{Disk, Error, Harness, Mode};
 use crate::qemu::Qemu;
@@ -211,14 +212,6 @@ pub fn reads_qemu_chains<H: Harness>(h: &H) {
     }
 }
 
-/// One guest operation both qemu-io and the harness perform.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    Write { offset: u64, len: u64, byte: u8 },
-    Zero { offset: u64, len: u64, unmap: bool },
-    Discard { offset: u64, len: u64 },
-}
-
 fn steps(size: u64, v3: bool) -> Vec<Step> {
     let mut s = vec![
         // Partial clusters at both ends: copy-on-write from the chain on both sides.
@@ -279,28 +272,6 @@ fn steps(size: u64, v3: bool) -> Vec<Step> {
     s
 }
 
-fn apply<D: Disk>(disk: &mut D, step: Step) {
-    match step {
-        Step::Write { offset, len, byte } => {
-            must(disk.write_at(&vec![byte; len as usize], offset), "write")
-        }
-        Step::Zero { offset, len, unmap } => {
-            must(disk.write_zeroes(offset, len, unmap), "write zeroes")
-        }
-        Step::Discard { offset, len } => must(disk.discard(offset, len), "discard"),
-    }
-}
-
-fn qemu_io(step: Step) -> String {
-    match step {
-        Step::Write { offset, len, byte } => format!("write -P {byte:#x} {offset} {len}"),
-        Step::Zero { offset, len, unmap } => {
-            format!("write -z {}{offset} {len}", if unmap { "-u " } else { "" })
-        }
-        Step::Discard { offset, len } => format!("discard {offset} {len}"),
-    }
-}
-
 /// Writes into overlays of qemu-made chains, mirrored by qemu-io on a twin: same guest
 /// contents, a clean check, untouched backing files.
 pub fn writes_over_qemu_chains<H: Harness>(h: &H) {
@@ -329,10 +300,10 @@ pub fn writes_over_qemu_chains<H: Harness>(h: &H) {
         let steps = steps(size, last.version == 3);
         let mut disk = must(h.open(&ours, Mode::writable()), "open the overlay");
         for &s in &steps {
-            apply(&mut disk, s);
+            s.apply(&mut disk);
         }
         must(disk.close(), "close");
-        let cmds: Vec<String> = steps.iter().map(|&s| qemu_io(s)).collect();
+        let cmds: Vec<String> = steps.iter().map(|&s| s.qemu_io()).collect();
         q.io(&twin, &cmds);
         let status = q.compare_status(&ours, &twin);
         assert_eq!(

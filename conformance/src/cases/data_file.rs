@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use qcow2_proto::CreateOptions;
 
+use super::mirror::Step;
 use super::must;
 use crate::harness::{Disk, Harness, Mode};
 use crate::qemu::Qemu;
@@ -147,14 +148,6 @@ pub fn reads_qemu_data_files<H: Harness>(h: &H) {
     }
 }
 
-/// One guest operation both qemu-io and the harness perform.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    Write { offset: u64, len: u64, byte: u8 },
-    Zero { offset: u64, len: u64, unmap: bool },
-    Discard { offset: u64, len: u64 },
-}
-
 fn steps(size: u64) -> Vec<Step> {
     vec![
         Step::Write {
@@ -214,28 +207,6 @@ fn steps(size: u64) -> Vec<Step> {
     ]
 }
 
-fn apply<D: Disk>(disk: &mut D, step: Step) {
-    match step {
-        Step::Write { offset, len, byte } => {
-            must(disk.write_at(&vec![byte; len as usize], offset), "write")
-        }
-        Step::Zero { offset, len, unmap } => {
-            must(disk.write_zeroes(offset, len, unmap), "write zeroes")
-        }
-        Step::Discard { offset, len } => must(disk.discard(offset, len), "discard"),
-    }
-}
-
-fn qemu_io(step: Step) -> String {
-    match step {
-        Step::Write { offset, len, byte } => format!("write -P {byte:#x} {offset} {len}"),
-        Step::Zero { offset, len, unmap } => {
-            format!("write -z {}{offset} {len}", if unmap { "-u " } else { "" })
-        }
-        Step::Discard { offset, len } => format!("discard {offset} {len}"),
-    }
-}
-
 /// Our writes into qemu-made data-file images, mirrored by qemu-io on a twin pair: same
 /// guest contents, clean checks, and with the raw flag a data file that is the disk.
 pub fn writes_mirror_qemu<H: Harness>(h: &H) {
@@ -252,13 +223,13 @@ pub fn writes_mirror_qemu<H: Harness>(h: &H) {
         let steps = steps(size);
         let mut disk = must(h.open(&ours, Mode::writable()), format!("open {ctx}"));
         for (i, &s) in steps.iter().enumerate() {
-            apply(&mut disk, s);
+            s.apply(&mut disk);
             if i % 3 == 2 {
                 must(disk.flush(), "flush");
             }
         }
         must(disk.close(), "close");
-        let cmds: Vec<String> = steps.iter().map(|&s| qemu_io(s)).collect();
+        let cmds: Vec<String> = steps.iter().map(|&s| s.qemu_io()).collect();
         q.io(&twin, &cmds);
         let want_path = dir.path().join("want.raw");
         q.to_raw(&twin, None, &want_path);

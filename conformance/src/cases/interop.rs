@@ -5,22 +5,12 @@
 
 use std::path::Path;
 
+use super::mirror::Step;
 use super::{layout, must};
 use crate::harness::{Disk, Harness, Mode};
 use crate::model::Model;
 use crate::qemu::Qemu;
 use crate::verify::{matches_model, our_check_clean, qemu_agrees, scratch};
-
-/// One guest operation both qemu-io and the harness can perform.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    /// `write -P byte offset len`.
-    Write { offset: u64, len: u64, byte: u8 },
-    /// `write -z [-u] offset len`.
-    Zero { offset: u64, len: u64, unmap: bool },
-    /// `discard offset len` (cluster aligned here).
-    Discard { offset: u64, len: u64 },
-}
 
 /// The (compat, refcount_bits) cells of the grid.
 const CELLS: [(u32, u32); 4] = [(2, 16), (3, 1), (3, 16), (3, 64)];
@@ -98,40 +88,6 @@ fn steps(cs: u64, size: u64) -> Vec<Step> {
     ]
 }
 
-fn qemu_io_command(step: Step) -> String {
-    match step {
-        Step::Write { offset, len, byte } => format!("write -P {byte:#x} {offset} {len}"),
-        Step::Zero {
-            offset,
-            len,
-            unmap: false,
-        } => format!("write -z {offset} {len}"),
-        Step::Zero {
-            offset,
-            len,
-            unmap: true,
-        } => format!("write -z -u {offset} {len}"),
-        Step::Discard { offset, len } => format!("discard {offset} {len}"),
-    }
-}
-
-fn apply_to_model(model: &mut Model, step: Step, cs: u64) {
-    match step {
-        Step::Write { offset, len, byte } => model.write(offset, &vec![byte; len as usize]),
-        Step::Zero { offset, len, .. } => model.zero(offset, len),
-        Step::Discard { offset, len } => model.discard(offset, len, cs),
-    }
-}
-
-fn apply_to_disk<D: Disk>(disk: &mut D, step: Step) {
-    let r = match step {
-        Step::Write { offset, len, byte } => disk.write_at(&vec![byte; len as usize], offset),
-        Step::Zero { offset, len, unmap } => disk.write_zeroes(offset, len, unmap),
-        Step::Discard { offset, len } => disk.discard(offset, len),
-    };
-    must(r, format!("{step:?}"));
-}
-
 fn qemu_options(version: u32, cs: u64, refcount_bits: u32) -> String {
     let compat = if version == 2 { "0.10" } else { "1.1" };
     format!("compat={compat},cluster_size={cs},refcount_bits={refcount_bits}")
@@ -172,14 +128,11 @@ fn qemu_writes<H: Harness>(h: &H, case: &str, cs: u64) {
         let steps = steps(cs, size);
         q.io(
             &path,
-            &steps
-                .iter()
-                .map(|&s| qemu_io_command(s))
-                .collect::<Vec<_>>(),
+            &steps.iter().map(|&s| s.qemu_io()).collect::<Vec<_>>(),
         );
         let mut model = Model::new(size);
         for &s in &steps {
-            apply_to_model(&mut model, s, cs);
+            s.apply_to_model(&mut model, cs);
         }
 
         let mut disk = must(h.open(&path, Mode::read_only()), format!("{cell}: open"));
@@ -235,8 +188,8 @@ fn we_write<H: Harness>(h: &H, case: &str, cs: u64) {
         );
         let mut model = Model::new(size);
         for s in steps(cs, size) {
-            apply_to_disk(&mut disk, s);
-            apply_to_model(&mut model, s, cs);
+            s.apply(&mut disk);
+            s.apply_to_model(&mut model, cs);
         }
         must(
             matches_model(&mut disk, &model),

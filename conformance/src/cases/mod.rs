@@ -12,6 +12,7 @@ pub mod features;
 pub mod flush;
 pub mod hostile;
 pub mod interop;
+mod mirror;
 pub mod model;
 pub mod no_alloc;
 pub mod overlap;

@@ -7,9 +7,8 @@ use crate::format::MAX_BACKING_NAME;
 use crate::io::{IoBuf, IoKind};
 use crate::request::ReqId;
 
-use super::alloc::PENDING_FREES_CAP;
 use super::tasks::Edit;
-use super::{Block, Image, Kind, Purpose};
+use super::{Image, Kind, Purpose};
 
 mod sub {
     pub(super) const START: u8 = 0;
@@ -44,26 +43,7 @@ impl Image {
     /// Make-empty: every cluster's mapping dropped, a run at a time (like discard, but
     /// leaving the entries unallocated, not zero).
     pub(super) fn step_make_empty(&mut self, t: u32) -> bool {
-        loop {
-            let task = self.task(t);
-            if task.error.is_some() || task.pos >= task.end {
-                return task.inflight == 0;
-            }
-            if self.pending_frees.len() >= PENDING_FREES_CAP {
-                self.cycle_wanted = true;
-                return false;
-            }
-            if !self.op_room(2) {
-                return false;
-            }
-            match self.edit_clusters(t, Edit::Full) {
-                Ok(()) => {}
-                Err(Block::Park) => return false,
-                Err(Block::Fail(e)) => {
-                    self.task(t).error.get_or_insert(e);
-                }
-            }
-        }
+        self.step_edits(t, Edit::Full)
     }
 
     /// Set-backing: wait until everything is durable, write the header and extension area

@@ -418,6 +418,24 @@ impl Image {
         self.issue(purpose, kind, 0, segs);
     }
 
+    /// The buffer a finished read of a compressed stream carries, or its error.
+    fn stream_read(
+        &mut self,
+        op: IoOp,
+        result: Result<(), IoError>,
+    ) -> Result<IoBuf, RequestError> {
+        match (result, op.segments.into_iter().next()) {
+            (Ok(()), Some(Segment::Buf(b))) => Ok(b),
+            (Err(e), seg) => {
+                if let Some(Segment::Buf(b)) = seg {
+                    self.put_staging(b);
+                }
+                Err(self.io_error(e))
+            }
+            (Ok(()), _) => Err(RequestError::Closed),
+        }
+    }
+
     /// A compressed stream for a guest read came in: decompress it into the guest buffer.
     /// (The stream's op slot just came back: there is room for the decompression.)
     pub(super) fn compressed_read_done(
@@ -427,16 +445,9 @@ impl Image {
         op: IoOp,
         result: Result<(), IoError>,
     ) {
-        let input = op.segments.into_iter().next();
-        let input = match (result, input) {
-            (Ok(()), Some(Segment::Buf(b))) => b,
-            (r, _) => {
-                let e = self.io_error(r.err().unwrap_or(crate::io::IoError {
-                    kind: std::io::ErrorKind::InvalidData,
-                    raw_os_error: None,
-                }));
-                return self.task_io_done(t, Err(e));
-            }
+        let input = match self.stream_read(op, result) {
+            Ok(b) => b,
+            Err(e) => return self.task_io_done(t, Err(e)),
         };
         let req = self.task(t).req;
         let out = Segment::Guest {
@@ -456,16 +467,9 @@ impl Image {
         op: IoOp,
         result: Result<(), IoError>,
     ) {
-        let input = op.segments.into_iter().next();
-        let input = match (result, input) {
-            (Ok(()), Some(Segment::Buf(b))) => b,
-            (r, _) => {
-                let e = self.io_error(r.err().unwrap_or(crate::io::IoError {
-                    kind: std::io::ErrorKind::InvalidData,
-                    raw_os_error: None,
-                }));
-                return self.cow_part_done(a, part, Err(e));
-            }
+        let input = match self.stream_read(op, result) {
+            Ok(b) => b,
+            Err(e) => return self.cow_part_done(a, part, Err(e)),
         };
         let len = match &self.allocs[a as usize]
             .as_ref()
@@ -1194,6 +1198,12 @@ impl Image {
                 task.end = task.end / cs * cs;
             }
         }
+        self.step_edits(t, Edit::Discard)
+    }
+
+    /// Applies `edit` to the whole clusters of the task's range, a run at a time (discard,
+    /// make-empty).
+    pub(super) fn step_edits(&mut self, t: u32, edit: Edit) -> bool {
         loop {
             let task = self.task(t);
             if task.error.is_some() || task.pos >= task.end {
@@ -1207,7 +1217,7 @@ impl Image {
             if self.alloc_covering(gc) || !self.op_room(2) {
                 return false;
             }
-            match self.edit_clusters(t, Edit::Discard) {
+            match self.edit_clusters(t, edit) {
                 Ok(()) => {}
                 Err(Block::Park) => return false,
                 Err(Block::Fail(e)) => {
