@@ -596,10 +596,7 @@ pub fn layer_format(img: &Image, depth: u32) -> Result<Format, CliError> {
     }
 }
 
-/// Where qemu's qcow2 driver ends one block-status answer starting at `offset`: at the end
-/// of the L2 slice (4 KiB of entries, or one cluster of them for smaller clusters) that maps
-/// it. qemu-img's loops step by these answers; following them keeps our output the same.
-pub fn l2_slice_end(offset: u64, cluster_size: u64) -> u64 {
-    let covered = (cluster_size.min(4096) / 8) * cluster_size;
-    (offset / covered + 1) * covered
-}
+/// Where qemu's qcow2 driver ends one block-status answer starting at `offset` (see
+/// [`qcow2_proto::format::qemu_l2_slice_end`]); qemu-img's loops step by these answers, and
+/// following them keeps our output the same.
+pub use qcow2_proto::format::qemu_l2_slice_end as l2_slice_end;

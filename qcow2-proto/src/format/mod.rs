@@ -23,6 +23,14 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME: u32 = 1023;
+
+/// Where QEMU's qcow2 driver ends one block-status answer starting at guest `offset`: at
+/// the end of the L2 slice that maps it (4 KiB of entries, or one cluster of them for
+/// smaller clusters). Tools that must step through an image as qemu-img does use it.
+pub fn qemu_l2_slice_end(offset: u64, cluster_size: u64) -> u64 {
+    let covered = (cluster_size.min(4096) / 8) * cluster_size;
+    (offset / covered + 1) * covered
+}
 /// Smallest and largest cluster_bits.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest cluster_bits.
