@@ -180,7 +180,7 @@ impl Image {
         }
     }
 
-    /// Reads guest `[pos, end)` of task `t` (request buffer starting at guest `origin`)
+    /// Reads guest `[pos, end)` of task `t` into its guest buffer
     /// from the backing file; the caller clipped it to the backing size. False when the
     /// nested engine is busy (try again later).
     pub(super) fn backing_read(&mut self, t: u32, pos: u64, end: u64) -> bool {
