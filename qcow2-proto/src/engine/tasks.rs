@@ -340,12 +340,18 @@ impl Image {
         let cs = self.geo.cluster_size();
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
         let first = self.mapping(self.entry(slot, idx), gc)?;
-        let src_of = |me: &Self, m: Mapping| match m {
+        // (Fixed for the whole walk: worked out once, not per entry.)
+        let (unallocated, v3, data_file) = (
+            self.unallocated_src(),
+            self.hdr.version >= 3,
+            self.has_data_file(),
+        );
+        let src_of = |m: Mapping| match m {
             Mapping::Data { host, .. } => Some(Src::Host(host)),
             Mapping::Compressed { .. } => None,
-            Mapping::Unallocated => Some(me.unallocated_src()),
+            Mapping::Unallocated => Some(unallocated),
             // (A zero flag in a v2 image is corruption: never merged into an extent.)
-            Mapping::Zero { .. } if me.hdr.version < 3 => None,
+            Mapping::Zero { .. } if !v3 => None,
             Mapping::Zero { .. } => Some(Src::Zero),
         };
         let src = match first {
@@ -354,17 +360,15 @@ impl Image {
                 return Ok((end.min((gc + 1) << cb), Src::Compressed { host, len }));
             }
             Mapping::Zero { .. } => Src::Zero,
-            m => src_of(self, m).expect("data and unallocated entries have a source"),
+            m => src_of(m).expect("data and unallocated entries have a source"),
         };
         let mut n = 1;
         while idx + n < self.per_slice()
             && (gc + n as u64) << cb < end
             && !self.alloc_covering(gc + n as u64)
         {
-            let m = self
-                .entry(slot, idx + n)
-                .mapping_in(cb, self.has_data_file());
-            let same = match (src, src_of(self, m)) {
+            let m = self.entry(slot, idx + n).mapping_in(cb, data_file);
+            let same = match (src, src_of(m)) {
                 (Src::Host(h), Some(Src::Host(h2))) => h2 == h + n as u64 * cs,
                 (a, Some(b)) => a == b && !matches!(a, Src::Host(_)),
                 _ => false,
