@@ -150,8 +150,14 @@ macro_rules! instantiate {
                 resize_follows,
             }
             features {
-                extended_l2,
                 encryption,
+            }
+            subclusters {
+                reads_qemu_subclusters,
+                writes_mirror_qemu,
+                invalid_bitmaps_are_corruption,
+                shared_clusters_are_copied,
+                compressed_clusters_have_no_subclusters,
             }
             compressed {
                 reads_qemu_compressed,

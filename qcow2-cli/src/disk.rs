@@ -433,6 +433,16 @@ impl Disk {
                 offset: None,
                 depth: 0,
             },
+            // (qemu-img map shows the reserved host offset.)
+            Allocation::Reserved { host } => Status {
+                len,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: Some(host),
+                depth: 0,
+            },
             Allocation::Zero { host } => Status {
                 len,
                 present: true,

@@ -124,6 +124,9 @@ pub struct CreateOptions {
     /// `data_file_raw`: keep the data file a valid raw image of the disk (needs
     /// `data_file`, excludes a backing file; implies metadata preallocation, as in QEMU).
     pub data_file_raw: bool,
+    /// `extended_l2`: 128-bit L2 entries with subcluster bitmaps (32 subclusters per
+    /// cluster; version 3, clusters of at least 16 KiB).
+    pub extended_l2: bool,
 }
 
 impl CreateOptions {
@@ -151,6 +154,7 @@ impl CreateOptions {
             compression_type: crate::codec::CompressionType::Zlib,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
         }
     }
 }

@@ -34,7 +34,18 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
     if !rb.is_power_of_two() || rb > 64 {
         return Err(CreateError::RefcountBits);
     }
-    if opts.backing_file.is_some() && opts.preallocation != crate::config::Preallocation::Off {
+    if opts.extended_l2 && opts.version < 3 {
+        return Err(CreateError::ExtendedL2NeedsV3);
+    }
+    if opts.extended_l2 && cs < 1 << crate::format::MIN_EXTENDED_CLUSTER_BITS {
+        return Err(CreateError::ExtendedL2ClusterSize);
+    }
+    if opts.backing_file.is_some()
+        && opts.preallocation != crate::config::Preallocation::Off
+        && !opts.extended_l2
+    {
+        // (With extended L2 entries, preallocated subclusters stay unallocated and read
+        // through to the backing file.)
         return Err(CreateError::BackingWithPreallocation);
     }
     if opts.data_file_raw && opts.data_file.is_none() {
@@ -57,7 +68,11 @@ pub fn geometry(opts: &CreateOptions) -> Result<Geometry, CreateError> {
             return Err(CreateError::NeedsV3("compression_type=zstd"));
         }
     }
-    Ok(Geometry::new(cs.trailing_zeros(), rb.trailing_zeros()))
+    Ok(Geometry::with_l2(
+        cs.trailing_zeros(),
+        rb.trailing_zeros(),
+        opts.extended_l2,
+    ))
 }
 
 /// Lays out an empty image for `opts`.
@@ -113,6 +128,10 @@ pub fn initial_image(opts: &CreateOptions) -> Result<InitialImage, CreateError> 
             crate::format::header::incompat::COMPRESSION
         } | if opts.data_file.is_some() {
             crate::format::header::incompat::DATA_FILE
+        } else {
+            0
+        } | if opts.extended_l2 {
+            crate::format::header::incompat::EXTENDED_L2
         } else {
             0
         },

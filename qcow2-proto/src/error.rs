@@ -93,6 +93,10 @@ pub enum CorruptReason {
     /// A compressed cluster in an image with an external data file.
     #[error("compressed cluster entry found in an image with an external data file")]
     CompressedInDataFile,
+    /// An extended L2 entry's subcluster bitmap marks a subcluster both allocated and zero,
+    /// or allocated in an unallocated cluster (QEMU: "Invalid cluster entry found").
+    #[error("invalid subcluster bitmap (invalid cluster entry)")]
+    InvalidSubclusterBitmap,
 }
 
 /// A corruption found at run time.
@@ -116,7 +120,6 @@ pub enum Feature {
     /// An external data file.
     ExternalDataFile,
     /// Extended L2 entries (subclusters).
-    ExtendedL2,
     /// The zstd compression type.
     ZstdCompression,
     /// zlib-compressed clusters.
@@ -136,7 +139,6 @@ impl std::fmt::Display for Feature {
         f.write_str(match self {
             Self::BackingFile => "backing files",
             Self::ExternalDataFile => "external data files",
-            Self::ExtendedL2 => "extended L2 entries (subclusters)",
             Self::ZstdCompression => "zstd compression type",
             Self::CompressedClusters => "compressed clusters",
             Self::Encryption => "encryption",
@@ -225,6 +227,9 @@ pub enum FormatError {
     /// Unknown compression type.
     #[error("unknown compression type: {0}")]
     UnknownCompressionType(u8),
+    /// Extended L2 entries with clusters below 16 KiB (subclusters below 512 bytes).
+    #[error("Unsupported subcluster size: {0}")]
+    SubclusterSize(u64),
     /// refcount_order above 6.
     #[error("Reference count entry width too large; may not exceed 64 bits")]
     RefcountOrder(u32),
@@ -389,6 +394,14 @@ pub enum CreateError {
     /// The backing file name (or format name) does not fit the header.
     #[error("Backing file name too long")]
     BackingNameTooLong,
+    /// Extended L2 entries with clusters below 16 KiB.
+    #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
+    ExtendedL2ClusterSize,
+    /// Extended L2 entries with compat=0.10.
+    #[error(
+        "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+    )]
+    ExtendedL2NeedsV3,
     /// A backing file with preallocation (QEMU allows it only with extended L2 entries).
     #[error(
         "Backing file and preallocation can only be used at the same time if extended_l2 is on"

@@ -107,6 +107,14 @@ pub enum Request {
 pub enum Allocation {
     /// Not allocated in this image (reads as zero here; would fall through to a backing file).
     Unallocated,
+    /// Not allocated in this image either, but inside a host cluster reserved for it (a
+    /// preallocated cluster of an image with extended L2 entries, or an unwritten
+    /// subcluster of an allocated cluster): reads like [`Unallocated`](Self::Unallocated).
+    /// qemu-img map shows the host offset.
+    Reserved {
+        /// The reserved host offset.
+        host: u64,
+    },
     /// Reads as zero from a zero flag; `host` is a preallocated host offset, if any.
     Zero {
         /// The preallocated host offset.
@@ -119,6 +127,14 @@ pub enum Allocation {
     },
     /// Stored compressed.
     Compressed,
+}
+
+impl Allocation {
+    /// Whether the image itself decides what the extent reads as (data, zeros or a
+    /// compressed cluster); `false` where reads fall through to the backing file.
+    pub fn is_allocated(&self) -> bool {
+        !matches!(self, Self::Unallocated | Self::Reserved { .. })
+    }
 }
 
 /// One extent of a guest range.

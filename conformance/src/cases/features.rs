@@ -1,4 +1,4 @@
-//! Features of later issues, in images qemu-img makes: opening refuses them with
+//! Features not supported, in images qemu-img makes: opening refuses them with
 //! `Unsupported(feature)`.
 
 use std::path::Path;
@@ -19,18 +19,6 @@ fn refused<H: Harness>(h: &H, path: &Path, feature: Feature) {
             Ok(_) => panic!("{feature:?} ({mode:?}): the image opened"),
         }
     }
-}
-
-/// `-o extended_l2=on`.
-pub fn extended_l2<H: Harness>(h: &H) {
-    crate::require!(h, real_files);
-    let Some(q) = Qemu::require("features::extended_l2") else {
-        return;
-    };
-    let dir = scratch();
-    let path = dir.path().join("img.qcow2");
-    q.create(&path, "extended_l2=on,cluster_size=65536", 1 << 20);
-    refused(h, &path, Feature::ExtendedL2);
 }
 
 /// LUKS encryption (`-o encrypt.format=luks`).

@@ -19,6 +19,7 @@ pub mod overlap;
 pub mod regressions;
 pub mod repair;
 pub mod snapshots;
+pub mod subclusters;
 
 use std::fmt::Display;
 

@@ -90,8 +90,8 @@ enum Kind {
 fn classify(st: &BlockStatus, base: u32) -> Kind {
     match st.allocation {
         // Past the end of the file at `depth + 1`: between only if above the base.
-        Allocation::Unallocated if st.depth + 1 < base => Kind::Zero,
-        Allocation::Unallocated => Kind::Skip,
+        _ if !st.allocation.is_allocated() && st.depth + 1 < base => Kind::Zero,
+        _ if !st.allocation.is_allocated() => Kind::Skip,
         _ if st.depth >= base => Kind::Skip,
         Allocation::Zero { .. } => Kind::Zero,
         _ => Kind::Data,

@@ -4,6 +4,7 @@ use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use qcow2_proto::CreateError;
 use qcow2_sync::{CreateOptions, Image, OpenOptions, Preallocation};
 
 use crate::disk::{engine_error, Format};
@@ -63,8 +64,7 @@ fn help(format: Format) -> String {
         out.push_str(&format!("  {name:<22} - {what}\n"));
     }
     out.push_str(
-        "\nNot supported yet: encryption, encrypt.*,\n\
-         extended_l2=on.\n",
+        "\nNot supported yet: encryption, encrypt.*.\n",
     );
     out
 }
@@ -210,9 +210,7 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
                 set_string(&mut strings, "lazy_refcounts", v);
             }
             (Format::Qcow2, "extended_l2") => {
-                if parse_bool(k, v)? {
-                    return Err("Option 'extended_l2=on' is not supported yet (subclusters are not implemented)".into());
-                }
+                parse_bool(k, v)?;
                 set_string(&mut strings, "extended_l2", v);
             }
             (Format::Qcow2, "compression_type") => set_string(&mut strings, "compression_type", v),
@@ -320,13 +318,24 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
                 late("Cluster size must be a power of two between 512 and 2048k".into());
             }
+            qcow2.extended_l2 = get("extended_l2")
+                .is_some_and(|v| parse_bool("extended_l2", &v).unwrap_or(false));
+            if qcow2.extended_l2 && qcow2.version < 3 {
+                late(CreateError::ExtendedL2NeedsV3.to_string());
+            }
+            if qcow2.extended_l2 && cs < 16384 {
+                late(CreateError::ExtendedL2ClusterSize.to_string());
+            }
             if !rb.is_power_of_two() || rb > 64 {
                 late("Refcount width must be a power of two and may not exceed 64 bits".into());
             }
             if qcow2.version == 2 && rb != 16 {
                 late("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into());
             }
-            if qcow2.backing_file.is_some() && preallocation != Preallocation::Off {
+            if qcow2.backing_file.is_some()
+                && preallocation != Preallocation::Off
+                && !qcow2.extended_l2
+            {
                 late("Backing file and preallocation can only be used at the same time if extended_l2 is on".into());
             }
             qcow2.compression_type = match get("compression_type").as_deref() {
@@ -571,8 +580,15 @@ mod tests {
             .unwrap_err()
             .contains("not supported yet"));
         assert!(echo(Format::Qcow2, "extended_l2=on", Some(1))
-            .unwrap_err()
-            .contains("not supported yet"));
+            .unwrap()
+            .contains("extended_l2=on"));
+        for (opts, err) in [
+            ("extended_l2=on,cluster_size=8k", CreateError::ExtendedL2ClusterSize),
+            ("extended_l2=on,compat=0.10", CreateError::ExtendedL2NeedsV3),
+        ] {
+            let p = plan(Format::Qcow2, &split_options(&[opts.to_string()]), Some(1)).unwrap();
+            assert_eq!(p.late_error.unwrap(), err.to_string(), "{opts}");
+        }
         let opts = split_options(&["compat=0.10,lazy_refcounts=on".to_string()]);
         let p = plan(Format::Qcow2, &opts, Some(1 << 20)).unwrap();
         assert!(p

@@ -224,7 +224,7 @@ fn change_backing(a: &RebaseArgs, target: &mut Target) -> Result<(), CliError> {
 
 /// Whether a status describes a range the image itself allocates (data or zeroes).
 fn allocated_here(st: &BlockStatus) -> bool {
-    st.depth == 0 && st.allocation != Allocation::Unallocated
+    st.depth == 0 && st.allocation.is_allocated()
 }
 
 /// How far a range of one kind reaches from `offset` (at most `max` bytes): the image's
@@ -319,7 +319,9 @@ fn copy_differences(
             // can differ (past the end of the old backing file, everything is compared).
             Some(prefix) if offset < old_size => {
                 let above = |st: &BlockStatus| match st.allocation {
-                    Allocation::Unallocated => (1..prefix - 1).contains(&st.depth),
+                    Allocation::Unallocated | Allocation::Reserved { .. } => {
+                        (1..prefix - 1).contains(&st.depth)
+                    }
                     _ => (1..prefix).contains(&st.depth),
                 };
                 // (qemu asks the old backing file, which ends at its own size.)

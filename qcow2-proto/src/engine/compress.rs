@@ -54,7 +54,7 @@ impl Image {
                     let free = self.owned_l2(t, gc >> self.geo.l2_bits).and_then(|l2| {
                         self.l2_entry_slot(l2, gc).map(|(slot, idx)| {
                             matches!(
-                                self.entry(slot, idx).mapping_in(cb, self.has_data_file()),
+                                self.decode(self.entry(slot, idx)),
                                 Mapping::Unallocated | Mapping::Zero { host: 0, .. }
                             )
                         })

@@ -247,9 +247,11 @@ enum Body {
 
 #[derive(Debug)]
 enum AllocWhat {
-    /// `count` guest clusters from `guest_cluster`, COW head/tail around the body.
+    /// `count` guest clusters from `guest_cluster`, COW head/tail around the body; the
+    /// write starts at byte `lead` of the first cluster.
     Data {
         guest_cluster: u64,
+        lead: u64,
         head: u64,
         body_start: usize,
         body_len: usize,
@@ -257,6 +259,11 @@ enum AllocWhat {
         tail: u64,
         staged: [Option<IoBuf>; 2],
         cow_pending: u8,
+        /// With extended L2 entries: the new bitmaps of the first, middle and last
+        /// clusters.
+        bitmaps: [u64; 3],
+        /// Written into clusters already mapped (no new clusters, nothing to free).
+        in_place: bool,
     },
     /// A new L2 table for L1 index `l1_index`, copied from `old` when non-zero.
     L2Table { l1_index: u64, old: u64 },

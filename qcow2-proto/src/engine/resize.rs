@@ -233,7 +233,7 @@ impl Image {
                                 continue;
                             }
                             Ok((slot, idx)) => {
-                                match self.entry(slot, idx).mapping_in(cb, self.has_data_file()) {
+                                match self.decode(self.entry(slot, idx)) {
                                     Mapping::Data { .. } | Mapping::Compressed { .. } => {
                                         self.task(t).error =
                                             Some(RequestError::ShrinkDropsData(pos));

@@ -5,7 +5,10 @@ use arrayvec::ArrayVec;
 
 use crate::config::{CacheMode, Preallocation};
 use crate::error::{CorruptReason, Feature, RequestError, Structure};
-use crate::format::entry::{L1Entry, L2Entry, Mapping, COPIED, OFFSET_MASK};
+use crate::format::entry::{
+    self, L1Entry, L2Entry, Mapping, Sub, ALL_ALLOC, ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK,
+    ZERO,
+};
 use crate::io::{IoBuf, IoError, IoKind, IoOp, Segment};
 use crate::request::{Allocation, BlockStatus};
 
@@ -37,6 +40,36 @@ enum Cow {
     Backing(u64),
     /// A compressed cluster (its stream), from byte `skip` of the cluster.
     Compressed { host: u64, len: u64, skip: u64 },
+}
+
+/// What a unit reports to block status (host offsets as host minus guest offset).
+#[derive(Debug, Clone, Copy, Eq, PartialEq)]
+enum Status {
+    Unallocated,
+    Reserved(u64),
+    Zero(Option<u64>),
+    Data(u64),
+    Compressed,
+}
+
+/// A data allocation about to start: guest clusters `gc..gc + count` at host `host`. The
+/// write covers the first cluster from byte `lead`: `head` bytes of copy-on-write, the
+/// body up to guest `body_end`, then `tail` bytes of copy-on-write.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    gc: u64,
+    host: u64,
+    count: u64,
+    lead: u64,
+    head: u64,
+    body_end: u64,
+    tail: u64,
+    /// Sources of the head and the tail (`None`: zeros).
+    cow: [Option<Cow>; 2],
+    /// With extended L2 entries: the new bitmaps of the first, middle and last clusters.
+    bitmaps: [u64; 3],
+    /// Into the clusters the entries map already (no new clusters, nothing to free).
+    in_place: bool,
 }
 
 /// Ops one task may have outstanding at once.
@@ -117,30 +150,91 @@ impl Image {
 
     /// The cache slot holding guest cluster `gc`'s entry of table `l2`, and its index there.
     pub(super) fn l2_entry_slot(&mut self, l2: u64, gc: u64) -> Result<(u32, usize), Block> {
-        let byte = (gc & (self.geo.l2_entries() - 1)) * 8;
+        let w = self.geo.l2_entry_bytes();
+        let byte = (gc & (self.geo.l2_entries() - 1)) * w;
         let unit = self.l2.unit as u64;
         let slot = self
             .cached(false, l2 + byte / unit * unit)?
             .expect("L2 lookups always give a slot");
-        Ok((slot, ((byte % unit) / 8) as usize))
+        Ok((slot, ((byte % unit) / w) as usize))
     }
 
+    /// The first word of entry `idx` of the cached slice in `slot`.
     pub(super) fn entry(&self, slot: u32, idx: usize) -> L2Entry {
-        L2Entry(be64(self.l2.data(slot), idx))
+        let words = self.geo.l2_entry_bytes() as usize / 8;
+        L2Entry(be64(self.l2.data(slot), idx * words))
     }
 
+    /// The subcluster bitmap of entry `idx` (0 without extended L2 entries).
+    pub(super) fn bitmap(&self, slot: u32, idx: usize) -> u64 {
+        if self.geo.extended_l2() {
+            be64(self.l2.data(slot), idx * 2 + 1)
+        } else {
+            0
+        }
+    }
+
+    /// Decodes an entry's first word for this image (data file, extended entries).
+    pub(super) fn decode(&self, e: L2Entry) -> Mapping {
+        e.mapping_ext(
+            self.geo.cluster_bits,
+            self.has_data_file(),
+            self.geo.extended_l2(),
+        )
+    }
+
+    /// What subcluster `sc` of a cluster mapped by `m` with `bitmap` holds.
+    fn sub(&self, m: Mapping, bitmap: u64, sc: u32) -> Sub {
+        let ext = self.geo.extended_l2();
+        entry::subcluster(m, bitmap, ext, sc, self.geo.subcluster_bits)
+    }
+
+    /// Sets entry `idx`. With extended entries a zero flag becomes "every subcluster reads
+    /// as zeros" and any other entry gets an empty bitmap (see [`set_entry_ext`]).
+    ///
+    /// [`set_entry_ext`]: Self::set_entry_ext
     fn set_entry(&mut self, slot: u32, idx: usize, e: L2Entry) {
-        put_be64(self.l2.data_mut(slot), idx, e.0);
+        if self.geo.extended_l2() {
+            let zero = e.0 & ZERO != 0 && e.0 & COMPRESSED == 0;
+            let bitmap = if zero { ALL_ZEROES } else { 0 };
+            self.set_entry_ext(slot, idx, L2Entry(e.0 & !u64::from(zero)), bitmap);
+        } else {
+            put_be64(self.l2.data_mut(slot), idx, e.0);
+        }
+    }
+
+    /// Sets extended entry `idx`: its first word and its subcluster bitmap.
+    fn set_entry_ext(&mut self, slot: u32, idx: usize, e: L2Entry, bitmap: u64) {
+        let data = self.l2.data_mut(slot);
+        put_be64(data, idx * 2, e.0);
+        put_be64(data, idx * 2 + 1, bitmap);
     }
 
     fn per_slice(&self) -> usize {
-        self.l2.unit / 8
+        self.l2.unit / self.geo.l2_entry_bytes() as usize
+    }
+
+    /// Decodes and validates entry `idx` of `slot`, guest cluster `gc`'s.
+    fn mapping_at(&mut self, slot: u32, idx: usize, gc: u64) -> Result<Mapping, RequestError> {
+        let e = self.entry(slot, idx);
+        let m = self.mapping(e, gc)?;
+        if self.geo.extended_l2() {
+            let bitmap = self.bitmap(slot, idx);
+            if !entry::bitmap_valid(m, bitmap) {
+                return Err(self.corrupt(
+                    Structure::L2Table,
+                    bitmap,
+                    CorruptReason::InvalidSubclusterBitmap,
+                ));
+            }
+        }
+        Ok(m)
     }
 
     /// Decodes and validates the L2 entry of guest cluster `gc`.
     fn mapping(&mut self, e: L2Entry, gc: u64) -> Result<Mapping, RequestError> {
         let cb = self.geo.cluster_bits;
-        let m = e.mapping_in(cb, self.has_data_file());
+        let m = self.decode(e);
         if self.has_data_file() {
             // (QEMU: "External data file host cluster offset ... does not match guest
             // cluster offset", and no compressed clusters in such images.)
@@ -236,7 +330,7 @@ impl Image {
                     end.min((l1i + 1) << (cb + self.geo.l2_bits)),
                     self.unallocated_src(),
                 ),
-                Ok(Some(l2)) => match self.read_extent(l2, gc, end) {
+                Ok(Some(l2)) => match self.read_extent(l2, pos, end) {
                     Ok(x) => x,
                     Err(Block::Park) => return false,
                     Err(Block::Fail(e)) => {
@@ -297,7 +391,7 @@ impl Image {
                         write: false,
                     },
                     IoKind::Read,
-                    h + (pos - (gc << cb)),
+                    h,
                     segs,
                 ),
                 None => self.issue(
@@ -334,51 +428,80 @@ impl Image {
         }
     }
 
-    /// The extent starting at guest cluster `gc`: its end and where it reads from.
-    fn read_extent(&mut self, l2: u64, gc: u64, end: u64) -> Result<(u64, Src), Block> {
+    /// The extent starting at guest offset `pos`: its end and where it reads from (a host
+    /// source already at `pos`'s byte).
+    fn read_extent(&mut self, l2: u64, pos: u64, end: u64) -> Result<(u64, Src), Block> {
         let cb = self.geo.cluster_bits;
-        let cs = self.geo.cluster_size();
+        let gc = pos >> cb;
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
-        let first = self.mapping(self.entry(slot, idx), gc)?;
-        // (Fixed for the whole walk: worked out once, not per entry.)
-        let (unallocated, v3, data_file) = (
-            self.unallocated_src(),
-            self.hdr.version >= 3,
-            self.has_data_file(),
-        );
-        let src_of = |m: Mapping| match m {
-            Mapping::Data { host, .. } => Some(Src::Host(host)),
-            Mapping::Compressed { .. } => None,
-            Mapping::Unallocated => Some(unallocated),
+        let first = self.mapping_at(slot, idx, gc)?;
+        if let Mapping::Compressed { host, len } = first {
+            // One cluster at a time: each has a stream of its own.
+            return Ok((end.min((gc + 1) << cb), Src::Compressed { host, len }));
+        }
+        // (Fixed for the whole walk: worked out once, not per unit.)
+        let (unallocated, v3) = (self.unallocated_src(), self.hdr.version >= 3);
+        // Host sources are keyed by host minus guest offset: equal keys are contiguous.
+        let key = |_: Mapping, sub: Sub, g: u64| match sub {
+            Sub::Data(h) => Some(Src::Host(h.wrapping_sub(g))),
+            Sub::Compressed => None,
+            Sub::Unallocated => Some(unallocated),
             // (A zero flag in a v2 image is corruption: never merged into an extent.)
-            Mapping::Zero { .. } if !v3 => None,
-            Mapping::Zero { .. } => Some(Src::Zero),
+            Sub::Zero if !v3 => None,
+            Sub::Zero => Some(Src::Zero),
         };
-        let src = match first {
-            Mapping::Compressed { host, len } => {
-                // One cluster at a time: each has a stream of its own.
-                return Ok((end.min((gc + 1) << cb), Src::Compressed { host, len }));
-            }
-            Mapping::Zero { .. } => Src::Zero,
-            m => src_of(m).expect("data and unallocated entries have a source"),
+        let (run_end, src) = self.unit_run(slot, idx, first, pos, end, key);
+        let src = match src {
+            Some(Src::Host(delta)) => Src::Host(delta.wrapping_add(pos)),
+            Some(s) => s,
+            None => Src::Zero,
         };
-        let mut n = 1;
-        while idx + n < self.per_slice()
-            && (gc + n as u64) << cb < end
-            && !self.alloc_covering(gc + n as u64)
-        {
-            let m = self.entry(slot, idx + n).mapping_in(cb, data_file);
-            let same = match (src, src_of(m)) {
-                (Src::Host(h), Some(Src::Host(h2))) => h2 == h + n as u64 * cs,
-                (a, Some(b)) => a == b && !matches!(a, Src::Host(_)),
-                _ => false,
-            };
-            if !same {
+        Ok((run_end, src))
+    }
+
+    /// Walks the units (subclusters with extended L2 entries, else clusters) from guest
+    /// offset `pos`, guest cluster `gc` = entry `idx` of `slot` mapped by `first`, while
+    /// `key` (of a unit's content and guest offset) stays what it is for `pos`'s unit: the
+    /// run's end (before `end`, inside the slice, short of clusters under allocation) and
+    /// that key. A `None` key ends the run after the first unit.
+    fn unit_run<K: PartialEq + Copy>(
+        &self,
+        slot: u32,
+        idx: usize,
+        first: Mapping,
+        pos: u64,
+        end: u64,
+        key: impl Fn(Mapping, Sub, u64) -> Option<K>,
+    ) -> (u64, Option<K>) {
+        let (cb, scb) = (self.geo.cluster_bits, self.geo.subcluster_bits);
+        let (ext, cmask) = (self.geo.extended_l2(), self.geo.cluster_size() - 1);
+        let gc = pos >> cb;
+        let sc = |g: u64| ((g & cmask) >> scb) as u32;
+        let mut g = pos >> scb << scb;
+        let (mut m, mut bitmap) = (first, self.bitmap(slot, idx));
+        let k0 = key(m, self.sub(m, bitmap, sc(g)), g);
+        let mut n = 0;
+        loop {
+            g += 1 << scb;
+            if g >= end || k0.is_none() {
                 break;
             }
-            n += 1;
+            if g & cmask == 0 {
+                n += 1;
+                if idx + n >= self.per_slice() || self.alloc_covering(gc + n as u64) {
+                    break;
+                }
+                m = self.decode(self.entry(slot, idx + n));
+                bitmap = self.bitmap(slot, idx + n);
+                if ext && !entry::bitmap_valid(m, bitmap) {
+                    break;
+                }
+            }
+            if key(m, self.sub(m, bitmap, sc(g)), g) != k0 {
+                break;
+            }
         }
-        Ok((end.min((gc + n as u64) << cb), src))
+        (end.min(g), k0)
     }
 
     // ---- compressed clusters ----
@@ -537,6 +660,9 @@ impl Image {
                 Kind::Zeroes { unmap } if zero_flags && self.full_cluster_at(pos, end) => {
                     self.edit_clusters(t, Edit::Zero { unmap })
                 }
+                Kind::Zeroes { .. } if self.full_subcluster_at(pos, end) => {
+                    self.zero_subclusters(t)
+                }
                 Kind::Zeroes { .. } => self.write_piece(t, Body::Zeroes),
                 _ => self.write_piece(t, Body::Guest),
             };
@@ -555,6 +681,58 @@ impl Image {
     pub(super) fn full_cluster_at(&self, pos: u64, end: u64) -> bool {
         let cs = self.geo.cluster_size();
         pos % cs == 0 && (end - pos >= cs || end == self.hdr.size)
+    }
+
+    /// Whether `[pos, end)` starts with a whole subcluster of an image with extended L2
+    /// entries (the partial last one of the image counts as whole).
+    fn full_subcluster_at(&self, pos: u64, end: u64) -> bool {
+        let scs = self.geo.subcluster_size();
+        self.geo.extended_l2() && pos % scs == 0 && (end - pos >= scs || end == self.hdr.size)
+    }
+
+    /// Write-zeroes of the whole subclusters at the task's position (extended L2 entries,
+    /// inside one cluster): their zero bits are set and their allocated bits cleared; the
+    /// cluster stays. A compressed cluster has no subclusters: it is rewritten.
+    fn zero_subclusters(&mut self, t: u32) -> Result<(), Block> {
+        if self.window {
+            return Err(Block::Park);
+        }
+        let (cb, scb) = (self.geo.cluster_bits, self.geo.subcluster_bits);
+        let (pos, end) = (self.task(t).pos, self.task(t).end);
+        let gc = pos >> cb;
+        let l2 = self.owned_l2(t, gc >> self.geo.l2_bits)?;
+        let (slot, idx) = self.l2_entry_slot(l2, gc)?;
+        let m = self.mapping_at(slot, idx, gc)?;
+        if let Mapping::Compressed { .. } = m {
+            return self.write_piece(t, Body::Zeroes);
+        }
+        let cluster_end = (gc + 1) << cb;
+        let zero_end = if end == self.hdr.size {
+            end.min(cluster_end)
+        } else {
+            (end >> scb << scb).min(cluster_end)
+        };
+        let first = ((pos >> scb) & 31) as u32;
+        let last = (((zero_end - 1) >> scb) & 31) as u32;
+        let mask = entry::subcluster_mask(first, last);
+        let bitmap = self.bitmap(slot, idx);
+        let e = self.entry(slot, idx);
+        self.set_entry_ext(slot, idx, e, (bitmap & !mask) | mask << 32);
+        if self.data_file_raw() {
+            // (As for whole clusters: the raw data file reads as the image does.)
+            let len = zero_end.min(self.hdr.size) - pos;
+            self.issue_bare_at(
+                crate::io::Target::DataFile,
+                Purpose::TaskIo { task: t },
+                IoKind::WriteZeroes { len },
+                pos,
+            );
+            self.task(t).inflight += 1;
+        }
+        let task = self.task(t);
+        task.pos = zero_end;
+        task.wrote = true;
+        Ok(())
     }
 
     /// Handles the pending allocation of task `t`; false while it must wait.
@@ -600,12 +778,11 @@ impl Image {
     /// Gives back the clusters of an allocation that will never be linked.
     fn abort_alloc(&mut self, a: u32) {
         let alloc = self.drop_alloc(a);
-        let first = alloc.host >> self.geo.cluster_bits << self.geo.cluster_bits;
-        let refcounted = !(self.has_data_file() && matches!(alloc.what, AllocWhat::Data { .. }));
-        for i in 0..alloc.count {
-            if refcounted {
-                self.queue_free(first + (i << self.geo.cluster_bits));
-            }
+        if let AllocWhat::Data { in_place: true, .. } = alloc.what {
+            // Written in place: the cluster stays where it is.
+        } else {
+            let data = matches!(alloc.what, AllocWhat::Data { .. });
+            self.release(alloc.host, alloc.count, data);
         }
         if let AllocWhat::Data { staged, .. } = alloc.what {
             for b in staged.into_iter().flatten() {
@@ -615,180 +792,393 @@ impl Image {
         self.wake_all();
     }
 
+    /// Gives back `count` clusters from `host` that nothing references (`data`: guest data
+    /// clusters, which in an external data file have no refcounts).
+    fn release(&mut self, host: u64, count: u64, data: bool) {
+        let cb = self.geo.cluster_bits;
+        if data && self.has_data_file() {
+            return;
+        }
+        for i in 0..count {
+            self.queue_free((host >> cb << cb) + (i << cb));
+        }
+    }
+
+    /// Where the copy-on-write next to a write reaches in a cluster mapped by `m` with
+    /// `bitmap`, at guest offset `g`, and what it copies (`None`: zeros). For the head
+    /// (`head`), the write's data starts at byte `off` of the cluster and the copy runs from
+    /// the returned offset up to it; for the tail the data ends at `off` and the copy runs
+    /// from it to the returned offset. `in_place`: the write goes into `m`'s own cluster.
+    ///
+    /// A cluster that is replaced by a new one is copied whole, unless its entry can say
+    /// "unallocated" or "zero" for the subclusters the write does not touch (extended L2
+    /// entries over an unallocated cluster, or in place): then only the partly written
+    /// subcluster at the edge is filled, from where that subcluster reads.
+    fn cow_edge(
+        &self,
+        (m, bitmap, g): (Mapping, u64, u64),
+        off: u64,
+        head: bool,
+        in_place: bool,
+    ) -> Result<(u64, Option<Cow>), RequestError> {
+        let (cs, scs) = (self.geo.cluster_size(), self.geo.subcluster_size());
+        let whole = !self.geo.extended_l2()
+            || matches!(m, Mapping::Compressed { .. })
+            || matches!(m, Mapping::Data { .. }) && !in_place;
+        let edge = if whole {
+            if head {
+                0
+            } else {
+                cs
+            }
+        } else if off % scs == 0 {
+            return Ok((off, None));
+        } else {
+            let unit = off / scs * scs;
+            if in_place && matches!(self.sub(m, bitmap, (off / scs) as u32), Sub::Data(_)) {
+                // The subcluster holds data already.
+                return Ok((off, None));
+            }
+            if head {
+                unit
+            } else {
+                unit + scs
+            }
+        };
+        let (from, len) = if head {
+            (edge, off - edge)
+        } else {
+            (off, edge - off)
+        };
+        if len == 0 {
+            return Ok((edge, None));
+        }
+        let src = match m {
+            Mapping::Data { host, .. } if whole => Some(Cow::Host(host + from)),
+            Mapping::Compressed { host, len: stream } => Some(Cow::Compressed {
+                host,
+                len: stream,
+                skip: from,
+            }),
+            _ => match self.sub(m, bitmap, (from / scs) as u32) {
+                Sub::Data(h) => Some(Cow::Host(h + from % scs)),
+                Sub::Zero | Sub::Compressed => None,
+                Sub::Unallocated => match &self.backing {
+                    Some(b) if g + from < b.size => Some(Cow::Backing(g + from)),
+                    Some(_) => None,
+                    // Opened without its backing file: the data to copy cannot be read.
+                    None if self.names_backing() => {
+                        return Err(RequestError::Unsupported(Feature::BackingFile))
+                    }
+                    None => None,
+                },
+            },
+        };
+        Ok((edge, src))
+    }
+
+    /// Whether every subcluster of a cluster with `bitmap` that bytes `[from, to)` touch is
+    /// allocated (always, without extended L2 entries).
+    fn subclusters_allocated(&self, bitmap: u64, from: u64, to: u64) -> bool {
+        if !self.geo.extended_l2() {
+            return true;
+        }
+        let scb = self.geo.subcluster_bits;
+        let mask = entry::subcluster_mask((from >> scb) as u32, ((to - 1) >> scb) as u32);
+        bitmap & mask == mask
+    }
+
+    /// The new bitmap of a cluster (with `old`, mapped by `m`) whose bytes `[from, to)` were
+    /// written: those subclusters allocated, the others as they were.
+    fn written_bitmap(&self, m: Mapping, old: u64, from: u64, to: u64) -> u64 {
+        let scb = self.geo.subcluster_bits;
+        let mask = entry::subcluster_mask((from >> scb) as u32, ((to - 1) >> scb) as u32);
+        let keep = match m {
+            Mapping::Compressed { .. } => 0,
+            _ => old,
+        };
+        (keep & !(mask | mask << 32)) | mask
+    }
+
     /// One run of a write at the task's position: in place, or into new clusters.
     pub(super) fn write_piece(&mut self, t: u32, body: Body) -> Result<(), Block> {
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cluster_size();
+        let scb = self.geo.subcluster_bits;
         let task = self.task(t);
-        let (pos, end, origin, req) = (task.pos, task.end, task.origin, task.req);
+        let (pos, end) = (task.pos, task.end);
         let gc = pos >> cb;
+        let g0 = gc << cb;
         let l2 = self.owned_l2(t, gc >> self.geo.l2_bits)?;
         let (slot, idx) = self.l2_entry_slot(l2, gc)?;
-        let first = self.mapping(self.entry(slot, idx), gc)?;
+        let first = self.mapping_at(slot, idx, gc)?;
+        let bitmap0 = self.bitmap(slot, idx);
         let limit = |n: usize| (gc + n as u64) << cb;
-        let body_seg = |start: u64, len: u64| match body {
+        if body == Body::Zeroes {
+            let reads_zero = match self.sub(first, bitmap0, ((pos - g0) >> scb) as u32) {
+                Sub::Zero => true,
+                Sub::Unallocated => !self.names_backing(),
+                Sub::Data(_) | Sub::Compressed => false,
+            };
+            if reads_zero {
+                // A partial zero write where the image reads as zero already. Like QEMU,
+                // a standard entry gets the zero flag over the whole cluster (v3); nothing
+                // is written.
+                if first == Mapping::Unallocated
+                    && self.hdr.version >= 3
+                    && !self.geo.extended_l2()
+                {
+                    self.set_entry(slot, idx, L2Entry::zero(0, false));
+                }
+                self.task(t).pos = end.min(((pos >> scb) + 1) << scb);
+                return Ok(());
+            }
+        }
+        if let Mapping::Data { host, copied: true } = first {
+            if !self.subclusters_allocated(bitmap0, pos - g0, end.min(limit(1)) - g0) {
+                return self.write_in_place(t, body, (first, bitmap0, g0), host);
+            }
+            let mut n = 1;
+            while idx + n < self.per_slice()
+                && limit(n) < end
+                && !self.alloc_covering(gc + n as u64)
+                && self.decode(self.entry(slot, idx + n))
+                    == (Mapping::Data {
+                        host: host + n as u64 * cs,
+                        copied: true,
+                    })
+                && self.subclusters_allocated(
+                    self.bitmap(slot, idx + n),
+                    0,
+                    end.min(limit(n + 1)) - limit(n),
+                )
+            {
+                n += 1;
+            }
+            let run_end = end.min(limit(n));
+            let mut segs = ArrayVec::new();
+            segs.push(self.body_seg(t, body, pos, run_end - pos));
+            self.issue(
+                Purpose::Guest {
+                    task: t,
+                    write: true,
+                },
+                IoKind::Write,
+                host + (pos - g0),
+                segs,
+            );
+            let task = self.task(t);
+            task.inflight += 1;
+            task.pos = run_end;
+            task.wrote = true;
+            return Ok(());
+        }
+        let ext = self.geo.extended_l2();
+        if let (true, Mapping::Data { host, .. }) = (ext, first) {
+            if bitmap0 != ALL_ALLOC {
+                return self.unshare(t, bitmap0, g0, host);
+            }
+        }
+        let mut n = 1;
+        if body == Body::Guest {
+            while idx + n < self.per_slice() && limit(n) < end && !self.alloc_covering(gc + n as u64)
+            {
+                let m = self.decode(self.entry(slot, idx + n));
+                let bitmap = self.bitmap(slot, idx + n);
+                match m {
+                    Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => break,
+                    // (Shared partly allocated clusters are unshared first; invalid
+                    // bitmaps are reported once the cluster comes first.)
+                    Mapping::Data { .. } if ext && bitmap != ALL_ALLOC => break,
+                    _ if ext && !entry::bitmap_valid(m, bitmap) => break,
+                    _ => n += 1,
+                }
+            }
+        }
+        if self.names_backing() && !self.backing_room(2) {
+            return Err(Block::Park);
+        }
+        // The head is known before allocating; the tail depends on how many clusters come.
+        let (lead, cow_head) = self.cow_edge((first, bitmap0, g0), pos - g0, true, false)?;
+        let (host, got) = self.alloc_data(gc, n as u64)?;
+        let body_end = end.min(limit(got as usize));
+        let li = idx + got as usize - 1;
+        let gl = limit(got as usize - 1);
+        let (last, bitmap_last) = (self.decode(self.entry(slot, li)), self.bitmap(slot, li));
+        let (tail_end, cow_tail) =
+            match self.cow_edge((last, bitmap_last, gl), body_end - gl, false, false) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.release(host, got, true);
+                    return Err(e.into());
+                }
+            };
+        let bitmaps = if got == 1 {
+            let b = self.written_bitmap(first, bitmap0, lead, tail_end);
+            [b, b, b]
+        } else {
+            [
+                self.written_bitmap(first, bitmap0, lead, cs),
+                ALL_ALLOC,
+                self.written_bitmap(last, bitmap_last, 0, tail_end),
+            ]
+        };
+        self.start_alloc(
+            t,
+            body,
+            Plan {
+                gc,
+                host,
+                count: got,
+                lead,
+                head: pos - g0 - lead,
+                body_end,
+                tail: gl + tail_end - body_end,
+                cow: [cow_head, cow_tail],
+                bitmaps,
+                in_place: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// The body of a write piece: task `t`'s guest bytes `start..start + len`, or zeroes.
+    fn body_seg(&mut self, t: u32, body: Body, start: u64, len: u64) -> Segment {
+        let task = self.task(t);
+        match body {
             Body::Guest => Segment::Guest {
-                req,
-                start: (start - origin) as usize,
+                req: task.req,
+                start: (start - task.origin) as usize,
                 len: len as usize,
             },
             Body::Zeroes => Segment::Zeroes(len as usize),
-        };
-        match first {
-            Mapping::Data { host, copied: true } => {
-                let mut n = 1;
-                while idx + n < self.per_slice()
-                    && limit(n) < end
-                    && !self.alloc_covering(gc + n as u64)
-                    && self
-                        .entry(slot, idx + n)
-                        .mapping_in(cb, self.has_data_file())
-                        == (Mapping::Data {
-                            host: host + n as u64 * cs,
-                            copied: true,
-                        })
-                {
-                    n += 1;
+        }
+    }
+
+    /// A write into an allocated cluster (COPIED, at `host`) of an image with extended L2
+    /// entries that touches subclusters not yet allocated: the partly written ones are
+    /// filled from where they read, and the bitmap is updated once the data is written.
+    fn write_in_place(
+        &mut self,
+        t: u32,
+        body: Body,
+        (m, bitmap, g0): (Mapping, u64, u64),
+        host: u64,
+    ) -> Result<(), Block> {
+        let cs = self.geo.cluster_size();
+        let (pos, end) = (self.task(t).pos, self.task(t).end);
+        let body_end = end.min(g0 + cs);
+        if self.names_backing() && !self.backing_room(2) {
+            return Err(Block::Park);
+        }
+        let (lead, cow_head) = self.cow_edge((m, bitmap, g0), pos - g0, true, true)?;
+        let (tail_end, cow_tail) = self.cow_edge((m, bitmap, g0), body_end - g0, false, true)?;
+        let scb = self.geo.subcluster_bits;
+        let mask = entry::subcluster_mask((lead >> scb) as u32, ((tail_end - 1) >> scb) as u32);
+        let b = (bitmap & !(mask << 32)) | mask;
+        self.start_alloc(
+            t,
+            body,
+            Plan {
+                gc: g0 >> self.geo.cluster_bits,
+                host,
+                count: 1,
+                lead,
+                head: pos - g0 - lead,
+                body_end,
+                tail: g0 + tail_end - body_end,
+                cow: [cow_head, cow_tail],
+                bitmaps: [b, b, b],
+                in_place: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// A write into a cluster shared with a snapshot whose extended L2 entry has
+    /// unallocated or zero subclusters: first a copy of the whole cluster with the same
+    /// bitmap (what the old cluster holds outside its allocated subclusters is never read),
+    /// then the write goes in place into the copy.
+    fn unshare(&mut self, t: u32, bitmap: u64, g0: u64, old: u64) -> Result<(), Block> {
+        let gc = g0 >> self.geo.cluster_bits;
+        let (host, _) = self.alloc_data(gc, 1)?;
+        let pos = self.task(t).pos;
+        // The whole cluster is the "head"; no body: the task stays where it is.
+        self.start_alloc(
+            t,
+            Body::Guest,
+            Plan {
+                gc,
+                host,
+                count: 1,
+                lead: 0,
+                head: self.geo.cluster_size(),
+                body_end: pos,
+                tail: 0,
+                cow: [Some(Cow::Host(old)), None],
+                bitmaps: [bitmap; 3],
+                in_place: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts the allocation `plan` for task `t`: its copy-on-write reads, or at once its
+    /// write.
+    fn start_alloc(&mut self, t: u32, body: Body, plan: Plan) {
+        let task = self.task(t);
+        let (pos, origin) = (task.pos, task.origin);
+        let [cow_head, cow_tail] = plan.cow;
+        let a = self.new_alloc(Alloc {
+            task: t,
+            what: AllocWhat::Data {
+                guest_cluster: plan.gc,
+                lead: plan.lead,
+                head: plan.head,
+                body_start: (pos - origin) as usize,
+                body_len: (plan.body_end - pos) as usize,
+                body,
+                tail: plan.tail,
+                staged: [None, None],
+                cow_pending: u8::from(cow_head.is_some()) + u8::from(cow_tail.is_some()),
+                bitmaps: plan.bitmaps,
+                in_place: plan.in_place,
+            },
+            host: plan.host,
+            count: plan.count,
+            state: AllocState::Io,
+            io_pending: 0,
+        });
+        let task = self.task(t);
+        task.alloc = Some(a);
+        task.pos = plan.body_end;
+        task.wrote = true;
+        for (part, src, len) in [(0u8, cow_head, plan.head), (1, cow_tail, plan.tail)] {
+            match src {
+                Some(Cow::Host(src)) => {
+                    let buf = self.staging_buf(len as usize);
+                    let purpose = Purpose::CowRead { alloc: a, part };
+                    self.issue_buf(purpose, IoKind::Read, src, buf);
                 }
-                let run_end = end.min(limit(n));
-                let mut segs = ArrayVec::new();
-                segs.push(body_seg(pos, run_end - pos));
-                self.issue(
-                    Purpose::Guest {
-                        task: t,
-                        write: true,
-                    },
-                    IoKind::Write,
-                    host + (pos - (gc << cb)),
-                    segs,
-                );
-                let task = self.task(t);
-                task.inflight += 1;
-                task.pos = run_end;
-                task.wrote = true;
-                Ok(())
-            }
-            Mapping::Zero { .. } if body == Body::Zeroes => {
-                // Reads as zero already.
-                self.task(t).pos = end.min(limit(1));
-                Ok(())
-            }
-            Mapping::Unallocated if body == Body::Zeroes && !self.names_backing() => {
-                // A partial zero write into a cluster that reads as zero: like QEMU, the
-                // whole cluster gets the zero flag (v3), nothing is written.
-                if first == Mapping::Unallocated && self.hdr.version >= 3 {
-                    self.set_entry(slot, idx, L2Entry::zero(0, false));
-                }
-                self.task(t).pos = end.min(limit(1));
-                Ok(())
-            }
-            _ => {
-                let mut n = 1;
-                if body == Body::Guest {
-                    while idx + n < self.per_slice()
-                        && limit(n) < end
-                        && !self.alloc_covering(gc + n as u64)
-                    {
-                        match self
-                            .entry(slot, idx + n)
-                            .mapping_in(cb, self.has_data_file())
-                        {
-                            Mapping::Data { copied: true, .. } | Mapping::Compressed { .. } => {
-                                break
-                            }
-                            _ => n += 1,
-                        }
-                    }
-                }
-                if self.names_backing() && !self.backing_room(2) {
-                    return Err(Block::Park);
-                }
-                let (host, got) = self.alloc_data(gc, n as u64)?;
-                let body_end = end.min(limit(got as usize));
-                let head = pos - (gc << cb);
-                let tail = limit(got as usize) - body_end;
-                let last = self
-                    .entry(slot, idx + got as usize - 1)
-                    .mapping_in(cb, self.has_data_file());
-                // Head and tail come from the old cluster, or through to the backing file
-                // (while inside it), or are zeros.
-                if self.names_backing() && self.backing.is_none() {
-                    // Opened without its backing file: the head and tail cannot be copied.
-                    let from_backing = |m: Mapping, len: u64| len > 0 && m == Mapping::Unallocated;
-                    let last = self
-                        .entry(slot, idx + n - 1)
-                        .mapping_in(cb, self.has_data_file());
-                    let tail = limit(n) - end.min(limit(n));
-                    if from_backing(first, pos - (gc << cb)) || from_backing(last, tail) {
-                        return Err(RequestError::Unsupported(Feature::BackingFile).into());
-                    }
-                }
-                let backing_size = self.backing.as_ref().map(|b| b.size);
-                let cow = |m: Mapping, host_off: u64, at: u64, len: u64| match m {
-                    _ if len == 0 => None,
-                    Mapping::Data { host: h, .. } => Some(Cow::Host(h + host_off)),
-                    Mapping::Compressed { host, len: stream } => Some(Cow::Compressed {
-                        host,
-                        len: stream,
-                        skip: host_off,
-                    }),
-                    Mapping::Unallocated if backing_size.is_some_and(|s| at < s) => {
-                        Some(Cow::Backing(at))
-                    }
-                    _ => None,
-                };
-                let cow_head = cow(first, 0, gc << cb, head);
-                let cow_tail = cow(last, cs - tail, body_end, tail);
-                let a = self.new_alloc(Alloc {
-                    task: t,
-                    what: AllocWhat::Data {
-                        guest_cluster: gc,
-                        head,
-                        body_start: (pos - origin) as usize,
-                        body_len: (body_end - pos) as usize,
-                        body,
-                        tail,
-                        staged: [None, None],
-                        cow_pending: u8::from(cow_head.is_some()) + u8::from(cow_tail.is_some()),
-                    },
+                Some(Cow::Backing(at)) => self.backing_cow_read(a, part, at, len),
+                Some(Cow::Compressed {
                     host,
-                    count: got,
-                    state: AllocState::Io,
-                    io_pending: 0,
-                });
-                let task = self.task(t);
-                task.alloc = Some(a);
-                task.pos = body_end;
-                task.wrote = true;
-                for (part, src, len) in [(0u8, cow_head, head), (1, cow_tail, tail)] {
-                    match src {
-                        Some(Cow::Host(src)) => {
-                            let buf = self.staging_buf(len as usize);
-                            let purpose = Purpose::CowRead { alloc: a, part };
-                            self.issue_buf(purpose, IoKind::Read, src, buf);
-                        }
-                        Some(Cow::Backing(at)) => self.backing_cow_read(a, part, at, len),
-                        Some(Cow::Compressed {
-                            host,
-                            len: stream,
-                            skip,
-                        }) => {
-                            let buf = self.staging_buf(stream as usize);
-                            let purpose = Purpose::CompressedCow {
-                                alloc: a,
-                                part,
-                                skip: skip as u32,
-                            };
-                            self.issue_buf(purpose, IoKind::Read, host, buf);
-                        }
-                        None => {}
-                    }
+                    len: stream,
+                    skip,
+                }) => {
+                    let buf = self.staging_buf(stream as usize);
+                    let purpose = Purpose::CompressedCow {
+                        alloc: a,
+                        part,
+                        skip: skip as u32,
+                    };
+                    self.issue_buf(purpose, IoKind::Read, host, buf);
                 }
-                if cow_head.is_none() && cow_tail.is_none() {
-                    self.issue_alloc_write(a);
-                }
-                Ok(())
+                None => {}
             }
+        }
+        if cow_head.is_none() && cow_tail.is_none() {
+            self.issue_alloc_write(a);
         }
     }
 
@@ -799,6 +1189,7 @@ impl Image {
             .map(|x| self.tasks[x.task as usize].as_ref().map(|t| t.req));
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
         let AllocWhat::Data {
+            lead,
             head,
             body_start,
             body_len,
@@ -831,7 +1222,7 @@ impl Image {
             None if *tail > 0 => segs.push(Segment::Zeroes(*tail as usize)),
             None => {}
         }
-        let mut host = alloc.host;
+        let mut host = alloc.host + *lead;
         let mut edges = [None, None];
         // Clusters past the end of the file read as zero already: instead of writing zeroes
         // around the data of a fresh allocation, allocate those edges (like QEMU's zero
@@ -961,6 +1352,10 @@ impl Image {
         let cb = self.geo.cluster_bits;
         let alloc = self.allocs[a as usize].as_ref().expect("live allocation");
         let (host, count) = (alloc.host, alloc.count);
+        let bitmaps = match alloc.what {
+            AllocWhat::Data { bitmaps, .. } => bitmaps,
+            _ => [0; 3],
+        };
         let (gc, stream) = match alloc.what {
             AllocWhat::Data { guest_cluster, .. } => (guest_cluster, None),
             AllocWhat::Compressed { guest_cluster, len } => (guest_cluster, Some(len)),
@@ -986,18 +1381,25 @@ impl Image {
             return Ok(());
         }
         for i in 0..count as usize {
-            let m = self
-                .entry(slot, idx + i)
-                .mapping_in(cb, self.has_data_file());
+            let m = self.decode(self.entry(slot, idx + i));
             if !matches!(m, Mapping::Data { copied: true, .. }) {
-                // (Unallocated and zero-without-host entries free nothing.)
+                // (Unallocated and zero-without-host entries free nothing; an in-place
+                // write keeps its cluster.)
                 self.free_mapping(m);
             }
-            self.set_entry(
-                slot,
-                idx + i,
-                L2Entry::data(host + ((i as u64) << cb), true),
-            );
+            let e = L2Entry::data(host + ((i as u64) << cb), true);
+            if self.geo.extended_l2() {
+                let which = if i == 0 {
+                    0
+                } else if i + 1 == count as usize {
+                    2
+                } else {
+                    1
+                };
+                self.set_entry_ext(slot, idx + i, e, bitmaps[which]);
+            } else {
+                self.set_entry(slot, idx + i, e);
+            }
         }
         self.drop_alloc(a);
         self.wake_all();
@@ -1161,8 +1563,14 @@ impl Image {
             && (gc + n as u64) << cb < full_end
             && !self.alloc_covering(gc + n as u64)
         {
-            let m = self.mapping(self.entry(slot, idx + n), gc + n as u64)?;
-            let (new, free) = edit_entry(m, edit, v3, self.names_backing());
+            let m = self.mapping_at(slot, idx + n, gc + n as u64)?;
+            let (new, free) = match edit_entry(m, edit, v3, self.names_backing()) {
+                // Dropping the mapping clears zero bits too.
+                (None, f) if edit == Edit::Full && self.bitmap(slot, idx + n) != 0 => {
+                    (Some(L2Entry(0)), f)
+                }
+                x => x,
+            };
             if let Some(e) = new {
                 self.set_entry(slot, idx + n, e);
             }
@@ -1263,50 +1671,43 @@ impl Image {
                 Ok((end.min(next << l2_span), Allocation::Unallocated))
             }
             Ok(Some(l2)) => self.l2_entry_slot(l2, gc).and_then(|(slot, idx)| {
-                let first = self.mapping(self.entry(slot, idx), gc)?;
-                let class = |m: Mapping| match m {
-                    Mapping::Unallocated => 0,
-                    Mapping::Zero { host: 0, .. } => 1,
-                    Mapping::Zero { .. } => 2,
-                    Mapping::Data { .. } => 3,
-                    Mapping::Compressed { .. } => 4,
+                let first = self.mapping_at(slot, idx, gc)?;
+                let cmask = cs - 1;
+                // Host offsets keyed by host minus guest offset: equal keys are contiguous.
+                let key = |m: Mapping, sub: Sub, g: u64| {
+                    let host = match m {
+                        Mapping::Data { host, .. } | Mapping::Zero { host, .. } if host != 0 => {
+                            Some((host + (g & cmask)).wrapping_sub(g))
+                        }
+                        _ => None,
+                    };
+                    Some(match (sub, host) {
+                        (Sub::Data(h), _) => Status::Data(h.wrapping_sub(g)),
+                        (Sub::Zero, h) => Status::Zero(h),
+                        (Sub::Unallocated, None) => Status::Unallocated,
+                        (Sub::Unallocated, Some(h)) => Status::Reserved(h),
+                        (Sub::Compressed, _) => Status::Compressed,
+                    })
                 };
-                let mut n = 1;
-                while idx + n < self.per_slice() && (gc + n as u64) << cb < end {
-                    let m = self
-                        .entry(slot, idx + n)
-                        .mapping_in(cb, self.has_data_file());
-                    let same = class(m) == class(first)
-                        && match (first, m) {
-                            (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. })
-                            | (Mapping::Zero { host: a, .. }, Mapping::Zero { host: b, .. }) => {
-                                b == a + n as u64 * cs
-                            }
-                            _ => true,
-                        };
-                    if !same {
-                        break;
-                    }
-                    n += 1;
-                }
-                let inner = pos - (gc << cb);
-                let allocation = match first {
-                    Mapping::Unallocated => Allocation::Unallocated,
-                    Mapping::Zero { host: 0, .. } => Allocation::Zero { host: None },
-                    Mapping::Zero { host, .. } => Allocation::Zero {
-                        host: Some(host + inner),
-                    },
-                    Mapping::Data { host, .. } => Allocation::Data { host: host + inner },
-                    Mapping::Compressed { .. } => Allocation::Compressed,
+                let (run_end, k) = self.unit_run(slot, idx, first, pos, end, key);
+                let at = |delta: u64| delta.wrapping_add(pos);
+                let allocation = match k.expect("every unit has a status") {
+                    Status::Unallocated => Allocation::Unallocated,
+                    Status::Reserved(d) => Allocation::Reserved { host: at(d) },
+                    Status::Zero(d) => Allocation::Zero { host: d.map(at) },
+                    Status::Data(d) => Allocation::Data { host: at(d) },
+                    Status::Compressed => Allocation::Compressed,
                 };
-                Ok((end.min((gc + n as u64) << cb), allocation))
+                Ok((run_end, allocation))
             }),
         };
         let size = self.backing.as_ref().map(|b| b.size);
         match found {
             Err(Block::Park) => return false,
             Err(Block::Fail(e)) => self.task(t).error = Some(e),
-            Ok((extent_end, Allocation::Unallocated)) if size.is_some_and(|s| pos < s) => {
+            Ok((extent_end, Allocation::Unallocated | Allocation::Reserved { .. }))
+                if size.is_some_and(|s| pos < s) =>
+            {
                 // Ask the backing file (up to its end).
                 let extent_end = extent_end.min(size.unwrap_or(0));
                 return self.backing_status(t, pos, extent_end);
@@ -1364,9 +1765,7 @@ impl Image {
                 let mut n = 0;
                 while idx + n < self.per_slice()
                     && (gc + n as u64) << cb < end
-                    && self
-                        .entry(slot, idx + n)
-                        .mapping_in(cb, self.has_data_file())
+                    && self.decode(self.entry(slot, idx + n))
                         == Mapping::Unallocated
                 {
                     n += 1;
@@ -1380,6 +1779,7 @@ impl Image {
                     task: t,
                     what: AllocWhat::Data {
                         guest_cluster: gc,
+                        lead: 0,
                         head: 0,
                         body_start: 0,
                         body_len: 0,
@@ -1387,6 +1787,9 @@ impl Image {
                         tail: 0,
                         staged: [None, None],
                         cow_pending: 0,
+                        // (Preallocated subclusters stay unallocated, as in QEMU.)
+                        bitmaps: [0; 3],
+                        in_place: false,
                     },
                     host,
                     count: got,

@@ -14,6 +14,13 @@
 //!   bits 56..61  reserved (0)
 //!   bit  62      compressed (then bits 0..61 are a compressed descriptor)
 //!   bit  63      COPIED: refcount of the data cluster is exactly 1
+//!
+//! Extended L2 entry (incompatible bit 4): 128 bits, the standard descriptor above (whose
+//! bit 0 is then reserved and ignored), followed by the subcluster bitmap:
+//!   bits  0..31  subcluster i is allocated (data at host + i * subcluster size)
+//!   bits 32..63  subcluster 32 + i reads as zeros
+//!   (Both bits of one subcluster set, or allocated bits without a host cluster, make the
+//!   entry invalid; a compressed entry's bitmap is reserved: 0.)
 //! ```
 
 /// COPIED flag of L1 and L2 entries.
@@ -28,6 +35,60 @@ pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of standard L2 entries.
 pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// Subcluster bitmap bits: every subcluster allocated.
+pub const ALL_ALLOC: u64 = 0xffff_ffff;
+/// Subcluster bitmap bits: every subcluster reads as zeros.
+pub const ALL_ZEROES: u64 = 0xffff_ffff << 32;
+
+/// What one subcluster of an extended L2 entry (or the one "subcluster" of a standard entry)
+/// holds.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Sub {
+    /// Data at this host byte offset.
+    Data(u64),
+    /// Reads as zeros.
+    Zero,
+    /// Not allocated: reads through to the backing file (zeros without one).
+    Unallocated,
+    /// Part of a compressed cluster.
+    Compressed,
+}
+
+/// Whether `bitmap` is valid for the cluster mapping `m` (extended entries only): no
+/// subcluster both allocated and zero, no allocated subcluster without a host cluster. (A
+/// compressed entry's bitmap is reserved: QEMU ignores it at run time, as we do; the check
+/// reports it.)
+pub fn bitmap_valid(m: Mapping, bitmap: u64) -> bool {
+    match m {
+        Mapping::Data { .. } => (bitmap >> 32) & bitmap == 0,
+        Mapping::Unallocated => bitmap & ALL_ALLOC == 0,
+        Mapping::Zero { .. } | Mapping::Compressed { .. } => true,
+    }
+}
+
+/// What subcluster `sc` holds in a cluster mapped by `m` with (valid) `bitmap`; `sc_bits` is
+/// log2 of the subcluster size. For a standard entry (`extended` false) the one subcluster
+/// is the cluster.
+pub fn subcluster(m: Mapping, bitmap: u64, extended: bool, sc: u32, sc_bits: u32) -> Sub {
+    match m {
+        Mapping::Compressed { .. } => Sub::Compressed,
+        Mapping::Zero { .. } => Sub::Zero,
+        Mapping::Data { host, .. } if !extended => Sub::Data(host),
+        Mapping::Unallocated if !extended => Sub::Unallocated,
+        _ if bitmap & (1 << (32 + sc)) != 0 => Sub::Zero,
+        Mapping::Data { host, .. } if bitmap & (1 << sc) != 0 => {
+            Sub::Data(host + (u64::from(sc) << sc_bits))
+        }
+        _ => Sub::Unallocated,
+    }
+}
+
+/// The bitmap bits of subclusters `first..=last`, allocated (`<< 32` for the zero bits).
+pub fn subcluster_mask(first: u32, last: u32) -> u64 {
+    debug_assert!(first <= last && last < 32);
+    (u64::MAX >> (63 - last)) & !((1u64 << first) - 1) & ALL_ALLOC
+}
 
 /// An L1 entry.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -86,6 +147,16 @@ impl L2Entry {
     /// Decodes the entry for an image with `cluster_bits` (and no external data file).
     pub fn mapping(self, cluster_bits: u32) -> Mapping {
         self.mapping_in(cluster_bits, false)
+    }
+
+    /// Decodes the first word of an extended entry: bit 0 is reserved there and ignored
+    /// (zeros are in the bitmap), as QEMU does.
+    pub fn mapping_ext(self, cluster_bits: u32, data_file: bool, extended: bool) -> Mapping {
+        if extended && self.0 & COMPRESSED == 0 {
+            Self(self.0 & !ZERO).mapping_in(cluster_bits, data_file)
+        } else {
+            self.mapping_in(cluster_bits, data_file)
+        }
     }
 
     /// Decodes the entry for an image with `cluster_bits`, with an external data file when
@@ -165,6 +236,31 @@ mod tests {
             L2Entry::data(0, true).mapping_in(16, true),
             e.mapping_in(16, true)
         );
+    }
+
+    #[test]
+    fn subcluster_bitmaps_classify_like_qemu_writes_them() {
+        let data = L2Entry(0x8000_0000_0005_0000).mapping_ext(16, false, true);
+        // 64 KiB clusters, 2 KiB subclusters: "zeroing 2 KiB inside an allocated cluster".
+        let b = 0x0000_0002_ffff_fffd;
+        assert!(bitmap_valid(data, b));
+        assert_eq!(subcluster(data, b, true, 0, 11), Sub::Data(0x50000));
+        assert_eq!(subcluster(data, b, true, 1, 11), Sub::Zero);
+        assert_eq!(subcluster(data, b, true, 2, 11), Sub::Data(0x51000));
+        // Preallocated, nothing written: allocated cluster, unallocated subclusters.
+        assert_eq!(subcluster(data, 0, true, 5, 11), Sub::Unallocated);
+        // Both bits of a subcluster, or allocated bits without a cluster: invalid.
+        assert!(!bitmap_valid(data, (1 << 32) | 1));
+        let none = L2Entry(0).mapping_ext(16, false, true);
+        assert!(!bitmap_valid(none, 1 << 7));
+        assert!(bitmap_valid(none, 0x0000_000f_0000_0000));
+        assert_eq!(subcluster(none, 0x0000_000f_0000_0000, true, 3, 11), Sub::Zero);
+        assert_eq!(subcluster(none, 0x0000_000f_0000_0000, true, 4, 11), Sub::Unallocated);
+        // Bit 0 of the first word is reserved in extended entries.
+        assert_eq!(L2Entry(1).mapping_ext(16, false, true), Mapping::Unallocated);
+        assert_eq!(subcluster_mask(0, 31), ALL_ALLOC);
+        assert_eq!(subcluster_mask(2, 3), 0b1100);
+        assert_eq!(subcluster_mask(31, 31), 1 << 31);
     }
 
     #[test]

@@ -47,7 +47,15 @@ pub struct Geometry {
     pub refcount_order: u32,
     /// log2 of the entries per refcount block.
     pub rb_bits: u32,
+    /// log2 of the subcluster size: `cluster_bits - 5` with extended L2 entries (32
+    /// subclusters per cluster), `cluster_bits` without (one "subcluster": the cluster).
+    pub subcluster_bits: u32,
 }
+
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
+/// Smallest cluster_bits with extended L2 entries (512-byte subclusters).
+pub const MIN_EXTENDED_CLUSTER_BITS: u32 = 14;
 
 impl Geometry {
     /// The geometry of standard (64-bit) L2 entries.
@@ -57,7 +65,38 @@ impl Geometry {
             l2_bits: cluster_bits - 3,
             refcount_order,
             rb_bits: cluster_bits + 3 - refcount_order,
+            subcluster_bits: cluster_bits,
         }
+    }
+
+    /// The geometry of extended (128-bit) L2 entries when `extended_l2`, else [`new`](Self::new).
+    /// `cluster_bits` must be at least [`MIN_EXTENDED_CLUSTER_BITS`] for extended entries.
+    pub fn with_l2(cluster_bits: u32, refcount_order: u32, extended_l2: bool) -> Self {
+        let mut geo = Self::new(cluster_bits, refcount_order);
+        if extended_l2 {
+            geo.l2_bits = cluster_bits - 4;
+            geo.subcluster_bits = cluster_bits - SUBCLUSTERS.trailing_zeros();
+        }
+        geo
+    }
+
+    /// Whether L2 entries are extended (128-bit, with a subcluster bitmap).
+    pub fn extended_l2(&self) -> bool {
+        self.subcluster_bits != self.cluster_bits
+    }
+
+    /// Bytes per L2 entry: 8, or 16 with extended entries.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Subcluster size in bytes (the cluster size without extended L2 entries).
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits
     }
 
     /// Cluster size in bytes.
@@ -192,6 +231,10 @@ impl Layout {
         if h.incompatible_features & incompat::CORRUPT != 0 && !read_only {
             return Err(OpenError::CorruptReadWrite);
         }
+        let extended_l2 = h.incompatible_features & incompat::EXTENDED_L2 != 0;
+        if extended_l2 && h.cluster_bits < MIN_EXTENDED_CLUSTER_BITS {
+            return Err(FormatError::SubclusterSize(h.cluster_size() / u64::from(SUBCLUSTERS)).into());
+        }
         if h.refcount_order > 6 {
             return Err(FormatError::RefcountOrder(h.refcount_order).into());
         }
@@ -205,7 +248,7 @@ impl Layout {
             }
             .into());
         }
-        let geo = Geometry::new(h.cluster_bits, h.refcount_order);
+        let geo = Geometry::with_l2(h.cluster_bits, h.refcount_order, extended_l2);
 
         // Refcount table.
         if h.refcount_table_clusters == 0 && !check_mode {
@@ -275,8 +318,6 @@ impl Layout {
         }
         let unsupported = if h.crypt_method != 0 {
             Some(Feature::Encryption)
-        } else if h.incompatible_features & incompat::EXTENDED_L2 != 0 {
-            Some(Feature::ExtendedL2)
         } else if h.incompatible_features & incompat::DIRTY != 0 && !read_only {
             Some(Feature::DirtyImageRepair)
         } else {
