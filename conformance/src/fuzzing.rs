@@ -1170,6 +1170,8 @@ impl Shape {
         if !self.v2 {
             o.refcount_bits = 1 << (self.refcount_order % 7);
             o.lazy_refcounts = self.lazy_refcounts;
+            // Half the images with clusters of 16 KiB or more get subclusters.
+            o.extended_l2 = o.cluster_size >= 16384 && self.sectors & 1 == 1;
         }
         // Preallocation on small disks only (it writes every cluster).
         if size <= 4 << 20 {

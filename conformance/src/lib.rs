@@ -68,6 +68,9 @@ macro_rules! instantiate {
                 v3_cluster_64k,
                 v3_cluster_4k_direct,
                 v3_cluster_64k_write_through,
+                v3_extended_l2_16k,
+                v3_extended_l2_64k_backing,
+                v3_cluster_4k_backing,
             }
             interop {
                 qemu_writes_cluster_512,

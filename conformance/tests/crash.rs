@@ -15,6 +15,7 @@ fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> C
         script_len: 30,
         backing: false,
         compressed: false,
+        extended_l2: false,
     }
 }
 
@@ -158,6 +159,46 @@ fn faults_at_every_op_compressed_v2_64k() {
             scripts: 16,
             compressed: true,
             ..config(2, 65536, true, false)
+        },
+    );
+    assert!(t.runs >= 300, "only {} fault runs", t.runs);
+    assert!(t.failed_requests > 0 && t.poisoned > 0, "{t:?}");
+}
+
+/// Extended L2 entries over a backing file: partial writes into unallocated clusters copy
+/// only their edge subclusters, in-place writes into allocated clusters and subcluster
+/// zeroes change only bitmaps; no crash may expose a subcluster whose data was not durable
+/// before its bit.
+#[test]
+fn crash_extended_l2_backing_writeback_16k() {
+    let cfg = CrashConfig {
+        scripts: 64,
+        backing: true,
+        extended_l2: true,
+        ..config(3, 16384, false, false)
+    };
+    run("crash_extended_l2_backing_writeback_16k", cfg, 2000);
+}
+
+/// The same without a backing file, write-through, 64 KiB clusters (2 KiB subclusters).
+#[test]
+fn crash_extended_l2_writethrough_64k() {
+    let cfg = CrashConfig {
+        extended_l2: true,
+        ..config(3, 65536, true, false)
+    };
+    run("crash_extended_l2_writethrough_64k", cfg, 2000);
+}
+
+#[test]
+fn faults_at_every_op_extended_l2_backing_32k() {
+    let t = qcow2_conformance::sim::fault_test(
+        "faults_at_every_op_extended_l2_backing_32k",
+        CrashConfig {
+            scripts: 16,
+            backing: true,
+            extended_l2: true,
+            ..config(3, 32768, false, false)
         },
     );
     assert!(t.runs >= 300, "only {} fault runs", t.runs);

@@ -27,6 +27,32 @@
 //!   order in which cached metadata is written back; a guest flush costs two `fdatasync`s in
 //!   steady state.
 //!
+//! # Format features
+//!
+//! * **Backing chains.** A qcow2 backing file is a nested, read-only [`Image`] inside the
+//!   engine; its ops come out with their [`Target`] one level down (`Backing(d)`), so a
+//!   chain of any depth (up to [`Limits::max_backing_depth`]) is engines inside engines.
+//!   The runtime resolves names ([`Event::OpenBacking`]) under its policy and answers with
+//!   [`Image::attach_backing`]. Reads of unallocated clusters fall through; partial writes
+//!   copy head and tail from the chain in the same vectored write as the data; zero flags
+//!   (v3) keep backing data from showing through again.
+//! * **Compressed clusters** (zlib, zstd) are read as their stream and turned into guest
+//!   bytes by an [`IoKind::Decompress`] op the runtime runs ([`decompress_op`]), so
+//!   CPU work stays out of the state machine and never blocks it; writing them is
+//!   [`Request::WriteCompressed`].
+//! * **External data files**: guest data goes to [`Target::DataFile`] at the guest offset,
+//!   without refcounts.
+//! * **Extended L2 entries (subclusters).** 128-bit entries: the standard descriptor and a
+//!   bitmap saying, per 1/32 of the cluster, "allocated", "reads as zeros" or neither. The
+//!   engine reads, maps and merges extents per subcluster. A partial write into an
+//!   unallocated cluster allocates it and copies only the partly written subclusters at
+//!   its edges (from where they read: the backing file, or zeros); the others stay
+//!   unallocated or zero. A write into an allocated cluster whose subclusters are not yet
+//!   allocated goes in place and sets their bits only once the data is written (rule C).
+//!   Write-zeroes of whole subclusters only edits the bitmap. A cluster shared with a
+//!   snapshot and partly allocated is first copied whole with its bitmap, then written in
+//!   place. Invalid bitmaps are corruption ([`CorruptReason::InvalidSubclusterBitmap`]).
+//!
 //! # Example: a complete (tiny) runtime over an in-memory file
 //!
 //! ```

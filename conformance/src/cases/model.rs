@@ -4,7 +4,7 @@
 
 use super::layout;
 use crate::harness::{Disk, Harness, Mode};
-use crate::model::{pattern, Model};
+use crate::model::{pattern, synthetic_backing, Model, SYNTHETIC_BACKING_LEN};
 use crate::prop;
 use crate::qemu::Qemu;
 use crate::script::{clip, Op, Script};
@@ -17,21 +17,51 @@ const DEFAULT_TESTS: u64 = 32;
 /// Most operations in one script.
 const SCRIPT_LEN: usize = 40;
 
+/// The image a property's scripts run on.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    version: u32,
+    cluster_size: u32,
+    /// Extended L2 entries (subclusters).
+    extended_l2: bool,
+    /// Over a raw backing file (the synthetic pattern, shorter than the disk): the model
+    /// starts as its contents.
+    backing: bool,
+}
+
+const fn shape(version: u32, cluster_size: u32) -> Shape {
+    Shape {
+        version,
+        cluster_size,
+        extended_l2: false,
+        backing: false,
+    }
+}
+
 fn run<H: Harness>(
     h: &H,
     qemu: Option<&Qemu>,
     mode: Mode,
-    version: u32,
-    cluster_size: u32,
+    shape: Shape,
     script: &Script,
 ) -> Result<(), String> {
     let dir = scratch();
     let path = dir.path().join("disk.qcow2");
-    let cs = u64::from(cluster_size);
-    let mut disk = h
-        .create(&path, &layout(START_SIZE, version, cluster_size, 16), mode)
-        .map_err(|e| format!("create: {e}"))?;
+    let cs = u64::from(shape.cluster_size);
+    let mut options = layout(START_SIZE, shape.version, shape.cluster_size, 16);
+    options.extended_l2 = shape.extended_l2;
     let mut model = Model::new(START_SIZE);
+    if shape.backing {
+        let mut base = vec![0u8; SYNTHETIC_BACKING_LEN as usize];
+        synthetic_backing(1, 0, &mut base);
+        std::fs::write(dir.path().join("base.raw"), &base).map_err(|e| e.to_string())?;
+        model.write(0, &base);
+        options.backing_file = Some("base.raw".into());
+        options.backing_format = Some("raw".into());
+    }
+    let mut disk = h
+        .create(&path, &options, mode)
+        .map_err(|e| format!("create: {e}"))?;
     for (step, op) in script.ops.iter().enumerate() {
         let at = |e: &dyn std::fmt::Display| format!("step {step} {op:?}: {e}");
         let size = model.len();
@@ -97,21 +127,14 @@ fn run<H: Harness>(
     Ok(())
 }
 
-fn property<H: Harness>(
-    h: &H,
-    name: &str,
-    mode: Mode,
-    version: u32,
-    cluster_size: u32,
-    tests: u64,
-) {
+fn property<H: Harness>(h: &H, name: &str, mode: Mode, shape: Shape, tests: u64) {
     let qemu = if h.caps().real_files {
         Qemu::optional(name)
     } else {
         None
     };
     prop::check(name, prop::test_count(tests), SCRIPT_LEN, |s: &Script| {
-        run(h, qemu.as_ref(), mode, version, cluster_size, s)
+        run(h, qemu.as_ref(), mode, shape, s)
     });
 }
 
@@ -121,8 +144,7 @@ pub fn v2_cluster_512<H: Harness>(h: &H) {
         h,
         "model::v2_cluster_512",
         Mode::writable(),
-        2,
-        512,
+        shape(2, 512),
         DEFAULT_TESTS,
     );
 }
@@ -133,8 +155,7 @@ pub fn v2_cluster_4k<H: Harness>(h: &H) {
         h,
         "model::v2_cluster_4k",
         Mode::writable(),
-        2,
-        4096,
+        shape(2, 4096),
         DEFAULT_TESTS,
     );
 }
@@ -145,8 +166,7 @@ pub fn v2_cluster_64k<H: Harness>(h: &H) {
         h,
         "model::v2_cluster_64k",
         Mode::writable(),
-        2,
-        65536,
+        shape(2, 65536),
         DEFAULT_TESTS,
     );
 }
@@ -157,8 +177,7 @@ pub fn v3_cluster_512<H: Harness>(h: &H) {
         h,
         "model::v3_cluster_512",
         Mode::writable(),
-        3,
-        512,
+        shape(3, 512),
         DEFAULT_TESTS,
     );
 }
@@ -169,8 +188,7 @@ pub fn v3_cluster_4k<H: Harness>(h: &H) {
         h,
         "model::v3_cluster_4k",
         Mode::writable(),
-        3,
-        4096,
+        shape(3, 4096),
         DEFAULT_TESTS,
     );
 }
@@ -181,8 +199,7 @@ pub fn v3_cluster_64k<H: Harness>(h: &H) {
         h,
         "model::v3_cluster_64k",
         Mode::writable(),
-        3,
-        65536,
+        shape(3, 65536),
         DEFAULT_TESTS,
     );
 }
@@ -195,8 +212,7 @@ pub fn v3_cluster_4k_direct<H: Harness>(h: &H) {
         h,
         "model::v3_cluster_4k_direct",
         Mode::direct(),
-        3,
-        4096,
+        shape(3, 4096),
         DEFAULT_TESTS / 4,
     );
 }
@@ -208,8 +224,53 @@ pub fn v3_cluster_64k_write_through<H: Harness>(h: &H) {
         h,
         "model::v3_cluster_64k_write_through",
         Mode::write_through(),
-        3,
-        65536,
+        shape(3, 65536),
         DEFAULT_TESTS / 4,
+    );
+}
+
+/// Extended L2 entries, 16 KiB clusters (512-byte subclusters).
+pub fn v3_extended_l2_16k<H: Harness>(h: &H) {
+    let shape = Shape {
+        extended_l2: true,
+        ..shape(3, 16384)
+    };
+    property(
+        h,
+        "model::v3_extended_l2_16k",
+        Mode::writable(),
+        shape,
+        DEFAULT_TESTS,
+    );
+}
+
+/// Extended L2 entries, 64 KiB clusters, over a raw backing file shorter than the disk.
+pub fn v3_extended_l2_64k_backing<H: Harness>(h: &H) {
+    let shape = Shape {
+        extended_l2: true,
+        backing: true,
+        ..shape(3, 65536)
+    };
+    property(
+        h,
+        "model::v3_extended_l2_64k_backing",
+        Mode::writable(),
+        shape,
+        DEFAULT_TESTS,
+    );
+}
+
+/// Standard entries, 4 KiB clusters, over a raw backing file shorter than the disk.
+pub fn v3_cluster_4k_backing<H: Harness>(h: &H) {
+    let shape = Shape {
+        backing: true,
+        ..shape(3, 4096)
+    };
+    property(
+        h,
+        "model::v3_cluster_4k_backing",
+        Mode::writable(),
+        shape,
+        DEFAULT_TESTS,
     );
 }

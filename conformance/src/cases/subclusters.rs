@@ -297,10 +297,7 @@ pub fn reads_qemu_subclusters<H: Harness>(h: &H) {
         let below = layout.make_below(&q, dir.path());
         let path = dir.path().join("img.qcow2");
         layout.qemu_create(&q, &path, below);
-        let cmds: Vec<String> = steps(layout)
-            .iter()
-            .map(|s| s.qemu_io())
-            .collect();
+        let cmds: Vec<String> = steps(layout).iter().map(|s| s.qemu_io()).collect();
         q.io(&path, &cmds);
         let want = guest_of(&q, &path, dir.path());
         let mut disk = must(h.open(&path, Mode::read_only()), format!("{layout:?}"));
@@ -415,7 +412,11 @@ pub fn invalid_bitmaps_are_corruption<H: Harness>(h: &H) {
     // (word of the entry, bitmap) for guest cluster 1; cluster 0 stays intact.
     for (what, word, bitmap) in [
         ("allocated and zero", None, 0x0000_0001_0000_0001u64),
-        ("allocated without a cluster", Some(0u64), 0x0000_0000_0000_0004),
+        (
+            "allocated without a cluster",
+            Some(0u64),
+            0x0000_0000_0000_0004,
+        ),
     ] {
         let dir = scratch();
         let path = dir.path().join("bad.qcow2");
@@ -426,7 +427,11 @@ pub fn invalid_bitmaps_are_corruption<H: Harness>(h: &H) {
         let mut buf = vec![0u8; 4096];
         match disk.read_at(&mut buf, cs + 8192) {
             Err(Error::Request(RequestError::Corrupt(c))) => {
-                assert_eq!(c.reason, CorruptReason::InvalidSubclusterBitmap, "{what}: {c}")
+                assert_eq!(
+                    c.reason,
+                    CorruptReason::InvalidSubclusterBitmap,
+                    "{what}: {c}"
+                )
             }
             other => panic!("{what}: reading the cluster: {other:?}"),
         }
@@ -506,7 +511,11 @@ pub fn shared_clusters_are_copied<H: Harness>(h: &H) {
     let cmds: Vec<String> = steps.iter().map(|s| s.qemu_io()).collect();
     q.io(&twin, &cmds);
     q.assert_clean(&ours, "after writes into shared clusters");
-    assert_eq!(q.compare_status(&ours, &twin), 0, "ours differs from the twin");
+    assert_eq!(
+        q.compare_status(&ours, &twin),
+        0,
+        "ours differs from the twin"
+    );
     let snap = dir.path().join("snap.raw");
     q.to_raw(&ours, Some("s1"), &snap);
     assert!(
@@ -574,5 +583,9 @@ pub fn compressed_clusters_have_no_subclusters<H: Harness>(h: &H) {
     let cmds: Vec<String> = steps.iter().map(|s| s.qemu_io()).collect();
     q.io(&twin, &cmds);
     q.assert_clean(&ours, "compressed, extended");
-    assert_eq!(q.compare_status(&ours, &twin), 0, "ours differs from the twin");
+    assert_eq!(
+        q.compare_status(&ours, &twin),
+        0,
+        "ours differs from the twin"
+    );
 }

@@ -55,6 +55,10 @@ pub struct CrashConfig {
     /// Turn every third write into a compressed write of the cluster it starts in (a
     /// typed refusal, and no change, when that cluster is allocated).
     pub compressed: bool,
+    /// Create with extended L2 entries (subclusters; version 3, clusters of 16 KiB or
+    /// more): partial writes into unallocated clusters copy only the edge subclusters,
+    /// writes into allocated clusters mark subclusters allocated once the data is written.
+    pub extended_l2: bool,
 }
 
 /// What a run found.
@@ -212,6 +216,7 @@ fn create_options(cfg: &CrashConfig) -> CreateOptions {
     create.version = cfg.version;
     create.cluster_size = cfg.cluster_size;
     create.lazy_refcounts = cfg.lazy_refcounts;
+    create.extended_l2 = cfg.extended_l2;
     if cfg.backing {
         create.backing_file = Some("base.raw".into());
         create.backing_format = Some("raw".into());

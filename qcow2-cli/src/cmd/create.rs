@@ -63,9 +63,7 @@ fn help(format: Format) -> String {
     for (name, what) in rows {
         out.push_str(&format!("  {name:<22} - {what}\n"));
     }
-    out.push_str(
-        "\nNot supported yet: encryption, encrypt.*.\n",
-    );
+    out.push_str("\nNot supported yet: encryption, encrypt.*.\n");
     out
 }
 
@@ -318,8 +316,8 @@ pub fn plan(format: Format, opts: &[(String, String)], size: Option<u64>) -> Res
             if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
                 late("Cluster size must be a power of two between 512 and 2048k".into());
             }
-            qcow2.extended_l2 = get("extended_l2")
-                .is_some_and(|v| parse_bool("extended_l2", &v).unwrap_or(false));
+            qcow2.extended_l2 =
+                get("extended_l2").is_some_and(|v| parse_bool("extended_l2", &v).unwrap_or(false));
             if qcow2.extended_l2 && qcow2.version < 3 {
                 late(CreateError::ExtendedL2NeedsV3.to_string());
             }
@@ -583,7 +581,10 @@ mod tests {
             .unwrap()
             .contains("extended_l2=on"));
         for (opts, err) in [
-            ("extended_l2=on,cluster_size=8k", CreateError::ExtendedL2ClusterSize),
+            (
+                "extended_l2=on,cluster_size=8k",
+                CreateError::ExtendedL2ClusterSize,
+            ),
             ("extended_l2=on,compat=0.10", CreateError::ExtendedL2NeedsV3),
         ] {
             let p = plan(Format::Qcow2, &split_options(&[opts.to_string()]), Some(1)).unwrap();

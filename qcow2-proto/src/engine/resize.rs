@@ -232,16 +232,13 @@ impl Image {
                                 self.task(t).error = Some(e);
                                 continue;
                             }
-                            Ok((slot, idx)) => {
-                                match self.decode(self.entry(slot, idx)) {
-                                    Mapping::Data { .. } | Mapping::Compressed { .. } => {
-                                        self.task(t).error =
-                                            Some(RequestError::ShrinkDropsData(pos));
-                                        continue;
-                                    }
-                                    _ => (gc + 1) << cb,
+                            Ok((slot, idx)) => match self.decode(self.entry(slot, idx)) {
+                                Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                                    self.task(t).error = Some(RequestError::ShrinkDropsData(pos));
+                                    continue;
                                 }
-                            }
+                                _ => (gc + 1) << cb,
+                            },
                         },
                     };
                     self.task(t).pos = next;

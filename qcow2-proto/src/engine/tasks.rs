@@ -924,9 +924,7 @@ impl Image {
                 // A partial zero write where the image reads as zero already. Like QEMU,
                 // a standard entry gets the zero flag over the whole cluster (v3); nothing
                 // is written.
-                if first == Mapping::Unallocated
-                    && self.hdr.version >= 3
-                    && !self.geo.extended_l2()
+                if first == Mapping::Unallocated && self.hdr.version >= 3 && !self.geo.extended_l2()
                 {
                     self.set_entry(slot, idx, L2Entry::zero(0, false));
                 }
@@ -981,7 +979,9 @@ impl Image {
         }
         let mut n = 1;
         if body == Body::Guest {
-            while idx + n < self.per_slice() && limit(n) < end && !self.alloc_covering(gc + n as u64)
+            while idx + n < self.per_slice()
+                && limit(n) < end
+                && !self.alloc_covering(gc + n as u64)
             {
                 let m = self.decode(self.entry(slot, idx + n));
                 let bitmap = self.bitmap(slot, idx + n);
@@ -1765,8 +1765,7 @@ impl Image {
                 let mut n = 0;
                 while idx + n < self.per_slice()
                     && (gc + n as u64) << cb < end
-                    && self.decode(self.entry(slot, idx + n))
-                        == Mapping::Unallocated
+                    && self.decode(self.entry(slot, idx + n)) == Mapping::Unallocated
                 {
                     n += 1;
                 }

@@ -254,10 +254,19 @@ mod tests {
         let none = L2Entry(0).mapping_ext(16, false, true);
         assert!(!bitmap_valid(none, 1 << 7));
         assert!(bitmap_valid(none, 0x0000_000f_0000_0000));
-        assert_eq!(subcluster(none, 0x0000_000f_0000_0000, true, 3, 11), Sub::Zero);
-        assert_eq!(subcluster(none, 0x0000_000f_0000_0000, true, 4, 11), Sub::Unallocated);
+        assert_eq!(
+            subcluster(none, 0x0000_000f_0000_0000, true, 3, 11),
+            Sub::Zero
+        );
+        assert_eq!(
+            subcluster(none, 0x0000_000f_0000_0000, true, 4, 11),
+            Sub::Unallocated
+        );
         // Bit 0 of the first word is reserved in extended entries.
-        assert_eq!(L2Entry(1).mapping_ext(16, false, true), Mapping::Unallocated);
+        assert_eq!(
+            L2Entry(1).mapping_ext(16, false, true),
+            Mapping::Unallocated
+        );
         assert_eq!(subcluster_mask(0, 31), ALL_ALLOC);
         assert_eq!(subcluster_mask(2, 3), 0b1100);
         assert_eq!(subcluster_mask(31, 31), 1 << 31);

@@ -233,7 +233,9 @@ impl Layout {
         }
         let extended_l2 = h.incompatible_features & incompat::EXTENDED_L2 != 0;
         if extended_l2 && h.cluster_bits < MIN_EXTENDED_CLUSTER_BITS {
-            return Err(FormatError::SubclusterSize(h.cluster_size() / u64::from(SUBCLUSTERS)).into());
+            return Err(
+                FormatError::SubclusterSize(h.cluster_size() / u64::from(SUBCLUSTERS)).into(),
+            );
         }
         if h.refcount_order > 6 {
             return Err(FormatError::RefcountOrder(h.refcount_order).into());
