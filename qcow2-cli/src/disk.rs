@@ -174,6 +174,14 @@ pub fn qcow2_open_error(path: &Path, e: &qcow2_sync::Error) -> CliError {
             backing.display(),
             strerror(source)
         )),
+        // (qemu-img names the data file alone.)
+        qcow2_sync::Error::DataFile {
+            path: data, source, ..
+        } => CliError::new(format!(
+            "Could not open '{p}': Could not open '{}': {}",
+            data.display(),
+            strerror(source)
+        )),
         qcow2_sync::Error::Open(qcow2_sync::OpenError::Backing { reason, .. }) => CliError::new(
             format!("Could not open '{p}': Could not open backing file: {reason}"),
         ),

@@ -39,6 +39,11 @@ fn info_matches_qemu_on_qemu_images() {
         ("rb1.qcow2", "refcount_bits=1"),
         ("rb64.qcow2", "refcount_bits=64"),
         ("meta.qcow2", "preallocation=metadata"),
+        ("ext.qcow2", "extended_l2=on"),
+        (
+            "ext16k.qcow2",
+            "extended_l2=on,cluster_size=16k,preallocation=metadata",
+        ),
     ];
     for (name, opts) in cases {
         let sc = Scratch::new();
@@ -142,6 +147,29 @@ fn info_of_a_missing_file_fails_like_qemu() {
     let sc = Scratch::new();
     let ours = sc.ours(&["info", "missing.qcow2"]);
     let theirs = sc.qemu_img(&["info", "missing.qcow2"]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(common::messages(&ours), common::messages(&theirs));
+}
+
+#[test]
+fn info_of_an_image_without_its_data_file_fails_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    sc.qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=img.data",
+        "img.qcow2",
+        "1M",
+    ]);
+    std::fs::remove_file(sc.path("img.data")).unwrap();
+    let ours = sc.ours(&["info", "img.qcow2"]);
+    let theirs = sc.qemu_img(&["info", "img.qcow2"]);
     assert_eq!(ours.status.code(), theirs.status.code());
     assert_eq!(common::messages(&ours), common::messages(&theirs));
 }

@@ -60,6 +60,8 @@ fn map_matches_qemu_on_qemu_images() {
         "cluster_size=2M",
         "preallocation=metadata",
         "preallocation=falloc",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=16k,preallocation=metadata",
     ] {
         for script in SCRIPTS {
             let sc = Scratch::new();
@@ -95,6 +97,8 @@ fn map_matches_qemu_on_our_images() {
         "cluster_size=4k",
         "preallocation=metadata",
         "compat=0.10",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=32k,preallocation=metadata",
     ] {
         for script in SCRIPTS {
             let sc = Scratch::new();

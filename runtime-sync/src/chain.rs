@@ -84,7 +84,7 @@ impl Chain {
     pub fn open_data_file(&mut self, name: &str, options: &OpenOptions) -> Result<u64, Error> {
         if self.data.is_none() {
             if options.backing == BackingPolicy::Refuse {
-                return Err(Error::BackingRefused {
+                return Err(Error::DataFileRefused {
                     name: name.to_owned(),
                 });
             }
@@ -93,7 +93,7 @@ impl Chain {
             self.data = Some((path, file));
         }
         let (path, file) = self.data.as_ref().expect("just opened");
-        HostFile::len(file).map_err(|source| Error::BackingFile {
+        HostFile::len(file).map_err(|source| Error::DataFile {
             name: name.to_owned(),
             path: path.clone(),
             source,
@@ -157,7 +157,7 @@ impl Chain {
 
 fn data_error(e: Error, name: &str, path: &Path) -> Error {
     match e {
-        Error::File { source, .. } => Error::BackingFile {
+        Error::File { source, .. } => Error::DataFile {
             name: name.to_owned(),
             path: path.to_owned(),
             source,

@@ -182,6 +182,25 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The external data file could not be opened.
+    #[error("Could not open data file '{name}' ({}): {source}", path.display())]
+    DataFile {
+        /// The name stored in the image.
+        name: String,
+        /// Where that name led.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The image names an external data file and the open's policy refuses the files an
+    /// image names.
+    #[error(
+        "The image needs its data file '{name}', and opening the files an image names was refused"
+    )]
+    DataFileRefused {
+        /// The name stored in the image.
+        name: String,
+    },
     /// The image names a backing file and the open's policy refuses backing files.
     #[error("The image needs its backing file '{name}', and opening backing files was refused")]
     BackingRefused {

@@ -22,7 +22,7 @@ fn refuse_policy_refuses_the_data_file() {
         ..OpenOptions::read_only()
     };
     match Image::open(&img, &options) {
-        Err(Error::BackingRefused { name }) => assert_eq!(name, "img.data"),
+        Err(Error::DataFileRefused { name }) => assert_eq!(name, "img.data"),
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("the data file was opened against the policy"),
     }
@@ -44,7 +44,7 @@ fn data_file_is_locked_and_read_through() {
     // Missing data file: the open fails, naming it.
     std::fs::remove_file(dir.path().join("img.data")).unwrap();
     match Image::open(&img, &OpenOptions::read_only()) {
-        Err(Error::BackingFile { name, .. }) => assert_eq!(name, "img.data"),
+        Err(Error::DataFile { name, .. }) => assert_eq!(name, "img.data"),
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("opened without its data file"),
     }

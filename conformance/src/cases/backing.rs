@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use qcow2_proto::{BackingError, CreateOptions, OpenError};
 
 use super::mirror::Step;
-use super::must;
+use super::{assert_reads_as, first_diff, guest_of, must, read_all};
 use crate::harness::{Disk, Error, Harness, Mode};
 use crate::qemu::Qemu;
 use crate::verify::scratch;
@@ -155,30 +155,6 @@ fn build(q: &Qemu, h: &impl Harness, dir: &Path, chain: &[Layer]) -> PathBuf {
     path
 }
 
-fn read_all<D: Disk>(disk: &mut D) -> Vec<u8> {
-    let mut got = vec![0u8; disk.len() as usize];
-    must(disk.read_at(&mut got, 0), "read the whole disk");
-    got
-}
-
-fn guest_of(q: &Qemu, top: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("want.raw");
-    q.to_raw(top, None, &raw);
-    std::fs::read(&raw).expect("reading the converted image")
-}
-
-fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("size {} vs {}", got.len(), want.len()));
-    }
-    let at = got.iter().zip(want).position(|(a, b)| a != b)?;
-    Some(format!(
-        "first difference at {at:#x}: got {:02x?}, want {:02x?}",
-        &got[at..(at + 8).min(got.len())],
-        &want[at..(at + 8).min(want.len())]
-    ))
-}
-
 /// Every chain reads byte for byte as qemu-img converts it, whole and in unaligned pieces.
 pub fn reads_qemu_chains<H: Harness>(h: &H) {
     crate::require!(h, real_files);
@@ -191,22 +167,7 @@ pub fn reads_qemu_chains<H: Harness>(h: &H) {
         let want = guest_of(&q, &top, dir.path());
         for mode in [Mode::read_only(), Mode::writable()] {
             let mut disk = must(h.open(&top, mode), format!("open {chain:?}"));
-            let got = read_all(&mut disk);
-            if let Some(d) = first_diff(&got, &want) {
-                panic!("{chain:?} ({mode:?}): {d}");
-            }
-            // Unaligned pieces crossing cluster and layer boundaries.
-            let mut at = 0u64;
-            let mut step = 777u64;
-            while at < disk.len() {
-                let n = step.min(disk.len() - at);
-                let mut buf = vec![0u8; n as usize];
-                must(disk.read_at(&mut buf, at), "read a piece");
-                let w = &want[at as usize..(at + n) as usize];
-                assert!(buf == w, "{chain:?}: piece {at:#x}+{n:#x} differs");
-                at += n;
-                step = step * 7 % 300_001 + 1;
-            }
+            assert_reads_as(&mut disk, &want, &format!("{chain:?} ({mode:?})"));
             must(disk.close(), "close");
         }
     }

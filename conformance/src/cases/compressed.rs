@@ -29,7 +29,7 @@ fn source(size: u64) -> Model {
 }
 
 /// `qemu-img convert -c` of `raw` into `path`.
-fn convert_c(q: &Qemu, raw: &Path, path: &Path, options: &str) {
+pub(crate) fn convert_c(q: &Qemu, raw: &Path, path: &Path, options: &str) {
     q.img(&[
         "convert",
         "-q",
@@ -71,27 +71,9 @@ pub fn reads_qemu_compressed<H: Harness>(h: &H) {
         let path = dir.path().join("c.qcow2");
         convert_c(&q, &raw, &path, layout);
         let mut disk = must(h.open(&path, Mode::read_only()), layout);
-        let mut got = vec![0u8; size as usize];
-        must(disk.read_at(&mut got, 0), format!("{layout}: read all"));
         let mut want = vec![0u8; size as usize];
         model.read(0, &mut want);
-        assert!(
-            got == want,
-            "{layout}: the image does not read as its source"
-        );
-        let mut at = 0u64;
-        let mut step = 1234u64;
-        while at < size {
-            let n = step.min(size - at);
-            let mut buf = vec![0u8; n as usize];
-            must(disk.read_at(&mut buf, at), "read a piece");
-            assert!(
-                buf[..] == want[at as usize..(at + n) as usize],
-                "{layout}: piece {at:#x}"
-            );
-            at += n;
-            step = step * 5 % 200_003 + 1;
-        }
+        super::assert_reads_as(&mut disk, &want, layout);
         let s = must(disk.block_status(300_000, 4096), "block status");
         assert_eq!(s.allocation, Allocation::Compressed, "{layout}: {s:?}");
         must(disk.close(), "close");

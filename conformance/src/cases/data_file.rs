@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use qcow2_proto::CreateOptions;
 
 use super::mirror::Step;
-use super::must;
+use super::{assert_reads_as, first_diff, must, read_all};
 use crate::harness::{Disk, Harness, Mode};
 use crate::qemu::Qemu;
 use crate::verify::scratch;
@@ -51,24 +51,6 @@ fn qemu_pair(q: &Qemu, dir: &Path, name: &str, cs: u32, raw: bool) -> (PathBuf, 
         size_for(cs),
     );
     (img, data)
-}
-
-fn read_all<D: Disk>(disk: &mut D) -> Vec<u8> {
-    let mut got = vec![0u8; disk.len() as usize];
-    must(disk.read_at(&mut got, 0), "read the whole disk");
-    got
-}
-
-fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("size {} vs {}", got.len(), want.len()));
-    }
-    let at = got.iter().zip(want).position(|(a, b)| a != b)?;
-    Some(format!(
-        "first difference at {at:#x}: got {:02x?}, want {:02x?}",
-        &got[at..(at + 8).min(got.len())],
-        &want[at..(at + 8).min(want.len())]
-    ))
 }
 
 /// With the raw flag, the data file (up to the disk's size) is the disk.
@@ -122,23 +104,7 @@ pub fn reads_qemu_data_files<H: Harness>(h: &H) {
             let name = data.display().to_string();
             assert_eq!(disk.info().data_file.as_deref(), Some(&*name), "{ctx}");
             assert_eq!(disk.info().data_file_raw, raw, "{ctx}");
-            let got = read_all(&mut disk);
-            if let Some(d) = first_diff(&got, &want) {
-                panic!("{ctx}: {d}");
-            }
-            let mut at = 0u64;
-            let mut step = 777u64;
-            while at < disk.len() {
-                let n = step.min(disk.len() - at);
-                let mut buf = vec![0u8; n as usize];
-                must(disk.read_at(&mut buf, at), "read a piece");
-                assert!(
-                    buf == want[at as usize..(at + n) as usize],
-                    "{ctx}: piece {at:#x}+{n:#x} differs"
-                );
-                at += n;
-                step = step * 7 % 300_001 + 1;
-            }
+            assert_reads_as(&mut disk, &want, &ctx);
             must(disk.close(), "close");
         }
         q.assert_clean(&img, "after our opens");

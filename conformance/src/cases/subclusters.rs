@@ -1,7 +1,7 @@
 //! Extended L2 entries (subclusters), against images qemu-img and qemu-io make.
 //!
-//! Layouts of 16 KiB, 64 KiB and 2 MiB clusters, alone, over a raw backing file and over a
-//! qcow2 backing file: what qemu-io writes at subcluster granularity reads byte for byte as
+//! Layouts of 16 KiB to 2 MiB clusters, alone, preallocated, over a raw backing file, over a
+//! qcow2 backing file and with a raw external data file: what qemu-io writes at subcluster granularity reads byte for byte as
 //! `qemu-img convert` gives it, and block status says what `qemu-img map` says. Our writes
 //! are mirrored by qemu-io on a twin: same guest contents, a clean check, and the same
 //! subcluster bitmaps in every entry, so partial writes into unallocated clusters copy
@@ -13,60 +13,69 @@ use std::path::Path;
 use qcow2_proto::{Allocation, CorruptReason, CreateOptions, Preallocation, RequestError};
 
 use super::mirror::Step;
-use super::must;
+use super::{assert_reads_as, first_diff, guest_of, must, read_all};
 use crate::harness::{Disk, Error, Harness, Mode};
 use crate::qemu::Qemu;
 use crate::verify::scratch;
 
 const MIB: u64 = 1 << 20;
 
-/// A layout: cluster size and what is below the image.
+/// A layout: cluster size and what the image comes with.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     cluster_size: u64,
-    below: Below,
+    with: With,
     /// Created with `preallocation=metadata` (clusters allocated, subclusters not).
     prealloc: bool,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
-enum Below {
+enum With {
     Nothing,
-    Raw,
-    /// A qcow2 file with extended L2 entries and 16 KiB clusters of its own.
-    Qcow2,
+    /// A raw backing file, shorter than the image.
+    RawBacking,
+    /// A qcow2 backing file with extended L2 entries and 16 KiB clusters of its own.
+    Qcow2Backing,
+    /// An external data file kept a valid raw image (`data_file_raw=on`), named after the
+    /// image: `NAME.data`.
+    RawDataFile,
 }
 
-const LAYOUTS: [Layout; 6] = [
+const LAYOUTS: [Layout; 7] = [
     Layout {
         cluster_size: 16384,
-        below: Below::Raw,
+        with: With::RawBacking,
         prealloc: false,
     },
     Layout {
         cluster_size: 65536,
-        below: Below::Nothing,
+        with: With::Nothing,
         prealloc: false,
     },
     Layout {
         cluster_size: 65536,
-        below: Below::Qcow2,
+        with: With::Qcow2Backing,
         prealloc: false,
     },
     Layout {
         cluster_size: 2 * MIB,
-        below: Below::Raw,
+        with: With::RawBacking,
         prealloc: false,
     },
     Layout {
         cluster_size: 65536,
-        below: Below::Raw,
+        with: With::RawBacking,
         prealloc: true,
     },
     Layout {
         cluster_size: 32768,
-        below: Below::Nothing,
+        with: With::Nothing,
         prealloc: true,
+    },
+    Layout {
+        cluster_size: 65536,
+        with: With::RawDataFile,
+        prealloc: false,
     },
 ];
 
@@ -76,10 +85,13 @@ impl Layout {
         (12 * self.cluster_size).max(6 * MIB)
     }
 
-    fn options(self) -> String {
+    fn options(self, path: &Path) -> String {
         let mut o = format!("extended_l2=on,cluster_size={}", self.cluster_size);
         if self.prealloc {
             o.push_str(",preallocation=metadata");
+        }
+        if self.with == With::RawDataFile {
+            o.push_str(&format!(",data_file={},data_file_raw=on", data_file(path)));
         }
         o
     }
@@ -87,9 +99,9 @@ impl Layout {
     /// Makes what lies below the image in `dir` (with qemu-io's data) and returns its
     /// name and format.
     fn make_below(self, q: &Qemu, dir: &Path) -> Option<(&'static str, &'static str)> {
-        match self.below {
-            Below::Nothing => None,
-            Below::Raw => {
+        match self.with {
+            With::Nothing | With::RawDataFile => None,
+            With::RawBacking => {
                 let base = dir.join("base.raw");
                 std::fs::write(&base, vec![0u8; (self.size() - MIB) as usize]).unwrap();
                 q.io_as(
@@ -99,7 +111,7 @@ impl Layout {
                 );
                 Some(("base.raw", "raw"))
             }
-            Below::Qcow2 => {
+            With::Qcow2Backing => {
                 let base = dir.join("base.qcow2");
                 q.create(&base, "extended_l2=on,cluster_size=16384", self.size());
                 q.io(
@@ -121,14 +133,18 @@ impl Layout {
     /// made.
     fn qemu_create(self, q: &Qemu, path: &Path, below: Option<(&str, &str)>) {
         match below {
-            Some((name, fmt)) => q.overlay(path, name, fmt, &self.options(), Some(self.size())),
-            None => q.create(path, &self.options(), self.size()),
+            Some((name, fmt)) => q.overlay(path, name, fmt, &self.options(path), Some(self.size())),
+            None => q.create(path, &self.options(path), self.size()),
         }
     }
 
     /// Our creation options for the same image.
-    fn ours(self, below: Option<(&str, &str)>) -> CreateOptions {
+    fn ours(self, path: &Path, below: Option<(&str, &str)>) -> CreateOptions {
         let mut o = CreateOptions::new(self.size());
+        if self.with == With::RawDataFile {
+            o.data_file = Some(data_file(path));
+            o.data_file_raw = true;
+        }
         o.cluster_size = self.cluster_size as u32;
         o.extended_l2 = true;
         if self.prealloc {
@@ -140,6 +156,15 @@ impl Layout {
         }
         o
     }
+}
+
+/// The data file name of the image at `path` (with [`With::RawDataFile`]): `NAME.data`
+/// beside it, absolute (QEMU resolves a relative one against its working directory).
+fn data_file(path: &Path) -> String {
+    let stem = path.file_stem().expect("image names").to_string_lossy();
+    path.with_file_name(format!("{stem}.data"))
+        .display()
+        .to_string()
 }
 
 /// Guest operations at subcluster granularity for cluster size `cs`: partial subclusters
@@ -181,13 +206,6 @@ fn steps(layout: Layout) -> Vec<Step> {
         w(size - sc - 300, sc + 300, 0xbb),
         z(size - 2 * sc, sc, false),
     ]
-}
-
-/// The guest contents of `path` as qemu-img converts them.
-fn guest_of(q: &Qemu, path: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("want.raw");
-    q.to_raw(path, None, &raw);
-    std::fs::read(&raw).expect("reading the converted image")
 }
 
 /// Per guest cluster of the image file at `path` (standard or extended entries): whether
@@ -273,18 +291,6 @@ fn our_map<D: Disk>(disk: &mut D) -> Vec<(u64, u64, u64, bool, bool, bool)> {
     merge(rows.into_iter())
 }
 
-fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("size {} vs {}", got.len(), want.len()));
-    }
-    let at = got.iter().zip(want).position(|(a, b)| a != b)?;
-    Some(format!(
-        "first difference at {at:#x}: got {:02x?}, want {:02x?}",
-        &got[at..(at + 8).min(got.len())],
-        &want[at..(at + 8).min(want.len())]
-    ))
-}
-
 /// Images qemu-io wrote at subcluster granularity read byte for byte as qemu-img converts
 /// them (whole, and in unaligned pieces), and block status agrees with qemu-img map.
 pub fn reads_qemu_subclusters<H: Harness>(h: &H) {
@@ -301,24 +307,7 @@ pub fn reads_qemu_subclusters<H: Harness>(h: &H) {
         q.io(&path, &cmds);
         let want = guest_of(&q, &path, dir.path());
         let mut disk = must(h.open(&path, Mode::read_only()), format!("{layout:?}"));
-        let mut got = vec![0u8; layout.size() as usize];
-        must(disk.read_at(&mut got, 0), "read all");
-        if let Some(d) = first_diff(&got, &want) {
-            panic!("{layout:?}: {d}");
-        }
-        let mut at = 0u64;
-        let mut step = 333u64;
-        while at < layout.size() {
-            let n = step.min(layout.size() - at);
-            let mut buf = vec![0u8; n as usize];
-            must(disk.read_at(&mut buf, at), "read a piece");
-            assert!(
-                buf[..] == want[at as usize..(at + n) as usize],
-                "{layout:?}: piece {at:#x}+{n:#x}"
-            );
-            at += n;
-            step = step * 7 % 90_001 + 1;
-        }
+        assert_reads_as(&mut disk, &want, &format!("{layout:?}"));
         assert_eq!(
             our_map(&mut disk),
             qemu_map(&q, &path),
@@ -343,7 +332,7 @@ pub fn writes_mirror_qemu<H: Harness>(h: &H) {
         layout.qemu_create(&q, &twin, below);
         let steps = steps(layout);
         let mut disk = must(
-            h.create(&ours, &layout.ours(below), Mode::writable()),
+            h.create(&ours, &layout.ours(&ours, below), Mode::writable()),
             format!("create {layout:?}"),
         );
         for &s in &steps {
@@ -375,11 +364,16 @@ pub fn writes_mirror_qemu<H: Harness>(h: &H) {
             qemu_map(&q, &twin),
             "{layout:?}: qemu-img map"
         );
+        if layout.with == With::RawDataFile {
+            let data = |p: &Path| std::fs::read(data_file(p)).unwrap();
+            assert!(
+                data(&ours) == data(&twin),
+                "{layout:?}: the raw data files differ"
+            );
+        }
         let want = guest_of(&q, &twin, dir.path());
         let mut disk = must(h.open(&ours, Mode::read_only()), "reopen");
-        let mut got = vec![0u8; layout.size() as usize];
-        must(disk.read_at(&mut got, 0), "read all");
-        if let Some(d) = first_diff(&got, &want) {
+        if let Some(d) = first_diff(&read_all(&mut disk), &want) {
             panic!("{layout:?} after reopen: {d}");
         }
     }
@@ -543,19 +537,7 @@ pub fn compressed_clusters_have_no_subclusters<H: Harness>(h: &H) {
     let ours = dir.path().join("ours.qcow2");
     let twin = dir.path().join("twin.qcow2");
     for p in [&ours, &twin] {
-        q.img(&[
-            "convert",
-            "-q",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            &raw.display().to_string(),
-            &p.display().to_string(),
-        ]);
+        super::compressed::convert_c(&q, &raw, p, "extended_l2=on");
     }
     let steps = [
         Step::Zero {

@@ -719,15 +719,7 @@ impl Image {
         let e = self.entry(slot, idx);
         self.set_entry_ext(slot, idx, e, (bitmap & !mask) | mask << 32);
         if self.data_file_raw() {
-            // (As for whole clusters: the raw data file reads as the image does.)
-            let len = zero_end.min(self.hdr.size) - pos;
-            self.issue_bare_at(
-                crate::io::Target::DataFile,
-                Purpose::TaskIo { task: t },
-                IoKind::WriteZeroes { len },
-                pos,
-            );
-            self.task(t).inflight += 1;
+            self.zero_raw_data_file(t, pos, zero_end.min(self.hdr.size));
         }
         let task = self.task(t);
         task.pos = zero_end;
@@ -1580,22 +1572,26 @@ impl Image {
             n += 1;
         }
         if n > 0 && self.data_file_raw() && edit != Edit::Full {
-            // The data file stays a valid raw image: what now reads as zero is zeroed
-            // there too (QEMU's qcow2_subcluster_zeroize; a discard becomes zeroes).
-            let start = gc << cb;
-            let len = (((gc + n as u64) << cb).min(self.hdr.size)) - start;
-            self.issue_bare_at(
-                crate::io::Target::DataFile,
-                Purpose::TaskIo { task: t },
-                IoKind::WriteZeroes { len },
-                start,
-            );
-            self.task(t).inflight += 1;
+            let end = ((gc + n as u64) << cb).min(self.hdr.size);
+            self.zero_raw_data_file(t, gc << cb, end);
         }
         let task = self.task(t);
         task.pos = end.min((gc + n.max(1) as u64) << cb);
         task.wrote = true;
         Ok(())
+    }
+
+    /// Keeps a raw external data file a valid raw image of the disk: guest bytes
+    /// `[start, end)`, which now read as zero, are zeroed there too (QEMU's
+    /// `qcow2_subcluster_zeroize`; a discard becomes zeroes).
+    fn zero_raw_data_file(&mut self, t: u32, start: u64, end: u64) {
+        self.issue_bare_at(
+            crate::io::Target::DataFile,
+            Purpose::TaskIo { task: t },
+            IoKind::WriteZeroes { len: end - start },
+            start,
+        );
+        self.task(t).inflight += 1;
     }
 
     pub(super) fn step_discard(&mut self, t: u32) -> bool {
