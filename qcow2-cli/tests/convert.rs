@@ -93,6 +93,17 @@ fn round_trips_compare_identical() {
         "o4k.qcow2",
     ]);
     identical(&sc, "src.qcow2", "o4k.qcow2");
+    sc.ours_ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        "src.qcow2",
+        "ext.qcow2",
+    ]);
+    identical(&sc, "src.qcow2", "ext.qcow2");
+    sc.qemu_img_ok(&["check", "ext.qcow2"]);
     sc.ours_ok(&["convert", "-S", "0", "-O", "raw", "small.qcow2", "full.raw"]);
     identical(&sc, "small.qcow2", "full.raw");
     let blocks =
@@ -260,6 +271,8 @@ fn convert_onto_a_backing_file_like_qemu() {
         "-O qcow2 -B base.qcow2 -F qcow2 s2.qcow2 d.qcow2",
         "-O qcow2 -B short.qcow2 -F qcow2 src.qcow2 d.qcow2",
         "-O qcow2 -B base.qcow2 -F qcow2 -o cluster_size=512 s2.qcow2 d.qcow2",
+        // Subclusters: what the source's top layer stores, at subcluster granularity.
+        "-O qcow2 -B base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=32k src.qcow2 d.qcow2",
         // A source without a backing file: its unallocated ranges are zeroes.
         "-O qcow2 -B src.qcow2 -F qcow2 base.qcow2 d.qcow2",
         "-O qcow2 -B base.qcow2 -F qcow2 other.raw d.qcow2",

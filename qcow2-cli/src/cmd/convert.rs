@@ -569,7 +569,7 @@ impl Copier<'_> {
                 .write_at(buf, offset)
                 .map_err(|e| write_error(offset, &e));
         }
-        for (start, len, zero) in runs(buf, self.sparse as usize) {
+        for (start, len, zero) in runs(buf, offset, self.sparse as usize) {
             let at = offset + start as u64;
             if zero {
                 self.zero(at, len as u64)?;
@@ -583,27 +583,79 @@ impl Copier<'_> {
     }
 }
 
-/// Splits `buf` into runs by 512-byte sectors: `(start, len, zero)`, where a zero run is
-/// one of at least `min` bytes of zeroes (shorter zero runs are part of the data).
-pub fn runs(buf: &[u8], min: usize) -> Vec<(usize, usize, bool)> {
-    let mut raw: Vec<(usize, usize, bool)> = Vec::new();
-    for (i, sector) in buf.chunks(SECTOR).enumerate() {
-        let zero = sector.iter().all(|&b| b == 0);
-        let start = i * SECTOR;
-        match raw.last_mut() {
-            Some(last) if last.2 == zero => last.1 += sector.len(),
-            _ => raw.push((start, sector.len(), zero)),
-        }
-    }
+/// Splits `buf` (guest bytes from `offset`) into runs by 512-byte sectors, `(start, len,
+/// zero)`, as qemu-img's `convert` decides what to write and what to leave sparse
+/// (`is_allocated_sectors_min`): a run of zeroes at the start counts as zero whatever its
+/// length; after data, only zero runs of at least `min` bytes do; and the boundaries after
+/// data runs are moved up to the alignment (`min` rounded down to a power of two), so that
+/// zero ranges start aligned.
+pub fn runs(buf: &[u8], offset: u64, min: usize) -> Vec<(usize, usize, bool)> {
+    let zero: Vec<bool> = buf
+        .chunks(SECTOR)
+        .map(|s| s.iter().all(|&b| b == 0))
+        .collect();
+    let sectors = |n: usize| (n * SECTOR).min(buf.len());
+    let min_sectors = (min / SECTOR).max(1);
+    let align = 1u64 << (63 - (min_sectors as u64).leading_zeros());
+    let first = offset / SECTOR as u64;
     let mut out: Vec<(usize, usize, bool)> = Vec::new();
-    for (start, len, zero) in raw {
-        let zero = zero && len >= min;
+    let mut at = 0;
+    while at < zero.len() {
+        let (z, n) = run_min(&zero[at..], first + at as u64, min_sectors, align);
+        let (start, end) = (sectors(at), sectors(at + n));
         match out.last_mut() {
-            Some(last) if last.2 == zero => last.1 += len,
-            _ => out.push((start, len, zero)),
+            Some(last) if last.2 == z => last.1 += end - start,
+            _ => out.push((start, end - start, z)),
         }
+        at += n;
     }
     out
+}
+
+/// qemu-img's `is_allocated_sectors`: whether the run at the start of `zero` (a flag per
+/// sector, the first at guest sector `at`) is zero, and its length, its end moved to the
+/// alignment where the buffer goes on with the other kind.
+fn same_run(zero: &[bool], at: u64, align: u64) -> (bool, usize) {
+    let n = zero.len();
+    let mut is_zero = zero[0];
+    let mut i = zero.iter().position(|&z| z != is_zero).unwrap_or(n);
+    if i == n {
+        return (is_zero, i);
+    }
+    let tail = ((at + i as u64) & (align - 1)) as usize;
+    if tail != 0 {
+        if is_zero && i <= tail {
+            // A short zero run before data is written with it.
+            is_zero = false;
+        }
+        if is_zero {
+            i -= tail;
+        } else {
+            i = (i + align as usize - tail).min(n);
+        }
+    }
+    (is_zero, i)
+}
+
+/// qemu-img's `is_allocated_sectors_min`: after data, zero runs shorter than `min` sectors
+/// are data too.
+fn run_min(zero: &[bool], at: u64, min: usize, align: u64) -> (bool, usize) {
+    let min = min.min(zero.len());
+    let (is_zero, first) = same_run(zero, at, align);
+    if is_zero {
+        return (true, first);
+    }
+    let (mut used, mut checked) = (first, first);
+    while checked < zero.len() {
+        let (z, n) = same_run(&zero[checked..], at + checked as u64, align);
+        checked += n;
+        if !z {
+            used = checked;
+        } else if n >= min {
+            break;
+        }
+    }
+    (false, used)
 }
 
 #[cfg(test)]
@@ -611,16 +663,18 @@ mod tests {
     use super::runs;
 
     #[test]
-    fn zero_runs_need_the_minimum_length() {
+    fn zero_runs_as_qemu_img_cuts_them() {
         let mut buf = vec![0u8; 16384];
         buf[0] = 1; // sector 0 data
         buf[1024] = 1; // sector 2 data: the one-sector zero gap between stays data
+                       // Data up to the 4 KiB boundary, then zeroes.
         assert_eq!(
-            runs(&buf, 4096),
-            vec![(0, 1536, false), (1536, 14848, true)]
+            runs(&buf, 0, 4096),
+            vec![(0, 4096, false), (4096, 12288, true)]
         );
+        // With -S 512 (alignment one sector) every zero sector after data counts.
         assert_eq!(
-            runs(&buf, 512),
+            runs(&buf, 0, 512),
             vec![
                 (0, 512, false),
                 (512, 512, true),
@@ -628,6 +682,20 @@ mod tests {
                 (1536, 14848, true)
             ]
         );
-        assert_eq!(runs(&[0u8; 1000], 4096), vec![(0, 1000, false)]);
+        // A short zero run before data that ends unaligned is data; one that reaches back
+        // to an aligned boundary is zero; the alignment is of guest offsets.
+        let mut buf = vec![0u8; 8192];
+        buf[1536] = 1;
+        assert_eq!(
+            runs(&buf, 0, 4096),
+            vec![(0, 4096, false), (4096, 4096, true)]
+        );
+        assert_eq!(
+            runs(&buf, 3072, 4096),
+            vec![(0, 1024, true), (1024, 4096, false), (5120, 3072, true)]
+        );
+        // A buffer of one kind is one run.
+        assert_eq!(runs(&[0u8; 1000], 0, 4096), vec![(0, 1000, true)]);
+        assert_eq!(runs(&[1u8; 1000], 0, 4096), vec![(0, 1000, false)]);
     }
 }
