@@ -260,6 +260,34 @@ impl Disk {
         })
     }
 
+    /// Opens the internal snapshot `snapshot` of the qcow2 image at `path`, read-only.
+    pub fn open_snapshot(
+        path: &Path,
+        format: Format,
+        snapshot: &qcow2_sync::SnapshotRef,
+        opts: DiskOptions,
+    ) -> Result<Self, CliError> {
+        if format != Format::Qcow2 {
+            return Err(CliError::new(format!(
+                "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                format.name()
+            )));
+        }
+        let o = OpenOptions {
+            read_only: true,
+            cache: opts.cache,
+            force_share: opts.force_share,
+            ..OpenOptions::default()
+        };
+        let img = Image::open_snapshot(path, snapshot, &o).map_err(|e| match e {
+            qcow2_sync::Error::Open(qcow2_sync::OpenError::SnapshotNotFound) => {
+                CliError::new("Failed to load snapshot: Can't find snapshot")
+            }
+            e => qcow2_open_error(path, &e),
+        })?;
+        Ok(Self::from_image(path, img))
+    }
+
     /// Wraps an already open qcow2 image.
     pub fn from_image(path: &Path, img: Image) -> Self {
         Self {

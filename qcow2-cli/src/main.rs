@@ -53,6 +53,8 @@ enum Command {
     Resize(ResizeArgs),
     /// Change an image's backing file (copying what differs, unless `-u`).
     Rebase(RebaseArgs),
+    /// List an image's internal snapshots (`-l`, the default)
+    Snapshot(SnapshotArgs),
     /// Write an image's changes into its backing file.
     Commit(CommitArgs),
     /// Run qemu-io-like commands (`read`, `write`, `discard`, `flush`) on an image.
@@ -200,6 +202,10 @@ pub struct ConvertArgs {
     /// The target is known to read as zero already.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
+    /// Copy an internal snapshot of the source instead of its current contents:
+    /// `snapshot.id=ID`, `snapshot.name=NAME`, or a bare ID or name.
+    #[arg(short = 'l', long = "snapshot")]
+    pub snapshot: Option<String>,
     /// Runtime writing a qcow2 target: sync, smol or uring (default: uring where the kernel
     /// has io_uring, else sync). The async ones keep several writes in flight.
     #[arg(long)]
@@ -322,6 +328,34 @@ pub struct ResizeArgs {
     /// New size, or `+SIZE` / `-SIZE` relative to the current one.
     #[arg(allow_hyphen_values = true)]
     pub size: String,
+}
+
+/// `snapshot` options.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// List the snapshots (the default).
+    #[arg(short = 'l')]
+    pub list: bool,
+    /// Create a snapshot named NAME (not supported yet).
+    #[arg(short = 'c', value_name = "NAME")]
+    pub create: Option<String>,
+    /// Revert the image to snapshot NAME (not supported yet).
+    #[arg(short = 'a', value_name = "NAME")]
+    pub apply: Option<String>,
+    /// Delete snapshot NAME (not supported yet).
+    #[arg(short = 'd', value_name = "NAME")]
+    pub delete: Option<String>,
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Quiet (the list is printed all the same, as qemu-img does).
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Share the image with a process that writes it (qemu-img's `-U`).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filenames: Vec<PathBuf>,
 }
 
 /// `rebase` options.
@@ -470,6 +504,7 @@ fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Compare(a) => cmd::compare::run(&a),
         Command::Resize(a) => cmd::resize::run(&a),
         Command::Rebase(a) => cmd::rebase::run(&a),
+        Command::Snapshot(a) => cmd::snapshot::run(&a),
         Command::Commit(a) => cmd::commit::run(&a),
         Command::Io(a) => cmd::io::run(&a),
         Command::Bench(a) => cmd::bench::run(&a),

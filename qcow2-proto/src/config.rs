@@ -63,6 +63,63 @@ pub struct ImageConfig {
     pub skip_backing: bool,
 }
 
+/// Which internal snapshot to open, as qemu-img's `-l` names it.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum SnapshotRef {
+    /// `snapshot.id=ID`.
+    Id(String),
+    /// `snapshot.name=NAME`.
+    Name(String),
+    /// `snapshot.id=ID,snapshot.name=NAME`: both must match.
+    IdAndName(String, String),
+    /// A bare `-l ID_OR_NAME`: the snapshot with this ID, else the one with this name.
+    IdOrName(String),
+}
+
+impl SnapshotRef {
+    /// Parses qemu-img's `-l` argument: `snapshot.id=ID`, `snapshot.name=NAME` (or both,
+    /// comma-separated), or a bare ID or name.
+    ///
+    /// ```
+    /// use qcow2_proto::SnapshotRef;
+    /// assert_eq!(SnapshotRef::parse("snapshot.name=s1"), SnapshotRef::Name("s1".into()));
+    /// assert_eq!(SnapshotRef::parse("2"), SnapshotRef::IdOrName("2".into()));
+    /// ```
+    pub fn parse(arg: &str) -> Self {
+        if !arg.starts_with("snapshot.") {
+            return Self::IdOrName(arg.to_owned());
+        }
+        let (mut id, mut name) = (None, None);
+        for part in arg.split(',') {
+            match part.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v.to_owned()),
+                Some(("snapshot.name", v)) => name = Some(v.to_owned()),
+                _ => return Self::IdOrName(arg.to_owned()),
+            }
+        }
+        match (id, name) {
+            (Some(i), Some(n)) => Self::IdAndName(i, n),
+            (Some(i), None) => Self::Id(i),
+            (None, Some(n)) => Self::Name(n),
+            (None, None) => Self::IdOrName(arg.to_owned()),
+        }
+    }
+
+    /// The snapshot it names among `snapshots` (ID first, for a bare argument).
+    pub fn find<'a>(
+        &self,
+        snapshots: &'a [crate::info::SnapshotInfo],
+    ) -> Option<&'a crate::info::SnapshotInfo> {
+        let by = |f: &dyn Fn(&crate::info::SnapshotInfo) -> bool| snapshots.iter().find(|s| f(s));
+        match self {
+            Self::Id(i) => by(&|s| &s.id == i),
+            Self::Name(n) => by(&|s| &s.name == n),
+            Self::IdAndName(i, n) => by(&|s| &s.id == i && &s.name == n),
+            Self::IdOrName(x) => by(&|s| &s.id == x).or_else(|| by(&|s| &s.name == x)),
+        }
+    }
+}
+
 impl ImageConfig {
     /// A writable, write-back configuration for a file of `file_len` bytes.
     pub fn new(file_len: u64) -> Self {

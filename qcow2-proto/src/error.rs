@@ -162,6 +162,8 @@ pub enum Table {
     Refcount,
     /// The snapshot table.
     Snapshot,
+    /// An internal snapshot's L1 table.
+    SnapshotL1,
 }
 
 impl std::fmt::Display for Table {
@@ -170,6 +172,7 @@ impl std::fmt::Display for Table {
             Self::ActiveL1 => "Active L1 table",
             Self::Refcount => "Reference count table",
             Self::Snapshot => "Snapshot table",
+            Self::SnapshotL1 => "Snapshot L1 table",
         })
     }
 }
@@ -308,6 +311,9 @@ pub enum OpenError {
     /// The image's corrupt bit is set and a writable open was asked for.
     #[error("qcow2: Image is corrupt; cannot be opened read/write")]
     CorruptReadWrite,
+    /// [`ImageConfig::snapshot`](crate::ImageConfig::snapshot) names no snapshot.
+    #[error("Can't find snapshot")]
+    SnapshotNotFound,
     /// Reading or writing the file failed.
     #[error("I/O error while opening: {0}")]
     Io(IoError),
@@ -369,6 +375,7 @@ impl BackingError {
             OpenError::CorruptReadWrite => (1, Self::Other("image is corrupt")),
             OpenError::Create(_) => (1, Self::Other("invalid creation options")),
             OpenError::Config(s) => (1, Self::Other(s)),
+            OpenError::SnapshotNotFound => (1, Self::Other("snapshot not found")),
         }
     }
 }

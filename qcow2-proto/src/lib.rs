@@ -137,7 +137,7 @@ pub mod measure;
 mod request;
 
 pub use check::{CheckReport, Repair};
-pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation};
+pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation, SnapshotRef};
 pub use engine::Image;
 pub use error::{
     BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError,

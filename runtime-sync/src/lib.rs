@@ -40,7 +40,7 @@ pub use io_adapter::ImageIo;
 pub use lock::{lock_image, LockMode};
 pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
-    Preallocation, Repair, RequestError,
+    Preallocation, Repair, RequestError, SnapshotRef,
 };
 use qcow2_proto::{
     CacheMode, Event, Feature, ImageConfig, IoError, IoOp, Outcome, Request, SubmitError, Target,
@@ -449,6 +449,25 @@ impl Image<File> {
         let path = path.as_ref();
         let file = open_file(path, options, false)?;
         Self::open_in(file, Chain::new(Some(path)), options)
+    }
+
+    /// Opens the contents of the internal snapshot `snapshot` of the image at `path`,
+    /// read-only (what `qemu-img convert -l` reads): reads see the disk as it was when the
+    /// snapshot was taken.
+    pub fn open_snapshot(
+        path: impl AsRef<Path>,
+        snapshot: &SnapshotRef,
+        options: &OpenOptions,
+    ) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let options = OpenOptions {
+            read_only: true,
+            ..*options
+        };
+        let file = open_file(path, &options, false)?;
+        let config = engine_config(&file, &options)?;
+        let engine = qcow2_proto::Image::open_snapshot(config, snapshot.clone());
+        Self::finish_open(engine, file, Chain::new(Some(path)), &options)
     }
 
     /// Creates (or truncates) `path` as a new qcow2 image and opens it writable.

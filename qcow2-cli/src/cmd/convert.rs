@@ -74,19 +74,24 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     let src_cache = parse_cache(a.source_cache.as_deref(), Cache::WriteBack)?;
     let dst_cache = parse_cache(a.target_cache.as_deref(), Cache::WriteBack)?;
 
+    let snapshot = a.snapshot.as_deref().map(qcow2_sync::SnapshotRef::parse);
+    if snapshot.is_some() && sources.len() > 1 {
+        return Err(CliError::new(
+            "No support for concatenating multiple snapshot",
+        ));
+    }
     let mut srcs = Vec::new();
     for path in sources {
         let (format, _) = resolve_format(path, a.format.as_deref(), false)?;
-        srcs.push(Disk::open(
-            path,
-            format,
-            DiskOptions {
-                read_only: true,
-                cache: src_cache,
-                force_share: a.force_share,
-            },
-            false,
-        )?);
+        let opts = DiskOptions {
+            read_only: true,
+            cache: src_cache,
+            force_share: a.force_share,
+        };
+        srcs.push(match &snapshot {
+            Some(s) => Disk::open_snapshot(path, format, s, opts)?,
+            None => Disk::open(path, format, opts, false)?,
+        });
     }
     let total: u64 = srcs.iter().map(Disk::len).sum();
 

@@ -144,7 +144,8 @@ pub fn node_info(path: &Path, format: Format, force_share: bool) -> Result<Value
     Ok(Value::Object(m))
 }
 
-fn snapshot_json(s: &SnapshotInfo) -> Value {
+/// A snapshot as `info --output=json` lists it.
+pub fn snapshot_json(s: &SnapshotInfo) -> Value {
     let mut m = Map::new();
     m.insert("id".into(), json!(s.id));
     m.insert("name".into(), json!(s.name));
@@ -248,6 +249,21 @@ fn u64_of(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
+/// qemu's snapshot table (`Snapshot list:`, the column names, a row per snapshot), for
+/// snapshots as [`snapshot_json`] gives them.
+pub fn snapshot_table(snaps: &[Value]) -> String {
+    let mut out = String::from("Snapshot list:\n");
+    out.push_str(&format!(
+        "{:<7} {:<16} {:>8}{:>20}{:>16}{:>11}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for snap in snaps {
+        out.push_str(&snapshot_row(snap));
+        out.push('\n');
+    }
+    out
+}
+
 /// One row of qemu's snapshot table (`ID TAG VM_SIZE DATE VM_CLOCK ICOUNT`).
 fn snapshot_row(s: &Value) -> String {
     let str_of = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -316,15 +332,7 @@ fn human(node: &Value, out: &mut String) {
         }
     }
     if let Some(Value::Array(snaps)) = node.get("snapshots") {
-        out.push_str("Snapshot list:\n");
-        out.push_str(&format!(
-            "{:<7} {:<16} {:>8}{:>20}{:>16}{:>11}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for snap in snaps {
-            out.push_str(&snapshot_row(snap));
-            out.push('\n');
-        }
+        out.push_str(&snapshot_table(snaps));
     }
     if let Some(Value::Object(data)) = node.get("format-specific").and_then(|f| f.get("data")) {
         if !data.is_empty() {

@@ -12,6 +12,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;
 
 use qcow2_sync::Cache;
 

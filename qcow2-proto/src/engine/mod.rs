@@ -392,6 +392,8 @@ pub struct Image {
     free_bytes: Option<u64>,
     /// Compressed streams waiting for host space, by task.
     streams: Vec<Option<IoBuf>>,
+    /// The internal snapshot opened instead of the active image, if any.
+    view: Option<crate::config::SnapshotRef>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -471,6 +473,7 @@ impl Image {
             new_backing: None,
             free_bytes: None,
             streams: Vec::new(),
+            view: None,
         }
     }
 
@@ -479,6 +482,20 @@ impl Image {
     /// [`Event::Opened`] or [`Event::OpenFailed`].
     pub fn open(config: ImageConfig) -> Self {
         let mut img = Self::empty(config);
+        img.pump();
+        img
+    }
+
+    /// Starts opening the contents of the internal snapshot `snapshot` of the image, read-
+    /// only, in place of the active image (what `qemu-img convert -l` reads). Opening
+    /// fails with [`OpenError::SnapshotNotFound`](crate::OpenError::SnapshotNotFound) when
+    /// the image has no such snapshot.
+    pub fn open_snapshot(config: ImageConfig, snapshot: crate::config::SnapshotRef) -> Self {
+        let mut img = Self::empty(ImageConfig {
+            read_only: true,
+            ..config
+        });
+        img.view = Some(snapshot);
         img.pump();
         img
     }

@@ -24,6 +24,8 @@ pub(super) enum Step {
     L1,
     Reftable,
     Snapshots,
+    /// The L1 table of the snapshot opened instead of the active image.
+    SnapshotL1,
     Bitmaps,
     HeaderUpdate,
     HeaderSync,
@@ -148,6 +150,11 @@ impl Image {
                     let at = self.hdr.snapshots_offset + self.open.table.len() as u64;
                     self.read_open(at, SNAPSHOT_CHUNK);
                 }
+                Step::SnapshotL1 => {
+                    let sn = self.viewed_snapshot();
+                    let bytes = (u64::from(sn.1) * 8).next_multiple_of(TABLE_CHUNK as u64);
+                    self.read_open(sn.0, bytes.max(TABLE_CHUNK as u64) as usize);
+                }
                 Step::Bitmaps => {
                     let ext = self
                         .layout
@@ -248,6 +255,13 @@ impl Image {
                 self.rt_dirty = vec![false; (n * 8).div_ceil(TABLE_CHUNK)];
             }
             Step::Snapshots => self.open.table.extend_from_slice(bytes),
+            Step::SnapshotL1 => {
+                // The snapshot's tables replace the active ones for reads (the engine is
+                // read-only): past its L1, the image reads as unallocated.
+                let n = self.viewed_snapshot().1 as usize;
+                self.l1 = (0..n).map(|i| be64(bytes, i)).collect();
+                self.l1_dirty = vec![false; (n * 8).div_ceil(TABLE_CHUNK)];
+            }
             Step::Bitmaps => {
                 let bitmaps = parse_bitmap_directory(bytes);
                 if let Some(info) = self.info.as_mut() {
@@ -288,6 +302,7 @@ impl Image {
             Step::L1 => Some(Step::Reftable),
             Step::Reftable => self.snapshots_or_next(),
             Step::Snapshots => self.snapshots_or_next(),
+            Step::SnapshotL1 => self.bitmaps_or_next(),
             Step::Bitmaps => self.header_update_or_next(),
             Step::HeaderUpdate => Some(Step::HeaderSync),
             Step::HeaderSync => self.prealloc_or_done(),
@@ -399,6 +414,41 @@ impl Image {
         };
         self.open.table = Vec::new();
         self.info = Some(self.make_info(snapshots));
+        if self.view.is_some() {
+            return self.snapshot_view();
+        }
+        self.bitmaps_or_next()
+    }
+
+    /// Switches to the snapshot the config names: checks it, then reads its L1 table in
+    /// place of the active one.
+    fn snapshot_view(&mut self) -> Option<Step> {
+        let which = self.view.clone().expect("a snapshot was asked for");
+        let info = self.info.as_ref().expect("info before the snapshot view");
+        let Some(sn) = which.find(&info.snapshots) else {
+            self.fail_open(OpenError::SnapshotNotFound);
+            return None;
+        };
+        let bytes = u64::from(sn.l1_size) * 8;
+        let error = if bytes > crate::format::MAX_L1_BYTES {
+            Some(FormatError::TableTooLarge(Table::SnapshotL1))
+        } else if !self.geo.aligned(sn.l1_table_offset) || sn.l1_size > 0 && sn.l1_table_offset == 0
+        {
+            Some(FormatError::TableOffset(Table::SnapshotL1))
+        } else if sn.l1_table_offset.saturating_add(bytes) > self.config.file_len.max(self.file_end)
+        {
+            Some(FormatError::TablePastEof(Table::SnapshotL1))
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            self.fail_open(e.into());
+            return None;
+        }
+        Some(Step::SnapshotL1)
+    }
+
+    fn bitmaps_or_next(&mut self) -> Option<Step> {
         let bitmaps_valid = self.hdr.autoclear_features & autoclear::BITMAPS != 0;
         match self.layout.as_ref().and_then(|l| l.ext.bitmaps) {
             Some(b) if bitmaps_valid && b.directory_size > 0 && b.directory_size <= 64 << 20 => {
@@ -406,6 +456,16 @@ impl Image {
             }
             _ => self.header_update_or_next(),
         }
+    }
+
+    /// The L1 offset and size of the snapshot the config names (found at open).
+    fn viewed_snapshot(&self) -> (u64, u32) {
+        let info = self.info.as_ref().expect("info before the snapshot view");
+        let which = self.view.as_ref().expect("a snapshot was asked for");
+        let sn = which
+            .find(&info.snapshots)
+            .expect("checked by snapshot_view");
+        (sn.l1_table_offset, sn.l1_size)
     }
 
     fn make_info(&self, snapshots: Vec<crate::info::SnapshotInfo>) -> ImageInfo {
