@@ -53,7 +53,7 @@ enum Command {
     Resize(ResizeArgs),
     /// Change an image's backing file (copying what differs, unless `-u`).
     Rebase(RebaseArgs),
-    /// List an image's internal snapshots (`-l`, the default)
+    /// List, create or delete an image's internal snapshots
     Snapshot(SnapshotArgs),
     /// Write an image's changes into its backing file.
     Commit(CommitArgs),
@@ -336,13 +336,13 @@ pub struct SnapshotArgs {
     /// List the snapshots (the default).
     #[arg(short = 'l')]
     pub list: bool,
-    /// Create a snapshot named NAME (not supported yet).
+    /// Create a snapshot named NAME.
     #[arg(short = 'c', value_name = "NAME")]
     pub create: Option<String>,
-    /// Revert the image to snapshot NAME (not supported yet).
+    /// Revert the image to snapshot NAME (an ID, else a name).
     #[arg(short = 'a', value_name = "NAME")]
     pub apply: Option<String>,
-    /// Delete snapshot NAME (not supported yet).
+    /// Delete snapshot NAME (by name).
     #[arg(short = 'd', value_name = "NAME")]
     pub delete: Option<String>,
     /// Image format; probed by magic when absent.

@@ -468,6 +468,22 @@ pub enum RequestError {
     /// A size or table would exceed the format's limits.
     #[error("{0} too large")]
     TooLarge(Table),
+    /// No internal snapshot has this ID or name.
+    #[error("snapshot not found")]
+    SnapshotNotFound,
+    /// Applying a snapshot taken at another disk size (not supported yet).
+    #[error("Applying a snapshot of another disk size is not supported yet")]
+    SnapshotSize,
+    /// The image has the most snapshots QEMU allows (65,536).
+    #[error("Too many snapshots")]
+    TooManySnapshots,
+    /// A snapshot name longer than 65,535 bytes.
+    #[error("Snapshot name too long")]
+    SnapshotName,
+    /// A cluster's refcount is at the largest its width holds: it cannot be shared once
+    /// more (QEMU: EINVAL).
+    #[error("Invalid argument (refcount overflow)")]
+    RefcountOverflow,
     /// A resize to a size that is not a multiple of 512.
     #[error("The new size must be a multiple of 512")]
     UnalignedSize,

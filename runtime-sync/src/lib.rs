@@ -661,6 +661,52 @@ impl<F: HostFile> Image<F> {
         Ok(())
     }
 
+    /// Creates internal snapshot `name` of the image's current contents (no VM state),
+    /// dated now, durably, as `qemu-img snapshot -c` does.
+    pub fn snapshot_create(&mut self, name: &str) -> Result<(), Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // (QEMU dates snapshots in microseconds.)
+        let date = (now.as_secs() as u32, now.subsec_micros() * 1000);
+        let id = self.engine.snapshot_create(name, date, 0)?;
+        self.wait_snapshot_task(id)
+    }
+
+    /// Deletes the internal snapshot `which` names, durably, as `qemu-img snapshot -d`
+    /// does (by ID, else by name, for a bare name).
+    pub fn snapshot_delete(&mut self, which: &SnapshotRef) -> Result<(), Error> {
+        let id = self.engine.snapshot_delete(which.clone())?;
+        self.wait_snapshot_task(id)
+    }
+
+    /// Reverts the image to the internal snapshot `which` names (which stays), durably,
+    /// as `qemu-img snapshot -a` does.
+    pub fn snapshot_apply(&mut self, which: &SnapshotRef) -> Result<(), Error> {
+        let id = self.engine.snapshot_apply(which.clone())?;
+        self.wait_snapshot_task(id)
+    }
+
+    fn wait_snapshot_task(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
+        drive_until(
+            &mut self.engine,
+            &self.file,
+            &self.chain,
+            &mut self.exec,
+            &mut Guest::None,
+            |ev| match ev {
+                Event::Done { req, result } if req == id => {
+                    Some(result.map(drop).map_err(Error::Request))
+                }
+                _ => None,
+            },
+        )?;
+        if let Some(info) = self.engine.info() {
+            self.info.snapshots = info.snapshots.clone();
+        }
+        Ok(())
+    }
+
     /// Counts the host clusters below byte `end` that the image accounts as in use, up to
     /// `limit` (qemu-img's metadata-preallocation test needs it).
     pub fn count_used_clusters(&mut self, end: u64, limit: u64) -> Result<u64, Error> {

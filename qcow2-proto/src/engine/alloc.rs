@@ -94,12 +94,12 @@ impl Image {
         cache.finish_load(slot, buf, result);
     }
 
-    fn refcount(&self, slot: u32, c: u64) -> u64 {
+    pub(super) fn refcount(&self, slot: u32, c: u64) -> u64 {
         let idx = (c & (self.geo.rb_entries() - 1)) as usize;
         refcount::get(self.rb.data(slot), self.geo.refcount_order, idx)
     }
 
-    fn set_refcount(&mut self, slot: u32, c: u64, v: u64) {
+    pub(super) fn set_refcount(&mut self, slot: u32, c: u64, v: u64) {
         let idx = (c & (self.geo.rb_entries() - 1)) as usize;
         let order = self.geo.refcount_order;
         refcount::set(self.rb.data_mut(slot), order, idx, v);

@@ -30,6 +30,7 @@ mod open;
 mod overlap;
 mod rebase;
 mod resize;
+mod snapshot;
 mod tasks;
 mod writeback;
 
@@ -142,6 +143,10 @@ enum Purpose {
     Header {
         task: u32,
     },
+    /// A read of the snapshot table or of a snapshot's L1 table for snapshot task `task`.
+    SnapshotRead {
+        task: u32,
+    },
     /// An op of the backing file's engine, known to it as `inner`, carrying guest spans of
     /// its request `nreq` (`u32::MAX`: none).
     Nested {
@@ -184,6 +189,7 @@ enum Kind {
     MakeEmpty,
     SetBacking,
     WriteCompressed,
+    Snapshot,
 }
 
 impl Kind {
@@ -196,6 +202,7 @@ impl Kind {
                 | Self::Prealloc(_)
                 | Self::MakeEmpty
                 | Self::SetBacking
+                | Self::Snapshot
         )
     }
 
@@ -394,6 +401,8 @@ pub struct Image {
     streams: Vec<Option<IoBuf>>,
     /// The internal snapshot opened instead of the active image, if any.
     view: Option<crate::config::SnapshotRef>,
+    /// The running snapshot create or delete.
+    snap: Option<Box<snapshot::SnapOp>>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -474,6 +483,7 @@ impl Image {
             free_bytes: None,
             streams: Vec::new(),
             view: None,
+            snap: None,
         }
     }
 
@@ -713,6 +723,7 @@ impl Image {
                 let result = result.map_err(|e| self.decompress_error(e));
                 self.cow_part_done(alloc, part, result);
             }
+            Purpose::SnapshotRead { task } => self.snapshot_read_done(task, op, result),
             Purpose::Header { task } => {
                 self.recycle(op);
                 let result = result.map_err(|e| self.io_error(e));
@@ -979,6 +990,7 @@ impl Image {
             Kind::MakeEmpty => self.step_make_empty(t),
             Kind::SetBacking => self.step_set_backing(t),
             Kind::WriteCompressed => self.step_write_compressed(t),
+            Kind::Snapshot => self.step_snapshot(t),
         };
         if finished {
             self.finish(t);

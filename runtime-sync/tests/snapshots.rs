@@ -1,0 +1,169 @@
+//! Internal snapshots against a byte model: random scripts of writes, zeroes and discards
+//! mixed with snapshot create, apply and delete. After every script (and a reopen) the
+//! image and every snapshot read as their models, our check and qemu-img's are clean, and
+//! qemu-img reads every snapshot the same.
+
+use qcow2_conformance::model::{pattern, Model};
+use qcow2_conformance::qemu::Qemu;
+use qcow2_proto::CreateOptions;
+use qcow2_sync::{Image, OpenOptions, SnapshotRef};
+
+const SIZE: u64 = 4 << 20;
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn read_all(img: &mut Image) -> Vec<u8> {
+    let mut buf = vec![0u8; img.len() as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+fn model_bytes(m: &Model) -> Vec<u8> {
+    let mut buf = vec![0u8; m.len() as usize];
+    m.read(0, &mut buf);
+    buf
+}
+
+fn run(seed: u64, options: &CreateOptions, q: Option<&Qemu>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let cs = u64::from(options.cluster_size);
+    let mut img = Image::create(&path, options, &OpenOptions::default()).unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut model = Model::new(SIZE);
+    // (name, model) of each snapshot, in table order.
+    let mut snaps: Vec<(String, Model)> = Vec::new();
+    let mut log = Vec::new();
+    for step in 0..40 {
+        let offset = rng.below(SIZE);
+        let len = (rng.below(3 * cs) + 1).min(SIZE - offset);
+        match rng.below(10) {
+            0..=3 => {
+                let data = pattern(step, offset, len as usize);
+                img.write_at(&data, offset).unwrap();
+                model.write(offset, &data);
+                log.push(format!("write {offset} {len}"));
+            }
+            4 => {
+                img.write_zeroes(offset, len, rng.below(2) == 0).unwrap();
+                model.zero(offset, len);
+                log.push(format!("zero {offset} {len}"));
+            }
+            5 => {
+                img.discard(offset, len).unwrap();
+                model.discard(offset, len, cs);
+                log.push(format!("discard {offset} {len}"));
+            }
+            6 | 7 => {
+                let name = format!("s{step}");
+                img.snapshot_create(&name).unwrap();
+                snaps.push((name.clone(), model.clone()));
+                log.push(format!("create {name}"));
+            }
+            8 if !snaps.is_empty() => {
+                let i = rng.below(snaps.len() as u64) as usize;
+                let (name, m) = snaps[i].clone();
+                img.snapshot_apply(&SnapshotRef::Name(name.clone()))
+                    .unwrap();
+                model = m;
+                log.push(format!("apply {name}"));
+            }
+            9 if !snaps.is_empty() => {
+                let i = rng.below(snaps.len() as u64) as usize;
+                let (name, _) = snaps.remove(i);
+                img.snapshot_delete(&SnapshotRef::Name(name.clone()))
+                    .unwrap();
+                log.push(format!("delete {name}"));
+            }
+            _ => {}
+        }
+        let report = img.check(None).unwrap();
+        assert!(
+            report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0,
+            "seed {seed} step {step}: {report:?}\n{log:#?}"
+        );
+    }
+    assert!(
+        read_all(&mut img) == model_bytes(&model),
+        "seed {seed}: the image\n{log:#?}"
+    );
+    img.close().unwrap();
+    let mut img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    assert!(
+        read_all(&mut img) == model_bytes(&model),
+        "seed {seed}: after reopen"
+    );
+    let listed: Vec<String> = img
+        .info()
+        .snapshots
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let want: Vec<String> = snaps.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(listed, want, "seed {seed}: the snapshot list");
+    img.close().unwrap();
+    for (name, m) in &snaps {
+        let which = SnapshotRef::Name(name.clone());
+        let mut view = Image::open_snapshot(&path, &which, &OpenOptions::default()).unwrap();
+        let mut got = vec![0u8; m.len() as usize];
+        view.read_at(&mut got, 0).unwrap();
+        assert!(
+            got == model_bytes(m),
+            "seed {seed}: snapshot {name}\n{log:#?}"
+        );
+    }
+    if let Some(q) = q {
+        let check = q.check(&path);
+        assert!(
+            check.is_clean(),
+            "seed {seed}: qemu-img check: {check:?}\n{log:#?}"
+        );
+        for (name, m) in &snaps {
+            let raw = dir.path().join("snap.raw");
+            q.to_raw(&path, Some(name), &raw);
+            assert!(
+                std::fs::read(&raw).unwrap() == model_bytes(m),
+                "seed {seed}: qemu-img reads snapshot {name} differently"
+            );
+        }
+    }
+}
+
+#[test]
+fn snapshot_scripts_against_a_model() {
+    let q = Qemu::require("snapshots::snapshot_scripts_against_a_model");
+    let tests: u64 = std::env::var("QCOW2_QC_TESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    for seed in 0..tests {
+        let mut o = CreateOptions::new(SIZE);
+        match seed % 4 {
+            0 => o.cluster_size = 4096,
+            1 => {
+                o.cluster_size = 16384;
+                o.extended_l2 = true;
+            }
+            2 => o.cluster_size = 65536,
+            _ => {
+                o.cluster_size = 512;
+                o.refcount_bits = 8;
+            }
+        }
+        run(0x5eed_0000 + seed, &o, q.as_ref());
+    }
+}
