@@ -257,3 +257,48 @@ fn regression_poisoned_engine_with_a_dirty_cache_fails_reads() {
         .expect("the read finishes");
     assert_eq!(read.err(), Some(RequestError::Poisoned));
 }
+
+/// Internal snapshots created, applied and deleted with a crash point after every op
+/// completion: the image lists the snapshots from before or after, reads as before (or,
+/// for an apply, as after: the switch is atomic), every snapshot reads as taken, and only
+/// COPIED flags may disagree with refcounts until `check -r all`.
+#[test]
+fn crash_snapshot_operations_v3_4k() {
+    let t = qcow2_conformance::sim::snapshots::snapshot_crash_test(
+        "crash_snapshot_operations_v3_4k",
+        CrashConfig {
+            scripts: 12,
+            script_len: 8,
+            ..config(3, 4096, false, false)
+        },
+    );
+    assert!(t.points >= 500, "only {} crash points", t.points);
+}
+
+/// The same with extended L2 entries and a backing file, and in a v2 image.
+#[test]
+fn crash_snapshot_operations_extended_l2_and_v2() {
+    for (name, cfg) in [
+        (
+            "crash_snapshot_operations_extended_l2_16k",
+            CrashConfig {
+                scripts: 6,
+                script_len: 8,
+                backing: true,
+                extended_l2: true,
+                ..config(3, 16384, false, false)
+            },
+        ),
+        (
+            "crash_snapshot_operations_v2_64k",
+            CrashConfig {
+                scripts: 6,
+                script_len: 8,
+                ..config(2, 65536, false, false)
+            },
+        ),
+    ] {
+        let t = qcow2_conformance::sim::snapshots::snapshot_crash_test(name, cfg);
+        assert!(t.points >= 200, "{name}: only {} crash points", t.points);
+    }
+}

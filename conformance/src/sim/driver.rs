@@ -81,6 +81,17 @@ impl Sim {
         Self::start(Image::open(config), disk, seed)
     }
 
+    /// Opens internal snapshot `which` of the image in `disk`, read-only.
+    pub fn open_snapshot(
+        disk: SimDisk,
+        mut config: ImageConfig,
+        which: qcow2_proto::SnapshotRef,
+        seed: u64,
+    ) -> SimResult<(Self, ImageInfo)> {
+        config.file_len = disk.current().len() as u64;
+        Self::start(Image::open_snapshot(config, which), disk, seed)
+    }
+
     /// Creates an image in an empty disk.
     pub fn create(
         options: CreateOptions,
@@ -141,7 +152,24 @@ impl Sim {
         buf: Option<Vec<u8>>,
         boundary: &mut dyn FnMut(&SimDisk),
     ) -> SimResult<Ran> {
-        let id = match self.engine.submit(request) {
+        self.run_with(
+            &format!("{request:?}"),
+            |e| e.submit(request),
+            buf,
+            boundary,
+        )
+    }
+
+    /// [`run`](Self::run) for any request the engine takes through a method of its own
+    /// (`what` names it in errors).
+    pub fn run_with(
+        &mut self,
+        what: &str,
+        submit: impl FnOnce(&mut Image) -> Result<ReqId, qcow2_proto::SubmitError>,
+        buf: Option<Vec<u8>>,
+        boundary: &mut dyn FnMut(&SimDisk),
+    ) -> SimResult<Ran> {
+        let id = match submit(&mut self.engine) {
             Ok(id) => id,
             Err(qcow2_proto::SubmitError::Refused(e)) => return Ok((Err(e), buf)),
             Err(e) => return Err(format!("submit failed: {e}")),
@@ -161,7 +189,7 @@ impl Sim {
                 }
             }
             if !self.step(boundary) {
-                return Err(format!("the engine stalled running {request:?}"));
+                return Err(format!("the engine stalled running {what}"));
             }
         }
     }

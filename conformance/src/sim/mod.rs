@@ -18,6 +18,7 @@ pub mod disk;
 pub mod driver;
 pub mod oracle;
 pub mod rng;
+pub mod snapshots;
 
 use std::cell::RefCell;
 
@@ -32,7 +33,7 @@ use oracle::Oracle;
 use rng::Rng;
 
 /// Virtual size scripts start from.
-const START_SIZE: u64 = 4 << 20;
+pub(crate) const START_SIZE: u64 = 4 << 20;
 
 /// What a crash run exercises.
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +85,7 @@ impl Tally {
     }
 }
 
-fn engine_config(cfg: &CrashConfig) -> ImageConfig {
+pub(crate) fn engine_config(cfg: &CrashConfig) -> ImageConfig {
     let mut c = ImageConfig::new(0);
     if cfg.write_through {
         c.cache_mode = CacheMode::WriteThrough;
@@ -211,7 +212,7 @@ fn prepare(
 }
 
 /// Creation options for a run.
-fn create_options(cfg: &CrashConfig) -> CreateOptions {
+pub(crate) fn create_options(cfg: &CrashConfig) -> CreateOptions {
     let mut create = CreateOptions::new(START_SIZE);
     create.version = cfg.version;
     create.cluster_size = cfg.cluster_size;

@@ -1,0 +1,231 @@
+//! Crash points inside internal-snapshot operations (create, apply, delete).
+//!
+//! Between operations, random writes and zeroes are made durable by a flush; each snapshot
+//! operation then runs with a crash point after every op completion. A crashed image must:
+//!
+//! * open, and list either the snapshots from before the operation or those from after it;
+//! * read, as the active disk, the contents from before or (for an apply) from after: an
+//!   apply switches atomically;
+//! * read every snapshot it lists as that snapshot was taken;
+//! * check with no error but COPIED flags that disagree with a refcount (a crash between
+//!   a refcount change and the matching flag change, as in QEMU; never a refcount below
+//!   its references) and leaks, and check clean after `check -r all`.
+
+use std::cell::RefCell;
+
+use qcow2_proto::{ImageConfig, Outcome, Repair, Request, SnapshotRef};
+
+use super::disk::SimDisk;
+use super::driver::{Sim, SimResult};
+use super::rng::Rng;
+use super::{create_options, engine_config, CrashConfig, Tally, START_SIZE};
+use crate::model::{pattern, synthetic_backing};
+
+/// The guest contents and snapshots (name, contents) at one moment.
+#[derive(Clone, Debug)]
+struct State {
+    active: Vec<u8>,
+    snaps: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads the whole disk of an open simulated image.
+fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
+    match sim.run(
+        Request::Read { offset: 0, len },
+        Some(vec![0; len as usize]),
+        &mut |_| {},
+    )? {
+        (Ok(_), Some(b)) => Ok(b),
+        (r, _) => Err(format!("read: {r:?}")),
+    }
+}
+
+fn read_only() -> ImageConfig {
+    let mut c = ImageConfig::new(0);
+    c.read_only = true;
+    c
+}
+
+/// Checks a crashed image against the states from before and after the operation (`apply`:
+/// whether the active contents may be either).
+fn verify(img: Vec<u8>, before: &State, after: &State, apply: bool, seed: u64) -> Option<String> {
+    let (mut sim, info) = match Sim::open(SimDisk::new(img.clone()), read_only(), seed) {
+        Ok(x) => x,
+        Err(e) => return Some(format!("the image does not open: {e}")),
+    };
+    match sim.run(Request::Check { repair: None }, None, &mut |_| {}) {
+        Ok((Ok(Outcome::Check(r)), _)) => {
+            let bad: Vec<&String> = r
+                .messages
+                .iter()
+                .filter(|m| m.starts_with("ERROR") && !m.contains("OFLAG_COPIED"))
+                .collect();
+            if !bad.is_empty() || r.check_errors > 0 {
+                return Some(format!("check after the crash: {bad:?} {r:?}"));
+            }
+        }
+        other => return Some(format!("check after the crash: {other:?}")),
+    }
+    let names: Vec<String> = info.snapshots.iter().map(|s| s.name.clone()).collect();
+    fn listed(s: &State) -> Vec<String> {
+        s.snaps.iter().map(|(n, _)| n.clone()).collect()
+    }
+    let state = if names == listed(after) {
+        after
+    } else if names == listed(before) {
+        before
+    } else {
+        return Some(format!(
+            "snapshots {names:?}, neither {:?} nor {:?}",
+            listed(before),
+            listed(after)
+        ));
+    };
+    let active = match read_all(&mut sim, START_SIZE) {
+        Ok(b) => b,
+        Err(e) => return Some(e),
+    };
+    let ok = active == before.active || apply && active == after.active;
+    if !ok || !apply && active != state.active {
+        return Some("the active disk reads neither as before nor as after".into());
+    }
+    for (name, want) in &state.snaps {
+        let which = SnapshotRef::Name(name.clone());
+        let got = Sim::open_snapshot(SimDisk::new(img.clone()), read_only(), which, seed)
+            .and_then(|(mut s, _)| read_all(&mut s, START_SIZE));
+        match got {
+            Ok(g) if &g == want => {}
+            Ok(_) => return Some(format!("snapshot {name} reads differently")),
+            Err(e) => return Some(format!("snapshot {name}: {e}")),
+        }
+    }
+    // Repaired, it is clean.
+    let mut config = ImageConfig::new(0);
+    config.check_only = true;
+    let repaired = Sim::open(SimDisk::new(img), config, seed).and_then(|(mut s, _)| {
+        s.run(
+            Request::Check {
+                repair: Some(Repair::All),
+            },
+            None,
+            &mut |_| {},
+        )?;
+        s.run(Request::Check { repair: None }, None, &mut |_| {})
+    });
+    match repaired {
+        Ok((Ok(Outcome::Check(r)), _)) if r.corruptions == 0 && r.leaks == 0 => None,
+        other => Some(format!("check after check -r all: {other:?}")),
+    }
+}
+
+/// One script: `steps` rounds of durable writes and one snapshot operation.
+fn run_one(cfg: &CrashConfig, seed: u64, steps: usize, tally: &RefCell<Tally>) -> SimResult<()> {
+    let (mut sim, _) = Sim::create(create_options(cfg), engine_config(cfg), seed)?;
+    let mut rng = Rng::new(seed ^ 0x5_4A95);
+    let cs = u64::from(cfg.cluster_size);
+    let mut state = State {
+        active: vec![0; START_SIZE as usize],
+        snaps: Vec::new(),
+    };
+    if cfg.backing {
+        // (The synthetic backing file shows through where nothing is written.)
+        synthetic_backing(1, 0, &mut state.active);
+    }
+    for step in 0..steps {
+        for _ in 0..3 {
+            let offset = rng.below(START_SIZE);
+            let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
+            let (request, buf) = if rng.below(4) == 0 {
+                state.active[offset as usize..(offset + len) as usize].fill(0);
+                (
+                    Request::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: rng.below(2) == 0,
+                    },
+                    None,
+                )
+            } else {
+                let data = pattern(seed as u32 ^ step as u32, offset, len as usize);
+                state.active[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                (Request::Write { offset, len }, Some(data))
+            };
+            sim.run(request, buf, &mut |_| {})?
+                .0
+                .map_err(|e| e.to_string())?;
+        }
+        sim.run(Request::Flush, None, &mut |_| {})?
+            .0
+            .map_err(|e| e.to_string())?;
+        let before = state.clone();
+        let mut after = state.clone();
+        let pick = rng.below(3);
+        let (what, apply) = match pick {
+            1 if !state.snaps.is_empty() => {
+                let i = rng.below(state.snaps.len() as u64) as usize;
+                after.active = state.snaps[i].1.clone();
+                (format!("apply {}", state.snaps[i].0), true)
+            }
+            2 if !state.snaps.is_empty() => {
+                let i = rng.below(state.snaps.len() as u64) as usize;
+                let (name, _) = after.snaps.remove(i);
+                (format!("delete {name}"), false)
+            }
+            _ => {
+                let name = format!("s{step}");
+                after.snaps.push((name.clone(), state.active.clone()));
+                (format!("create {name}"), false)
+            }
+        };
+        let mut failure = None;
+        let mut point = |d: &SimDisk| {
+            let problem = verify(d.crash(&mut rng), &before, &after, apply, seed);
+            let mut t = tally.borrow_mut();
+            t.points += 1;
+            if let Some(p) = problem {
+                t.corruptions += 1;
+                let msg = format!("seed {seed}, crash during step {step} ({what}): {p}");
+                t.first.get_or_insert_with(|| msg.clone());
+                failure.get_or_insert(msg);
+            }
+        };
+        let name = what
+            .split_once(' ')
+            .map(|(_, n)| n.to_owned())
+            .unwrap_or_default();
+        let (result, _) = sim.run_with(
+            &what,
+            |e| match what.as_bytes()[0] {
+                b'c' => e.snapshot_create(&name, (1_800_000_000, 0), 0),
+                b'a' => e.snapshot_apply(SnapshotRef::Name(name.clone())),
+                _ => e.snapshot_delete(SnapshotRef::Name(name.clone())),
+            },
+            None,
+            &mut point,
+        )?;
+        result.map_err(|e| format!("step {step} {what} failed: {e}"))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        state = after;
+    }
+    Ok(())
+}
+
+/// Runs `cfg.scripts` scripts of snapshot operations with a crash point after every op
+/// completion; panics on the first problem, and returns the tally.
+pub fn snapshot_crash_test(name: &str, cfg: CrashConfig) -> Tally {
+    let tally = RefCell::new(Tally::default());
+    let scripts = crate::prop::test_count(cfg.scripts);
+    for seed in 1..=scripts {
+        if let Err(e) = run_one(&cfg, seed, cfg.script_len, &tally) {
+            panic!("{name}: {e}");
+        }
+    }
+    let t = tally.into_inner();
+    println!(
+        "{name}: crash points: {}, corruptions: {}, lost writes: {}",
+        t.points, t.corruptions, t.lost
+    );
+    t
+}
