@@ -103,13 +103,12 @@ fn verify(img: Vec<u8>, before: &State, after: &State, apply: bool, seed: u64) -
     let mut config = ImageConfig::new(0);
     config.check_only = true;
     let repaired = Sim::open(SimDisk::new(img), config, seed).and_then(|(mut s, _)| {
-        s.run(
-            Request::Check {
-                repair: Some(Repair::All),
-            },
-            None,
-            &mut |_| {},
-        )?;
+        let repair = Request::Check {
+            repair: Some(Repair::All),
+        };
+        s.run(repair, None, &mut |_| {})?
+            .0
+            .map_err(|e| format!("repair: {e}"))?;
         s.run(Request::Check { repair: None }, None, &mut |_| {})
     });
     match repaired {
