@@ -8,18 +8,7 @@ use common::{have_qemu, messages_as_ours, stderr, stdout, Scratch, Twins};
 /// Runs `args` with our tool and with qemu-img on the same files (snapshot dates must be
 /// the same): the same stdout, status and messages.
 fn same(sc: &Scratch, args: &[&str]) {
-    let (ours, theirs) = (sc.ours(args), sc.qemu_img(args));
-    assert_eq!(stdout(&ours), stdout(&theirs), "stdout of {args:?}");
-    assert_eq!(
-        ours.status.code(),
-        theirs.status.code(),
-        "status of {args:?}"
-    );
-    assert_eq!(
-        messages_as_ours(&ours),
-        messages_as_ours(&theirs),
-        "messages of {args:?}"
-    );
+    common::assert_same_outcome(&sc.ours(args), &sc.qemu_img(args), &format!("{args:?}"));
 }
 
 /// `img.qcow2` (extended L2 entries when `extended`) with three snapshots, each taken after

@@ -643,19 +643,7 @@ impl<F: HostFile> Image<F> {
     /// The backing file opened now stays attached until the image is opened again.
     pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<(), Error> {
         let id = self.engine.set_backing(name, format)?;
-        drive_until(
-            &mut self.engine,
-            &self.file,
-            &self.chain,
-            &mut self.exec,
-            &mut Guest::None,
-            |ev| match ev {
-                Event::Done { req, result } if req == id => {
-                    Some(result.map(drop).map_err(Error::Request))
-                }
-                _ => None,
-            },
-        )?;
+        self.wait_done(id)?;
         self.info.backing_file = name.map(str::to_owned);
         self.info.backing_format = format.map(str::to_owned);
         Ok(())
@@ -688,6 +676,15 @@ impl<F: HostFile> Image<F> {
     }
 
     fn wait_snapshot_task(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
+        self.wait_done(id)?;
+        if let Some(info) = self.engine.info() {
+            self.info.snapshots = info.snapshots.clone();
+        }
+        Ok(())
+    }
+
+    /// Drives the engine until request `id` (submitted through an engine method) is done.
+    fn wait_done(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
         drive_until(
             &mut self.engine,
             &self.file,
@@ -700,11 +697,7 @@ impl<F: HostFile> Image<F> {
                 }
                 _ => None,
             },
-        )?;
-        if let Some(info) = self.engine.info() {
-            self.info.snapshots = info.snapshots.clone();
-        }
-        Ok(())
+        )
     }
 
     /// Counts the host clusters below byte `end` that the image accounts as in use, up to

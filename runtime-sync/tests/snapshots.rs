@@ -5,26 +5,11 @@
 
 use qcow2_conformance::model::{pattern, Model};
 use qcow2_conformance::qemu::Qemu;
+use qcow2_conformance::sim::rng::Rng;
 use qcow2_proto::CreateOptions;
 use qcow2_sync::{Image, OpenOptions, SnapshotRef};
 
 const SIZE: u64 = 4 << 20;
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn read_all(img: &mut Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.len() as usize];
@@ -43,7 +28,7 @@ fn run(seed: u64, options: &CreateOptions, q: Option<&Qemu>) {
     let path = dir.path().join("img.qcow2");
     let cs = u64::from(options.cluster_size);
     let mut img = Image::create(&path, options, &OpenOptions::default()).unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut model = Model::new(SIZE);
     // (name, model) of each snapshot, in table order.
     let mut snaps: Vec<(String, Model)> = Vec::new();

@@ -237,6 +237,23 @@ pub fn messages_as_ours(out: &Output) -> String {
     messages(out).replace("Try 'qemu-img ", "Try 'qcow2 ")
 }
 
+/// Asserts that our run and qemu-img's of `what` printed the same, exited alike and said
+/// the same messages.
+pub fn assert_same_outcome(ours: &Output, theirs: &Output, what: &str) {
+    assert_eq!(stdout(ours), stdout(theirs), "stdout of {what}");
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "status of {what}; ours said: {}",
+        stderr(ours)
+    );
+    assert_eq!(
+        messages_as_ours(ours),
+        messages_as_ours(theirs),
+        "messages of {what}"
+    );
+}
+
 /// Two scratch directories prepared alike: one for our tool, one for qemu-img.
 pub struct Twins {
     /// Where our tool runs.
@@ -262,18 +279,7 @@ impl Twins {
     pub fn run_both(&self, args: &[&str]) -> bool {
         let ours = self.ours.ours(args);
         let theirs = self.qemu.qemu_img(args);
-        assert_eq!(stdout(&ours), stdout(&theirs), "stdout of {args:?}");
-        assert_eq!(
-            ours.status.code(),
-            theirs.status.code(),
-            "status of {args:?}; ours said: {}",
-            stderr(&ours)
-        );
-        assert_eq!(
-            messages_as_ours(&ours),
-            messages_as_ours(&theirs),
-            "messages of {args:?}"
-        );
+        assert_same_outcome(&ours, &theirs, &format!("{args:?}"));
         ours.status.success()
     }
 

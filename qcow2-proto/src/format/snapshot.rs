@@ -99,6 +99,9 @@ pub fn entry_ranges(table: &[u8], count: u32) -> Result<Vec<std::ops::Range<usiz
         let bad = FormatError::SnapshotEntry(i);
         let (h, _) =
             RawSnapshotHeader::read_from_prefix(table.get(off..).ok_or(bad)?).map_err(|_| bad)?;
+        if h.extra_data_size.get() > MAX_EXTRA_DATA {
+            return Err(bad);
+        }
         let end = off
             + 40
             + h.extra_data_size.get() as usize
@@ -107,8 +110,9 @@ pub fn entry_ranges(table: &[u8], count: u32) -> Result<Vec<std::ops::Range<usiz
         if end > table.len() {
             return Err(bad);
         }
+        // (The last entry's padding may be missing from a table read to its end.)
         let next = end.next_multiple_of(8);
-        out.push(off..next);
+        out.push(off..next.min(table.len()));
         off = next;
     }
     Ok(out)
@@ -141,49 +145,30 @@ pub fn encode_entry(s: &SnapshotInfo) -> Vec<u8> {
 
 /// Parses `count` entries from the table bytes.
 pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotInfo>, FormatError> {
-    let mut out = Vec::with_capacity(count.min(1024) as usize);
-    let mut off = 0usize;
-    for i in 0..count {
-        let bad = FormatError::SnapshotEntry(i);
-        let (h, _) =
-            RawSnapshotHeader::read_from_prefix(table.get(off..).ok_or(bad)?).map_err(|_| bad)?;
-        let extra_len = h.extra_data_size.get();
-        if extra_len > MAX_EXTRA_DATA {
-            return Err(bad);
-        }
-        let extra_start = off + 40;
-        let id_start = extra_start + extra_len as usize;
+    let ranges = entry_ranges(table, count)?;
+    let mut out = Vec::with_capacity(ranges.len());
+    for (i, r) in ranges.into_iter().enumerate() {
+        let entry = &table[r];
+        let (h, _) = RawSnapshotHeader::read_from_prefix(entry)
+            .map_err(|_| FormatError::SnapshotEntry(i as u32))?;
+        let extra_len = h.extra_data_size.get() as usize;
+        let id_start = 40 + extra_len;
         let name_start = id_start + usize::from(h.id_str_size.get());
         let end = name_start + usize::from(h.name_size.get());
-        if end > table.len() {
-            return Err(bad);
-        }
-        let extra = &table[extra_start..id_start];
-        let mut vm_state_size = u64::from(h.vm_state_size.get());
-        let mut disk_size = None;
-        let mut icount = None;
-        if extra.len() >= 8 {
-            vm_state_size = be64(&extra[0..]);
-        }
-        if extra.len() >= 16 {
-            disk_size = Some(be64(&extra[8..]));
-        }
-        if extra.len() >= 24 {
-            icount = Some(be64(&extra[16..]));
-        }
+        let extra = &entry[40..id_start];
+        let field = |at: usize| (extra.len() >= at + 8).then(|| be64(&extra[at..]));
         out.push(SnapshotInfo {
-            id: String::from_utf8_lossy(&table[id_start..name_start]).into_owned(),
-            name: String::from_utf8_lossy(&table[name_start..end]).into_owned(),
-            vm_state_size,
+            id: String::from_utf8_lossy(&entry[id_start..name_start]).into_owned(),
+            name: String::from_utf8_lossy(&entry[name_start..end]).into_owned(),
+            vm_state_size: field(0).unwrap_or(u64::from(h.vm_state_size.get())),
             date_sec: h.date_sec.get(),
             date_nsec: h.date_nsec.get(),
             vm_clock_nsec: h.vm_clock_nsec.get(),
-            icount,
-            disk_size,
+            icount: field(16),
+            disk_size: field(8),
             l1_table_offset: h.l1_table_offset.get(),
             l1_size: h.l1_size.get(),
         });
-        off = end.next_multiple_of(8);
     }
     Ok(out)
 }
