@@ -338,3 +338,19 @@ fn snapshot_refused_where_refcounts_cannot_grow() {
     ]);
     same(&sc, &["snapshot", "-c", "x", "d.qcow2"]);
 }
+
+/// `measure -l` measures a snapshot's contents, as qemu-img does.
+#[test]
+fn measure_reads_snapshots_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let sc = Scratch::new();
+    setup(&sc, false);
+    for l in ["first", "2", "snapshot.name=third", "nonexist"] {
+        for out in ["human", "json"] {
+            let o = format!("--output={out}");
+            same(&sc, &["measure", &o, "-O", "qcow2", "-l", l, "img.qcow2"]);
+        }
+    }
+}

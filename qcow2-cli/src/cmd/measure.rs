@@ -7,6 +7,8 @@ use qcow2_proto::measure::{self, DataCount, MeasureOptions, Source};
 use qcow2_proto::Preallocation;
 use serde_json::{Map, Value};
 
+use qcow2_sync::SnapshotRef;
+
 use crate::cmd::create::{plan, split_options};
 use crate::disk::{resolve_format, Disk, DiskOptions, Format};
 use crate::error::{CliError, CmdResult};
@@ -169,15 +171,13 @@ pub fn run(a: &MeasureArgs) -> CmdResult {
                 force_share: a.force_share,
                 ..DiskOptions::default()
             };
-            Some(Disk::open(path, format, opts, false)?)
+            Some(match a.snapshot.as_deref() {
+                Some(l) => Disk::open_snapshot(path, format, &SnapshotRef::parse(l), opts)?,
+                None => Disk::open(path, format, opts, false)?,
+            })
         }
         None => None,
     };
-    if a.snapshot.is_some() {
-        return Err(CliError::new(
-            "Failed to load snapshot: measuring an internal snapshot is not supported yet",
-        ));
-    }
     let t = target(Format::parse(&a.target_format)?, &a.options, size)?;
     let m = match (t.format, source.as_mut()) {
         (Format::Raw, Some(disk)) => raw_measurement(disk.len()),
