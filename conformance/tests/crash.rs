@@ -302,3 +302,16 @@ fn crash_snapshot_operations_extended_l2_and_v2() {
         assert!(t.points >= 200, "{name}: only {} crash points", t.points);
     }
 }
+
+#[test]
+fn faults_in_snapshot_operations_v3_4k() {
+    let (runs, failed) = qcow2_conformance::sim::snapshots::snapshot_fault_test(
+        "faults_in_snapshot_operations_v3_4k",
+        CrashConfig {
+            scripts: 16,
+            script_len: 6,
+            ..config(3, 4096, false, false)
+        },
+    );
+    assert!(runs >= 150 && failed > 0, "runs {runs}, failed {failed}");
+}

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use qcow2_proto::{ImageConfig, Outcome, Repair, Request, SnapshotRef};
 
 use super::disk::SimDisk;
-use super::driver::{Sim, SimResult};
+use super::driver::{Fault, FaultKind, Sim, SimResult};
 use super::rng::Rng;
 use super::{create_options, engine_config, CrashConfig, Tally, START_SIZE};
 use crate::model::{pattern, synthetic_backing};
@@ -117,8 +117,17 @@ fn verify(img: Vec<u8>, before: &State, after: &State, apply: bool, seed: u64) -
     }
 }
 
-/// One script: `steps` rounds of durable writes and one snapshot operation.
-fn run_one(cfg: &CrashConfig, seed: u64, steps: usize, tally: &RefCell<Tally>) -> SimResult<()> {
+/// One script: `steps` rounds of durable writes and one snapshot operation, each with
+/// crash points; or, with `fault`, without crash points and with an I/O error at that op
+/// completion (counted from the start of the last operation). Returns the completions
+/// the last operation took, and whether it failed.
+fn run_one(
+    cfg: &CrashConfig,
+    seed: u64,
+    steps: usize,
+    tally: &RefCell<Tally>,
+    fault: Option<u64>,
+) -> SimResult<(u64, bool)> {
     let (mut sim, _) = Sim::create(create_options(cfg), engine_config(cfg), seed)?;
     let mut rng = Rng::new(seed ^ 0x5_4A95);
     let cs = u64::from(cfg.cluster_size);
@@ -192,6 +201,20 @@ fn run_one(cfg: &CrashConfig, seed: u64, steps: usize, tally: &RefCell<Tally>) -
             .split_once(' ')
             .map(|(_, n)| n.to_owned())
             .unwrap_or_default();
+        let last = step + 1 == steps;
+        let start = sim.completions;
+        if let (Some(at), true) = (fault, last) {
+            sim.fault = Some(Fault {
+                at: start.saturating_add(at),
+                errno: if at % 2 == 0 { 5 } else { 28 },
+                kind: match at % 3 {
+                    0 => FaultKind::Fail,
+                    1 => FaultKind::Torn,
+                    _ => FaultKind::Short,
+                },
+            });
+        }
+        let faulty = fault.is_some();
         let (result, _) = sim.run_with(
             &what,
             |e| match what.as_bytes()[0] {
@@ -200,15 +223,40 @@ fn run_one(cfg: &CrashConfig, seed: u64, steps: usize, tally: &RefCell<Tally>) -
                 _ => e.snapshot_delete(SnapshotRef::Name(name.clone())),
             },
             None,
-            &mut point,
+            &mut |d| {
+                if !faulty {
+                    point(d)
+                }
+            },
         )?;
-        result.map_err(|e| format!("step {step} {what} failed: {e}"))?;
         if let Some(f) = failure {
             return Err(f);
         }
+        if last && faulty {
+            // The process goes on (no crash): what the file holds now must be sound.
+            let failed = match result {
+                Ok(_) => false,
+                Err(
+                    qcow2_proto::RequestError::Io(_)
+                    | qcow2_proto::RequestError::NoSpace
+                    | qcow2_proto::RequestError::Poisoned,
+                ) => true,
+                Err(e) => return Err(format!("{what}: untyped failure {e}")),
+            };
+            let completions = sim.completions - start;
+            sim.settle(&mut |_| {});
+            if let Some(p) = verify(sim.disk.current().to_vec(), &before, &after, apply, seed) {
+                return Err(format!("seed {seed}, fault at {fault:?} in {what}: {p}"));
+            }
+            return Ok((completions, failed));
+        }
+        result.map_err(|e| format!("step {step} {what} failed: {e}"))?;
+        if last {
+            return Ok((sim.completions - start, false));
+        }
         state = after;
     }
-    Ok(())
+    Ok((0, false))
 }
 
 /// Runs `cfg.scripts` scripts of snapshot operations with a crash point after every op
@@ -217,7 +265,7 @@ pub fn snapshot_crash_test(name: &str, cfg: CrashConfig) -> Tally {
     let tally = RefCell::new(Tally::default());
     let scripts = crate::prop::test_count(cfg.scripts);
     for seed in 1..=scripts {
-        if let Err(e) = run_one(&cfg, seed, cfg.script_len, &tally) {
+        if let Err(e) = run_one(&cfg, seed, cfg.script_len, &tally, None) {
             panic!("{name}: {e}");
         }
     }
@@ -227,4 +275,25 @@ pub fn snapshot_crash_test(name: &str, cfg: CrashConfig) -> Tally {
         t.points, t.corruptions, t.lost
     );
     t
+}
+
+/// Runs `cfg.scripts` scripts whose last snapshot operation meets an I/O error (EIO or
+/// ENOSPC; failing whole, torn or short) at each of its op completions in turn: the
+/// operation fails with a typed error or succeeds, and the file is then as after a crash
+/// (before or after, never broken). Returns (runs, failed operations).
+pub fn snapshot_fault_test(name: &str, cfg: CrashConfig) -> (u64, u64) {
+    let tally = RefCell::new(Tally::default());
+    let (mut runs, mut failed) = (0, 0);
+    for seed in 1..=crate::prop::test_count(cfg.scripts) {
+        let (total, _) = run_one(&cfg, seed, cfg.script_len, &tally, Some(u64::MAX))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for at in 0..total {
+            let (_, f) = run_one(&cfg, seed, cfg.script_len, &tally, Some(at))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            runs += 1;
+            failed += u64::from(f);
+        }
+    }
+    println!("{name}: fault runs: {runs}, failed operations: {failed}");
+    (runs, failed)
 }
