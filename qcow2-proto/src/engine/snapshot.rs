@@ -191,6 +191,12 @@ impl Image {
                 sub::APPLY_L1 => self.apply_l1().map(|()| self.task(t).sub = sub::SWITCHED),
                 sub::WRITE => self.snap_write(t),
                 sub::SWITCH => {
+                    if self.window {
+                        // A cycle is taking its copies, and may have passed the barrier
+                        // the new table needs before the header points at it: the next
+                        // cycle writes the switch.
+                        return false;
+                    }
                     self.snap_switch();
                     self.task(t).sub = sub::SWITCHED;
                     Ok(())
