@@ -16,6 +16,7 @@ fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> C
         backing: false,
         compressed: false,
         extended_l2: false,
+        l2_cache_bytes: None,
     }
 }
 
@@ -270,6 +271,22 @@ fn crash_snapshot_operations_v3_4k() {
             scripts: 12,
             script_len: 8,
             ..config(3, 4096, false, false)
+        },
+    );
+    assert!(t.points >= 500, "only {} crash points", t.points);
+}
+
+/// 512-byte clusters (128 L2 tables) with an L2 cache of two slices: the walks over every
+/// table fill the cache, and write-back cycles run in the middle of the operations.
+#[test]
+fn crash_snapshot_operations_small_cache_512() {
+    let t = qcow2_conformance::sim::snapshots::snapshot_crash_test(
+        "crash_snapshot_operations_small_cache_512",
+        CrashConfig {
+            scripts: 4,
+            script_len: 6,
+            l2_cache_bytes: Some(1024),
+            ..config(3, 512, false, false)
         },
     );
     assert!(t.points >= 500, "only {} crash points", t.points);

@@ -60,6 +60,9 @@ pub struct CrashConfig {
     /// more): partial writes into unallocated clusters copy only the edge subclusters,
     /// writes into allocated clusters mark subclusters allocated once the data is written.
     pub extended_l2: bool,
+    /// The L2 cache budget (default: QEMU's): a small one makes write-back cycles run in
+    /// the middle of requests that walk many tables.
+    pub l2_cache_bytes: Option<u64>,
 }
 
 /// What a run found.
@@ -90,6 +93,7 @@ pub(crate) fn engine_config(cfg: &CrashConfig) -> ImageConfig {
     if cfg.write_through {
         c.cache_mode = CacheMode::WriteThrough;
     }
+    c.l2_cache_bytes = cfg.l2_cache_bytes;
     c
 }
 
