@@ -195,13 +195,13 @@ fn errors_like_qemu_img() {
         "-O raw --size 1G -o cluster_size=4k",
         "-O raw --size 1G -o compat=1.1",
         "-O qcow2 -o foo=bar a.qcow2",
+        "-O qcow2 -l snap a.qcow2",
     ] {
         same(&sc, args);
     }
     // Where the messages differ on purpose, the exit status still agrees.
     for (args, ours_says) in [
         ("-O vmdk --size 1G", "Unknown file format 'vmdk'"),
-        ("-O qcow2 -l snap a.qcow2", "not supported yet"),
         ("-O qcow2 --image-opts a.qcow2", "not supported yet"),
         (
             "-O qcow2 --size 1G -o encrypt.format=luks",
