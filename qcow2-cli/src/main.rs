@@ -55,6 +55,8 @@ enum Command {
     Rebase(RebaseArgs),
     /// List, create or delete an image's internal snapshots
     Snapshot(SnapshotArgs),
+    /// Read a persistent dirty bitmap's dirty ranges (`--dump`)
+    Bitmap(BitmapArgs),
     /// Write an image's changes into its backing file.
     Commit(CommitArgs),
     /// Run qemu-io-like commands (`read`, `write`, `discard`, `flush`) on an image.
@@ -330,6 +332,43 @@ pub struct ResizeArgs {
     pub size: String,
 }
 
+/// `bitmap` options.
+#[derive(Debug, Args)]
+pub struct BitmapArgs {
+    /// Print the bitmap's dirty ranges (start and length in guest bytes).
+    #[arg(long)]
+    pub dump: bool,
+    /// Add a bitmap (not supported yet).
+    #[arg(long)]
+    pub add: bool,
+    /// Remove the bitmap (not supported yet).
+    #[arg(long)]
+    pub remove: bool,
+    /// Clear the bitmap (not supported yet).
+    #[arg(long)]
+    pub clear: bool,
+    /// Enable the bitmap (not supported yet).
+    #[arg(long)]
+    pub enable: bool,
+    /// Disable the bitmap (not supported yet).
+    #[arg(long)]
+    pub disable: bool,
+    /// Merge bitmap SOURCE into the bitmap (not supported yet).
+    #[arg(long, value_name = "SOURCE")]
+    pub merge: Option<String>,
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Output format of `--dump`.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Share the image with a process that writes it (qemu-img's `-U`).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image, then the bitmap's name.
+    pub args: Vec<String>,
+}
+
 /// `snapshot` options.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
@@ -505,6 +544,7 @@ fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Resize(a) => cmd::resize::run(&a),
         Command::Rebase(a) => cmd::rebase::run(&a),
         Command::Snapshot(a) => cmd::snapshot::run(&a),
+        Command::Bitmap(a) => cmd::bitmap::run(&a),
         Command::Commit(a) => cmd::commit::run(&a),
         Command::Io(a) => cmd::io::run(&a),
         Command::Bench(a) => cmd::bench::run(&a),

@@ -468,6 +468,16 @@ pub enum RequestError {
     /// A size or table would exceed the format's limits.
     #[error("{0} too large")]
     TooLarge(Table),
+    /// No persistent bitmap has this name.
+    #[error("Dirty bitmap not found")]
+    BitmapNotFound,
+    /// The bitmap was not stored back cleanly (its in-use flag is set): its bits mean
+    /// nothing.
+    #[error("Bitmap is inconsistent (in use: not stored back cleanly)")]
+    BitmapInconsistent,
+    /// The bitmap's table does not fit the disk, or an entry is invalid.
+    #[error("Bitmap table is invalid")]
+    BitmapInvalid,
     /// No internal snapshot has this ID or name.
     #[error("snapshot not found")]
     SnapshotNotFound,

@@ -36,6 +36,53 @@ pub struct BitmapInfo {
     pub in_use: bool,
     /// The auto flag (enabled: tracks writes).
     pub auto: bool,
+    /// Host offset of its bitmap table.
+    pub table_offset: u64,
+    /// Entries in its bitmap table.
+    pub table_size: u32,
+}
+
+/// A persistent bitmap's bits, as [`Image::read_bitmap`](crate::Image::read_bitmap) reads
+/// them: bit `i` (LSB first in each byte) covers guest bytes `i * granularity ..`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct BitmapData {
+    /// Bytes of guest data per bit.
+    pub granularity: u64,
+    /// The virtual disk size the bitmap covers.
+    pub size: u64,
+    /// The bits.
+    pub bits: Vec<u8>,
+}
+
+impl BitmapData {
+    /// The dirty ranges, `(start, length)` in guest bytes, merged and clamped to the disk.
+    ///
+    /// ```
+    /// let b = qcow2_proto::BitmapData { granularity: 65536, size: 1 << 20, bits: vec![0b0110, 0x80] };
+    /// assert_eq!(b.dirty_ranges(), vec![(65536, 131072), (15 * 65536, 65536)]);
+    /// ```
+    pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let bits = self.size.div_ceil(self.granularity);
+        for (i, &byte) in self.bits.iter().enumerate() {
+            if byte == 0 {
+                continue;
+            }
+            for b in 0..8 {
+                let bit = i as u64 * 8 + b;
+                if bit >= bits || byte & (1 << b) == 0 {
+                    continue;
+                }
+                let start = bit * self.granularity;
+                let len = self.granularity.min(self.size - start);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 += len,
+                    _ => out.push((start, len)),
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The facts about an open image.

@@ -144,7 +144,7 @@ pub use error::{
     RequestError, Structure, SubmitError, Table,
 };
 pub use event::Event;
-pub use info::{BitmapInfo, ImageInfo, SnapshotInfo};
+pub use info::{BitmapData, BitmapInfo, ImageInfo, SnapshotInfo};
 pub use io::{
     compress_op, decompress_op, IoBuf, IoError, IoKind, IoOp, OpId, Page, Segment, Segments,
     Target, PAGE_SIZE,

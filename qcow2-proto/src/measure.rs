@@ -334,12 +334,16 @@ mod tests {
                 granularity: 65536,
                 in_use: false,
                 auto: true,
+                table_offset: 0,
+                table_size: 0,
             },
             BitmapInfo {
                 name: "bitmap-with-long-name".into(),
                 granularity: 512,
                 in_use: false,
                 auto: true,
+                table_offset: 0,
+                table_size: 0,
             },
         ];
         let src = Source {

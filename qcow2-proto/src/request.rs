@@ -165,4 +165,6 @@ pub enum Outcome {
     Check(Box<CheckReport>),
     /// The answer to [`Request::CountRefcounted`].
     Count(u64),
+    /// The answer to [`Image::read_bitmap`](crate::Image::read_bitmap).
+    Bitmap(Box<crate::info::BitmapData>),
 }

@@ -39,7 +39,7 @@ pub use file::HostFile;
 pub use io_adapter::ImageIo;
 pub use lock::{lock_image, LockMode};
 pub use qcow2_proto::{
-    Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
+    Allocation, BitmapData, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
     Preallocation, Repair, RequestError, SnapshotRef,
 };
 use qcow2_proto::{
@@ -666,6 +666,32 @@ impl<F: HostFile> Image<F> {
     pub fn snapshot_delete(&mut self, which: &SnapshotRef) -> Result<(), Error> {
         let id = self.engine.snapshot_delete(which.clone())?;
         self.wait_snapshot_task(id)
+    }
+
+    /// Reads the bits of persistent bitmap `name` (what a backup tool needs:
+    /// [`BitmapData::dirty_ranges`]).
+    pub fn read_bitmap(&mut self, name: &str) -> Result<BitmapData, Error> {
+        let id = self.engine.read_bitmap(name)?;
+        let mut got = None;
+        drive_until(
+            &mut self.engine,
+            &self.file,
+            &self.chain,
+            &mut self.exec,
+            &mut Guest::None,
+            |ev| match ev {
+                Event::Done { req, result } if req == id => Some(match result {
+                    Ok(Outcome::Bitmap(b)) => {
+                        got = Some(*b);
+                        Ok(())
+                    }
+                    Ok(_) => Err(Error::Stalled),
+                    Err(e) => Err(Error::Request(e)),
+                }),
+                _ => None,
+            },
+        )?;
+        got.ok_or(Error::Stalled)
     }
 
     /// Reverts the image to the internal snapshot `which` names (which stays), durably,

@@ -1,6 +1,7 @@
 //! One module per command, and the option parsing they share.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;

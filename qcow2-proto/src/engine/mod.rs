@@ -23,6 +23,7 @@
 
 mod alloc;
 mod backing;
+mod bitmaps;
 mod cache;
 mod compress;
 mod datafile;
@@ -147,6 +148,11 @@ enum Purpose {
     SnapshotRead {
         task: u32,
     },
+    /// A read of a persistent bitmap's table (`index` `u32::MAX`) or data cluster `index`.
+    BitmapRead {
+        task: u32,
+        index: u32,
+    },
     /// An op of the backing file's engine, known to it as `inner`, carrying guest spans of
     /// its request `nreq` (`u32::MAX`: none).
     Nested {
@@ -190,6 +196,7 @@ enum Kind {
     SetBacking,
     WriteCompressed,
     Snapshot,
+    BitmapRead,
 }
 
 impl Kind {
@@ -211,6 +218,7 @@ impl Kind {
             self,
             Self::Read
                 | Self::Status
+                | Self::BitmapRead
                 | Self::Flush
                 | Self::Check { repair: None }
                 | Self::CountRefcounted { .. }
@@ -243,6 +251,8 @@ struct Task {
     report: Option<Box<CheckReport>>,
     /// Whether the task changed guest-visible data (write-through flushes after it).
     wrote: bool,
+    /// The bits a bitmap read gathered.
+    bitmap: Option<Box<crate::info::BitmapData>>,
 }
 
 /// What the body of a write piece comes from.
@@ -403,6 +413,8 @@ pub struct Image {
     view: Option<crate::config::SnapshotRef>,
     /// The running snapshot create or delete.
     snap: Option<Box<snapshot::SnapOp>>,
+    /// The running bitmap read.
+    bitmap_read: Option<Box<bitmaps::BitmapRead>>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -484,6 +496,7 @@ impl Image {
             streams: Vec::new(),
             view: None,
             snap: None,
+            bitmap_read: None,
         }
     }
 
@@ -633,6 +646,7 @@ impl Image {
             status: None,
             report: None,
             wrote: false,
+            bitmap: None,
         });
         self.make_runnable(t);
         self.pump();
@@ -724,6 +738,7 @@ impl Image {
                 self.cow_part_done(alloc, part, result);
             }
             Purpose::SnapshotRead { task } => self.snapshot_read_done(task, op, result),
+            Purpose::BitmapRead { task, index } => self.bitmap_read_done(task, index, op, result),
             Purpose::Header { task } => {
                 self.recycle(op);
                 let result = result.map_err(|e| self.io_error(e));
@@ -991,6 +1006,7 @@ impl Image {
             Kind::SetBacking => self.step_set_backing(t),
             Kind::WriteCompressed => self.step_write_compressed(t),
             Kind::Snapshot => self.step_snapshot(t),
+            Kind::BitmapRead => self.step_bitmap_read(t),
         };
         if finished {
             self.finish(t);
@@ -1005,9 +1021,12 @@ impl Image {
         if task.kind.exclusive() {
             self.exclusive_tasks -= 1;
         }
+        let mut task = task;
+        let bitmap = task.bitmap_outcome();
         let result = match task.error {
             Some(e) => Err(e),
             None => Ok(match (task.status, task.report, task.kind) {
+                _ if bitmap.is_some() => bitmap.expect("checked"),
                 (Some(s), _, _) => Outcome::Status(s),
                 (None, Some(r), _) => Outcome::Check(r),
                 (None, None, Kind::CountRefcounted { .. }) => Outcome::Count(task.aux),

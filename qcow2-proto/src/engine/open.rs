@@ -624,6 +624,7 @@ impl Image {
             status: None,
             report: None,
             wrote: false,
+            bitmap: None,
         });
         self.phase = Phase::Open;
         self.make_runnable(t);
@@ -689,6 +690,8 @@ fn parse_bitmap_directory(dir: &[u8]) -> Vec<BitmapInfo> {
             granularity: 1u64 << gran_bits,
             in_use: flags & 1 != 0,
             auto: flags & 2 != 0,
+            table_offset: u64::from_be_bytes(e[0..8].try_into().expect("8 bytes")),
+            table_size: u32::from_be_bytes([e[8], e[9], e[10], e[11]]),
         });
         off = (name_start + name_len).next_multiple_of(8);
     }
