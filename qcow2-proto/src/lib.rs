@@ -52,6 +52,17 @@
 //!   Write-zeroes of whole subclusters only edits the bitmap. A cluster shared with a
 //!   snapshot and partly allocated is first copied whole with its bitmap, then written in
 //!   place. Invalid bitmaps are corruption ([`CorruptReason::InvalidSubclusterBitmap`]).
+//! * **Internal snapshots** ([`Image::snapshot_create`], [`Image::snapshot_apply`],
+//!   [`Image::snapshot_delete`]) are exclusive tasks around one tree walk (one more
+//!   reference, one less, or COPIED recomputed). New tables are written first and the header
+//!   switches to them after a write-back cycle (rule D); an apply writes a new active L1
+//!   elsewhere and switches to it atomically; references are dropped only after the switch is
+//!   durable (rule B). A crash can leave COPIED flags that disagree with refcounts (as
+//!   QEMU's operations can), never a refcount below its references.
+//!   [`Image::open_snapshot`] reads a snapshot without applying it.
+//! * **Persistent dirty bitmaps** are read with [`Image::read_bitmap`]. They are not
+//!   maintained yet: a writable open clears their autoclear bit, so that no stale bitmap is
+//!   ever taken for valid.
 //!
 //! # Example: a complete (tiny) runtime over an in-memory file
 //!
