@@ -311,7 +311,7 @@ pub enum OpenError {
     /// The image's corrupt bit is set and a writable open was asked for.
     #[error("qcow2: Image is corrupt; cannot be opened read/write")]
     CorruptReadWrite,
-    /// [`ImageConfig::snapshot`](crate::ImageConfig::snapshot) names no snapshot.
+    /// [`Image::open_snapshot`](crate::Image::open_snapshot) names no snapshot.
     #[error("Can't find snapshot")]
     SnapshotNotFound,
     /// Reading or writing the file failed.
