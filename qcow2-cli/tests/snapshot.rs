@@ -354,3 +354,46 @@ fn measure_reads_snapshots_like_qemu() {
         }
     }
 }
+
+/// Applying a snapshot taken at another disk size gives the disk that size again, as
+/// qemu-img 10 does (growing and shrinking).
+#[test]
+fn apply_restores_the_snapshot_size_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let twins = Twins::new(|sc| {
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "img.qcow2", "1M"]);
+        sc.qemu_io_cmds("qcow2", "img.qcow2", &["write -P 1 0 64k"]);
+    });
+    for (step, args) in [
+        "snapshot -c small img.qcow2",
+        "resize img.qcow2 3G",
+        "snapshot -c big img.qcow2",
+        "snapshot -a small img.qcow2",
+        "snapshot -a big img.qcow2",
+        "resize --shrink img.qcow2 512k",
+        "snapshot -a small img.qcow2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let argv: Vec<&str> = args.split(' ').collect();
+        let (ours, theirs) = (twins.ours.ours(&argv), twins.qemu.qemu_img(&argv));
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{args}: {}",
+            stderr(&ours)
+        );
+        if step == 1 {
+            twins
+                .ours
+                .qemu_io_cmds("qcow2", "img.qcow2", &["write -P 2 2G 64k"]);
+            twins
+                .qemu
+                .qemu_io_cmds("qcow2", "img.qcow2", &["write -P 2 2G 64k"]);
+        }
+        twins.assert_same_image("img.qcow2", args);
+    }
+}

@@ -130,8 +130,6 @@ pub enum Feature {
     DirtyImageRepair,
     /// Resizing a version 2 image that has internal snapshots.
     ResizeV2WithSnapshots,
-    /// Shrinking an image that has internal snapshots.
-    ShrinkWithSnapshots,
 }
 
 impl std::fmt::Display for Feature {
@@ -147,7 +145,6 @@ impl std::fmt::Display for Feature {
                  repair it with `qcow2 check -r all` or open it read-only"
             }
             Self::ResizeV2WithSnapshots => "resizing a v2 image which has snapshots",
-            Self::ShrinkWithSnapshots => "shrinking an image which has internal snapshots",
         })
     }
 }
@@ -481,9 +478,6 @@ pub enum RequestError {
     /// No internal snapshot has this ID or name.
     #[error("snapshot not found")]
     SnapshotNotFound,
-    /// Applying a snapshot taken at another disk size (not supported yet).
-    #[error("Applying a snapshot of another disk size is not supported yet")]
-    SnapshotSize,
     /// The image has the most snapshots QEMU allows (65,536).
     #[error("Too many snapshots")]
     TooManySnapshots,

@@ -704,7 +704,8 @@ impl<F: HostFile> Image<F> {
     fn wait_snapshot_task(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
         self.wait_done(id)?;
         if let Some(info) = self.engine.info() {
-            self.info.snapshots = info.snapshots.clone();
+            // (An apply may change the size too.)
+            self.info = info.clone();
         }
         Ok(())
     }

@@ -411,6 +411,9 @@ pub struct Image {
     streams: Vec<Option<IoBuf>>,
     /// The internal snapshot opened instead of the active image, if any.
     view: Option<crate::config::SnapshotRef>,
+    /// Where the opened snapshot's disk ends (`u64::MAX` for the active image): reads past
+    /// it are zeros.
+    view_end: u64,
     /// The running snapshot create or delete.
     snap: Option<Box<snapshot::SnapOp>>,
     /// The running bitmap read.
@@ -495,6 +498,7 @@ impl Image {
             free_bytes: None,
             streams: Vec::new(),
             view: None,
+            view_end: u64::MAX,
             snap: None,
             bitmap_read: None,
         }

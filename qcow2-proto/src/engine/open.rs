@@ -445,6 +445,7 @@ impl Image {
             self.fail_open(e.into());
             return None;
         }
+        self.view_end = sn.disk_size.unwrap_or(u64::MAX);
         Some(Step::SnapshotL1)
     }
 

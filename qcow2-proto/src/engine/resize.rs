@@ -93,8 +93,6 @@ impl Image {
                         Some(RequestError::UnalignedSize)
                     } else if snapshots && self.hdr.version < 3 {
                         Some(RequestError::Unsupported(Feature::ResizeV2WithSnapshots))
-                    } else if snapshots && new < old {
-                        Some(RequestError::Unsupported(Feature::ShrinkWithSnapshots))
                     } else if self.geo.l1_entries_for(new) * 8 > MAX_L1_BYTES {
                         Some(RequestError::TooLarge(Table::ActiveL1))
                     } else {

@@ -130,8 +130,8 @@ impl Image {
     /// Reverts the active image to the internal snapshot `which` names (the snapshot
     /// stays): its tables get one more reference, a new active L1 with its entries is
     /// written and switched to in the header (atomically), then the old tables lose their
-    /// reference. A snapshot of another disk size is refused
-    /// ([`RequestError::SnapshotSize`]). Completes once durable.
+    /// reference. The disk takes the snapshot's size (as in QEMU 10; the L1 table keeps the
+    /// larger of the two sizes). Completes once durable.
     pub fn snapshot_apply(&mut self, which: SnapshotRef) -> Result<ReqId, SubmitError> {
         self.start_snapshot_task(SnapKind::Apply(which))
     }
@@ -296,11 +296,6 @@ impl Image {
                 let Some(v) = which.find(&snapshots) else {
                     return Err(RequestError::SnapshotNotFound.into());
                 };
-                if v.disk_size.is_some_and(|s| s != self.hdr.size)
-                    || v.l1_size as usize > self.l1.len()
-                {
-                    return Err(RequestError::SnapshotSize.into());
-                }
                 self.snap_mut().victim = Some(v.clone());
             }
         }
@@ -383,21 +378,32 @@ impl Image {
             return Err(Block::Park);
         }
         let cb = self.geo.cluster_bits;
-        let n = self.l1.len();
+        let old_n = self.l1.len();
+        let size = self.snap().victim.as_ref().and_then(|v| v.disk_size);
+        let size = size.unwrap_or(self.hdr.size);
+        let n = old_n
+            .max(self.snap().l1.as_ref().map_or(0, Vec::len))
+            .max(self.geo.l1_entries_for(size) as usize);
         let clusters = self.geo.round_up((n as u64 * 8).max(1)) >> cb;
         let (host, _) = self.alloc_clusters(clusters, true)?;
         let snap_l1 = self.snap_mut().l1.take().unwrap_or_default();
         let old_l1 = self.l1.clone();
+        self.l1.resize(n, 0);
         for i in 0..n {
             let e = snap_l1.get(i).copied().unwrap_or(0) & !COPIED;
             self.set_l1(i, e);
         }
-        self.l1_dirty.iter_mut().for_each(|d| *d = true);
+        self.l1_dirty = vec![true; (n * 8).div_ceil(TABLE_CHUNK)];
         let old = (
             self.hdr.l1_table_offset,
-            self.geo.round_up((n as u64 * 8).max(1)) >> cb,
+            self.geo.round_up((old_n as u64 * 8).max(1)) >> cb,
         );
         self.hdr.l1_table_offset = host;
+        self.hdr.l1_size = n as u32;
+        self.hdr.size = size;
+        if let Some(info) = self.info.as_mut() {
+            info.size = size;
+        }
         self.hdr.encode(self.header_buf.as_mut_slice());
         self.header_dirty = true;
         self.cycle_wanted = true;

@@ -322,6 +322,9 @@ impl Image {
             }
             let l1i = gc >> self.geo.l2_bits;
             let (mut extent_end, mut src) = match self.l1_l2(l1i) {
+                // A snapshot read past the size it was taken at: zeros (whatever its last
+                // cluster holds there).
+                _ if pos >= self.view_end => (end, Src::Zero),
                 Err(e) => {
                     self.task(t).error = Some(e);
                     continue;
@@ -339,6 +342,7 @@ impl Image {
                     }
                 },
             };
+            extent_end = extent_end.min(self.view_end.max(pos + 1));
             if src == Src::Backing && self.backing.is_none() {
                 self.task(t).error = Some(RequestError::Unsupported(Feature::BackingFile));
                 continue;
@@ -1653,6 +1657,7 @@ impl Image {
         let l1i = gc >> self.geo.l2_bits;
         let l2_span = cb + self.geo.l2_bits;
         let found = match self.l1_l2(l1i) {
+            _ if pos >= self.view_end => Ok((end, Allocation::Zero { host: None })),
             Err(e) => Err(Block::Fail(e)),
             Ok(None) => {
                 let mut next = l1i + 1;
@@ -1697,6 +1702,7 @@ impl Image {
                 Ok((run_end, allocation))
             }),
         };
+        let found = found.map(|(e, a)| (e.min(self.view_end.max(pos + 1)), a));
         let size = self.backing.as_ref().map(|b| b.size);
         match found {
             Err(Block::Park) => return false,
