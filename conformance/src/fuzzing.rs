@@ -383,6 +383,38 @@ impl Mem {
         self.fault = Some((self.completions + at, errno));
     }
 
+    /// Runs one request the engine takes through a method of its own (snapshots, bitmap
+    /// reads) to its end.
+    pub fn run_method(
+        &mut self,
+        submit: impl FnOnce(&mut Image) -> Result<ReqId, SubmitError>,
+    ) -> Result<Outcome, RequestError> {
+        self.drive_start = self.completions;
+        self.results = vec![None];
+        match submit(&mut self.engine) {
+            Ok(id) => {
+                self.inflight.insert(id, (0, None));
+            }
+            Err(SubmitError::Refused(e)) => return Err(e),
+            Err(e) => {
+                return Err(RequestError::Io(io_error(match e {
+                    SubmitError::Busy => 16,
+                    _ => 22,
+                })))
+            }
+        }
+        loop {
+            self.collect_ops();
+            self.collect_events();
+            if self.inflight.is_empty() {
+                break;
+            }
+            assert!(self.step(), "the engine stalled running a method's request");
+        }
+        let (result, _) = self.results.pop().flatten().expect("the request finished");
+        result
+    }
+
     /// Runs one request to its end.
     pub fn run1(&mut self, request: Request, buf: Option<Vec<u8>>) -> Ran {
         self.run(vec![(request, buf)]).pop().expect("one result")
@@ -857,7 +889,9 @@ pub struct ImagePlan {
     knobs: Knobs,
     /// An I/O error at this op completion (EIO or ENOSPC by the flag).
     fault: Option<(u8, bool)>,
-    /// What runs at the end: 0 nothing more, 1 a check, 2 repair leaks, 3 repair all.
+    /// What runs at the end: `% 4` 0 nothing more, 1 a check, 2 repair leaks, 3 repair
+    /// all; `/ 4 % 4` before that: 1 a snapshot created, 2 created and applied, 3 created
+    /// and deleted (with every snapshot and bitmap the image lists read first).
     finish: u8,
 }
 
@@ -955,6 +989,27 @@ pub fn image(data: &[u8]) {
                 panic!("the size was {size} before the reopen, {} after", info.size);
             }
             size = info.size;
+        }
+    }
+    // Snapshot operations and bitmap reads on whatever the image holds: typed results only;
+    // none of them changes what the guest reads.
+    if let Some(info) = m.engine.info().cloned() {
+        for b in &info.bitmaps {
+            let _ = m.run_method(|e| e.read_bitmap(&b.name));
+        }
+        let snapshot = |e: &mut Image, kind: u8| match kind {
+            0 => e.snapshot_create("fuzz", (0, 0), 0),
+            1 => e.snapshot_apply(qcow2_proto::SnapshotRef::Name("fuzz".into())),
+            _ => e.snapshot_delete(qcow2_proto::SnapshotRef::Name("fuzz".into())),
+        };
+        match plan.finish / 4 % 4 {
+            0 => {}
+            ops => {
+                let created = m.run_method(|e| snapshot(e, 0)).is_ok();
+                if created && ops > 1 {
+                    let _ = m.run_method(|e| snapshot(e, ops - 1));
+                }
+            }
         }
     }
     let repair = match plan.finish % 4 {

@@ -47,6 +47,9 @@ enum Action {
     Unreference,
     /// COPIED set exactly where the refcount is 1 (after a delete).
     Recompute,
+    /// The references a failed `Reference` walk added taken back, at once (nothing
+    /// references them yet), and COPIED restored.
+    Undo,
 }
 
 /// A snapshot task's state.
@@ -69,6 +72,9 @@ pub(super) struct SnapOp {
     reading_l1: bool,
     /// Whether the header switch is durable.
     switched: bool,
+    /// After a refcount overflow: the walk position it stopped at (everything before it
+    /// is taken back), and the error the request then fails with.
+    undo: Option<((usize, u64), RequestError)>,
 }
 
 mod sub {
@@ -152,6 +158,7 @@ impl Image {
             new_table: 0,
             reading_l1: false,
             switched: false,
+            undo: None,
         }));
         self.submit_kind(Kind::Snapshot, 0, 0)
             .inspect_err(|_| self.snap = None)
@@ -177,6 +184,19 @@ impl Image {
                 sub::START => self.snap_start(t),
                 sub::READ => self.snap_read_done(t),
                 sub::WALK => match self.walk(t) {
+                    Ok(true) if self.snap().undo.is_some() => {
+                        let (_, e) = self.snap_mut().undo.take().expect("checked");
+                        Err(Block::Fail(e))
+                    }
+                    Err(Block::Fail(RequestError::RefcountOverflow))
+                        if self.snap().undo.is_none() =>
+                    {
+                        // Take back what this walk added, then fail.
+                        let op = self.snap_mut();
+                        op.undo = Some((op.at, RequestError::RefcountOverflow));
+                        op.at = (0, 0);
+                        Ok(())
+                    }
                     Ok(true) => {
                         self.task(t).sub = match (create, apply, self.snap().switched) {
                             (true, _, _) => sub::WRITE,
@@ -539,6 +559,7 @@ impl Image {
     fn walk(&mut self, t: u32) -> Result<bool, Block> {
         let s = self.task(t).sub;
         let action = match (&self.snap().kind, s, self.snap().switched) {
+            _ if self.snap().undo.is_some() => Action::Undo,
             (SnapKind::Create(_), _, _) => Action::Reference,
             (_, sub::RECOMPUTE, _) => Action::Recompute,
             (SnapKind::Apply(_), _, false) => Action::Reference,
@@ -549,8 +570,12 @@ impl Image {
             // (A cycle is taking its copies.)
             return Err(Block::Park);
         }
+        let until = self.snap().undo.as_ref().map(|(at, _)| *at);
         loop {
             let (l1i, idx) = self.snap().at;
+            if until.is_some_and(|u| (l1i, idx) >= u) {
+                return Ok(true);
+            }
             let l1e = match &self.snap().l1 {
                 Some(l1) => l1.get(l1i).copied(),
                 None => self.l1.get(l1i).copied(),
@@ -578,6 +603,9 @@ impl Image {
                 let (slot, first) = self.l2_entry_slot(l2, gc)?;
                 let mut i = first;
                 while i < self.per_slice_entries() {
+                    if until.is_some_and(|u| (l1i, self.snap().at.1) >= u) {
+                        return Ok(true);
+                    }
                     self.walk_entry(action, slot, i)?;
                     i += 1;
                     self.snap_mut().at.1 += 1;
@@ -630,6 +658,24 @@ impl Image {
                 self.add_references(clusters)?;
                 e.0 & !COPIED
             }
+            Action::Undo => {
+                // (Every block loaded before any change: a park must not repeat one.)
+                let mut slots = [0u32; 2];
+                for (k, &c) in clusters.iter().enumerate() {
+                    slots[k] = self.rb_slot(c)?.ok_or_else(|| self.refcount_missing(c))?;
+                }
+                let mut one = false;
+                for (k, &c) in clusters.iter().enumerate() {
+                    let rc = self.refcount(slots[k], c).saturating_sub(1);
+                    self.set_refcount(slots[k], c, rc);
+                    one = rc == 1;
+                }
+                match m {
+                    Mapping::Compressed { .. } => e.0,
+                    _ if n == 1 && one => e.0 | COPIED,
+                    _ => e.0,
+                }
+            }
             Action::Recompute => match m {
                 Mapping::Compressed { .. } => e.0 & !COPIED,
                 _ if n == 1 => {
@@ -660,6 +706,16 @@ impl Image {
             Action::Reference => {
                 self.add_references(&[c])?;
                 l1e & !COPIED
+            }
+            Action::Undo => {
+                let slot = self.rb_slot(c)?.ok_or_else(|| self.refcount_missing(c))?;
+                let rc = self.refcount(slot, c).saturating_sub(1);
+                self.set_refcount(slot, c, rc);
+                if rc == 1 {
+                    l1e | COPIED
+                } else {
+                    l1e
+                }
             }
             Action::Recompute => {
                 if self.refcount_of(c)? == 1 {
