@@ -173,7 +173,7 @@ fn faults_at_every_op_compressed_v2_64k() {
 #[test]
 fn crash_extended_l2_backing_writeback_16k() {
     let cfg = CrashConfig {
-        scripts: 64,
+        scripts: 96,
         backing: true,
         extended_l2: true,
         ..config(3, 16384, false, false)
@@ -185,6 +185,7 @@ fn crash_extended_l2_backing_writeback_16k() {
 #[test]
 fn crash_extended_l2_writethrough_64k() {
     let cfg = CrashConfig {
+        scripts: 80,
         extended_l2: true,
         ..config(3, 65536, true, false)
     };
