@@ -47,11 +47,11 @@ fn crash_writeback_v3_64k() {
 
 #[test]
 fn crash_writethrough_v3_4k() {
-    run(
-        "crash_writethrough_v3_4k",
-        config(3, 4096, true, false),
-        2000,
-    );
+    let cfg = CrashConfig {
+        scripts: 64,
+        ..config(3, 4096, true, false)
+    };
+    run("crash_writethrough_v3_4k", cfg, 2000);
 }
 
 #[test]
@@ -108,7 +108,7 @@ fn crash_lazy_refcounts_v3_4k() {
 #[test]
 fn crash_backing_writeback_v3_4k() {
     let cfg = CrashConfig {
-        scripts: 48,
+        scripts: 72,
         backing: true,
         ..config(3, 4096, false, false)
     };
@@ -145,7 +145,7 @@ fn faults_at_every_op_backing_v3_64k() {
 #[test]
 fn crash_compressed_writeback_v3_4k() {
     let cfg = CrashConfig {
-        scripts: 64,
+        scripts: 80,
         compressed: true,
         ..config(3, 4096, false, false)
     };
