@@ -672,26 +672,10 @@ impl<F: HostFile> Image<F> {
     /// [`BitmapData::dirty_ranges`]).
     pub fn read_bitmap(&mut self, name: &str) -> Result<BitmapData, Error> {
         let id = self.engine.read_bitmap(name)?;
-        let mut got = None;
-        drive_until(
-            &mut self.engine,
-            &self.file,
-            &self.chain,
-            &mut self.exec,
-            &mut Guest::None,
-            |ev| match ev {
-                Event::Done { req, result } if req == id => Some(match result {
-                    Ok(Outcome::Bitmap(b)) => {
-                        got = Some(*b);
-                        Ok(())
-                    }
-                    Ok(_) => Err(Error::Stalled),
-                    Err(e) => Err(Error::Request(e)),
-                }),
-                _ => None,
-            },
-        )?;
-        got.ok_or(Error::Stalled)
+        match self.wait_outcome(id)? {
+            Outcome::Bitmap(b) => Ok(*b),
+            _ => Err(Error::Stalled),
+        }
     }
 
     /// Reverts the image to the internal snapshot `which` names (which stays), durably,
@@ -712,6 +696,12 @@ impl<F: HostFile> Image<F> {
 
     /// Drives the engine until request `id` (submitted through an engine method) is done.
     fn wait_done(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
+        self.wait_outcome(id).map(drop)
+    }
+
+    /// Drives the engine until request `id` is done; its outcome.
+    fn wait_outcome(&mut self, id: qcow2_proto::ReqId) -> Result<Outcome, Error> {
+        let mut outcome = None;
         drive_until(
             &mut self.engine,
             &self.file,
@@ -719,12 +709,17 @@ impl<F: HostFile> Image<F> {
             &mut self.exec,
             &mut Guest::None,
             |ev| match ev {
-                Event::Done { req, result } if req == id => {
-                    Some(result.map(drop).map_err(Error::Request))
-                }
+                Event::Done { req, result } if req == id => Some(match result {
+                    Ok(o) => {
+                        outcome = Some(o);
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::Request(e)),
+                }),
                 _ => None,
             },
-        )
+        )?;
+        outcome.ok_or(Error::Stalled)
     }
 
     /// Counts the host clusters below byte `end` that the image accounts as in use, up to
