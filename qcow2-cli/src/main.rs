@@ -338,24 +338,34 @@ pub struct BitmapArgs {
     /// Print the bitmap's dirty ranges (start and length in guest bytes).
     #[arg(long)]
     pub dump: bool,
-    /// Add a bitmap (not supported yet).
+    /// Add the bitmap, empty and enabled (`--add --disable`: disabled).
     #[arg(long)]
     pub add: bool,
-    /// Remove the bitmap (not supported yet).
+    /// Remove the bitmap.
     #[arg(long)]
     pub remove: bool,
-    /// Clear the bitmap (not supported yet).
+    /// Clear the bitmap.
     #[arg(long)]
     pub clear: bool,
-    /// Enable the bitmap (not supported yet).
+    /// Enable the bitmap: it records the writes that follow.
     #[arg(long)]
     pub enable: bool,
-    /// Disable the bitmap (not supported yet).
+    /// Disable the bitmap.
     #[arg(long)]
     pub disable: bool,
-    /// Merge bitmap SOURCE into the bitmap (not supported yet).
+    /// Merge bitmap SOURCE (of this image, or of `-b`'s) into the bitmap.
     #[arg(long, value_name = "SOURCE")]
-    pub merge: Option<String>,
+    pub merge: Vec<String>,
+    /// Bytes per bit of a bitmap `--add` creates (default: the cluster size, within 4 KiB
+    /// to 64 KiB).
+    #[arg(short = 'g', long = "granularity")]
+    pub granularity: Option<String>,
+    /// The image `--merge` reads its source bitmap from.
+    #[arg(short = 'b', long = "source-file")]
+    pub source_file: Option<String>,
+    /// The format of `-b`'s image.
+    #[arg(short = 'F', long = "source-format")]
+    pub source_format: Option<String>,
     /// Image format; probed by magic when absent.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,

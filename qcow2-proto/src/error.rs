@@ -475,6 +475,33 @@ pub enum RequestError {
     /// The bitmap's table does not fit the disk, or an entry is invalid.
     #[error("Bitmap table is invalid")]
     BitmapInvalid,
+    /// A persistent bitmap with this name exists already.
+    #[error("Bitmap already exists")]
+    BitmapExists,
+    /// A bitmap name that is empty or longer than 1,023 bytes.
+    #[error("Bitmap name must be 1 to 1023 bytes long")]
+    BitmapName,
+    /// A bitmap granularity that is not a power of two from 512 bytes to 2 GiB.
+    #[error("Granularity must be power of 2 and at least 512")]
+    BitmapGranularity,
+    /// The image has the most bitmaps QEMU allows (65,535), or their directory would
+    /// exceed its 64 MiB.
+    #[error("Too many persistent bitmaps")]
+    TooManyBitmaps,
+    /// Persistent bitmaps need a version 3 image.
+    #[error("Cannot store dirty bitmaps in qcow2 v2 files")]
+    BitmapsNeedV3,
+    /// The bitmap would take more memory than QEMU allows one bitmap (512 MiB).
+    #[error("Bitmap is too large (more than 512 MiB of bits)")]
+    BitmapTooLarge,
+    /// The bitmaps of a merge cover disks of different sizes.
+    #[error("Bitmaps are of different sizes (destination size is {dst}, source size is {src}) and can't be merged")]
+    BitmapSizes {
+        /// The destination's disk size.
+        dst: u64,
+        /// The source's disk size.
+        src: u64,
+    },
     /// No internal snapshot has this ID or name.
     #[error("snapshot not found")]
     SnapshotNotFound,

@@ -678,6 +678,52 @@ impl<F: HostFile> Image<F> {
         }
     }
 
+    /// Adds persistent bitmap `name`, empty, with `granularity` bytes per bit; `enabled`:
+    /// it records every write from now on. Like every bitmap edit, it is made in memory
+    /// and stored when the image is closed, as `qemu-img bitmap --add` does.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("qcow2-doc-bitmap-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let path = dir.join("disk.qcow2");
+    /// use qcow2_sync::{CreateOptions, Image, OpenOptions};
+    ///
+    /// let mut img = Image::create(&path, &CreateOptions::new(1 << 20), &OpenOptions::default())?;
+    /// img.bitmap_add("backup-0", 65536, true)?;
+    /// img.write_at(&[1; 512], 3 << 16)?;
+    /// img.close()?;
+    ///
+    /// let mut img = Image::open(&path, &OpenOptions { read_only: true, ..Default::default() })?;
+    /// assert_eq!(img.read_bitmap("backup-0")?.dirty_ranges(), vec![(3 << 16, 65536)]);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), qcow2_sync::Error>(())
+    /// ```
+    pub fn bitmap_add(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<(), Error> {
+        Ok(self.engine.bitmap_add(name, granularity, enabled)?)
+    }
+
+    /// Removes persistent bitmap `name` (stored at close; see [`bitmap_add`](Self::bitmap_add)).
+    pub fn bitmap_remove(&mut self, name: &str) -> Result<(), Error> {
+        Ok(self.engine.bitmap_remove(name)?)
+    }
+
+    /// Clears persistent bitmap `name` (stored at close).
+    pub fn bitmap_clear(&mut self, name: &str) -> Result<(), Error> {
+        Ok(self.engine.bitmap_clear(name)?)
+    }
+
+    /// Enables or disables persistent bitmap `name` (stored at close).
+    pub fn bitmap_enable(&mut self, name: &str, enabled: bool) -> Result<(), Error> {
+        Ok(self.engine.bitmap_enable(name, enabled)?)
+    }
+
+    /// Merges `source`'s dirty ranges (read with [`read_bitmap`](Self::read_bitmap), from
+    /// this image or another of the same size) into persistent bitmap `name` (stored at
+    /// close).
+    pub fn bitmap_merge(&mut self, name: &str, source: &BitmapData) -> Result<(), Error> {
+        Ok(self.engine.bitmap_merge(name, source)?)
+    }
+
     /// Reverts the image to the internal snapshot `which` names (which stays), durably,
     /// as `qemu-img snapshot -a` does.
     pub fn snapshot_apply(&mut self, which: &SnapshotRef) -> Result<(), Error> {

@@ -23,6 +23,7 @@
 
 mod alloc;
 mod backing;
+mod bitmap_store;
 mod bitmaps;
 mod cache;
 mod compress;
@@ -418,6 +419,10 @@ pub struct Image {
     snap: Option<Box<snapshot::SnapOp>>,
     /// The running bitmap read.
     bitmap_read: Option<Box<bitmaps::BitmapRead>>,
+    /// The persistent bitmaps maintained while open for writing.
+    bitmaps: Option<Box<bitmaps::Live>>,
+    /// Storing the bitmaps back at close, in progress.
+    bitmap_store: Option<Box<bitmap_store::Store>>,
 }
 
 /// Outcome of trying to make progress on something that may have to wait.
@@ -501,6 +506,8 @@ impl Image {
             view_end: u64::MAX,
             snap: None,
             bitmap_read: None,
+            bitmaps: None,
+            bitmap_store: None,
         }
     }
 
@@ -629,6 +636,17 @@ impl Image {
         let Some(t) = self.task_free.pop() else {
             return Err(SubmitError::Busy);
         };
+        if matches!(
+            kind,
+            Kind::Write
+                | Kind::Zeroes { .. }
+                | Kind::Discard
+                | Kind::WriteCompressed
+                | Kind::MakeEmpty
+        ) {
+            // Marked at once: a bitmap may say more changed than did, never less.
+            self.mark_dirty(offset, len);
+        }
         if kind.exclusive() {
             self.exclusive_tasks += 1;
         }
@@ -1108,6 +1126,14 @@ impl Image {
     }
 
     fn step_close(&mut self, t: u32) -> bool {
+        if self.bitmaps_to_store() {
+            if !self.step_bitmap_store(t) {
+                return false;
+            }
+            if self.task(t).error.is_some() {
+                return self.task(t).inflight == 0 && !self.ops_outstanding();
+            }
+        }
         if !self.read_only && self.poisoned.is_none() && !self.wait_all_durable(t) {
             return false;
         }

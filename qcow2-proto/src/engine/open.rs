@@ -27,6 +27,8 @@ pub(super) enum Step {
     /// The L1 table of the snapshot opened instead of the active image.
     SnapshotL1,
     Bitmaps,
+    /// The bitmap directory written back with in-use flags (a writable open).
+    BitmapsInUse,
     HeaderUpdate,
     HeaderSync,
     /// Waiting for the runtime to attach the external data file.
@@ -45,6 +47,10 @@ pub(super) struct OpenState {
     issued: bool,
     /// Bytes read so far of a table read in chunks (snapshot table).
     table: Vec<u8>,
+    /// The bitmap directory to write back with in-use flags.
+    bitmap_dir: Option<IoBuf>,
+    /// Whether something was written that the open must flush.
+    sync: bool,
     error: Option<OpenError>,
 }
 
@@ -161,7 +167,17 @@ impl Image {
                         .as_ref()
                         .and_then(|l| l.ext.bitmaps)
                         .expect("bitmaps step needs the extension");
-                    self.read_open(ext.directory_offset, ext.directory_size as usize);
+                    let bytes = ext.directory_size.next_multiple_of(512) as usize;
+                    self.read_open(ext.directory_offset, bytes);
+                }
+                Step::BitmapsInUse => {
+                    let ext = self.layout.as_ref().and_then(|l| l.ext.bitmaps);
+                    let (Some(ext), Some(dir)) = (ext, self.open.bitmap_dir.take()) else {
+                        continue;
+                    };
+                    self.issue_buf(Purpose::Open, IoKind::Write, ext.directory_offset, dir);
+                    self.open.pending += 1;
+                    self.open.sync = true;
                 }
                 Step::HeaderUpdate => {
                     let len = self.header_write_len();
@@ -263,9 +279,26 @@ impl Image {
                 self.l1_dirty = vec![false; (n * 8).div_ceil(TABLE_CHUNK)];
             }
             Step::Bitmaps => {
-                let bitmaps = parse_bitmap_directory(bytes);
+                let ext = self.layout.as_ref().and_then(|l| l.ext.bitmaps);
+                let size = ext
+                    .map_or(0, |e| e.directory_size as usize)
+                    .min(bytes.len());
+                let bitmaps = parse_bitmap_directory(&bytes[..size]);
                 if let Some(info) = self.info.as_mut() {
                     info.bitmaps = bitmaps;
+                }
+                let maintain = !self.read_only
+                    && !self.config.check_only
+                    && self.reload_task.is_none()
+                    && self.bitmaps.is_none();
+                if let (true, Some(ext)) = (maintain, ext) {
+                    let mut dir = buf;
+                    let found = self.live_bitmaps(&mut dir.as_mut_slice()[..size], ext.nb_bitmaps);
+                    if found == Some(true) {
+                        self.open.bitmap_dir = Some(dir);
+                    }
+                } else {
+                    self.sync_bitmap_info();
                 }
             }
             _ => {}
@@ -303,7 +336,8 @@ impl Image {
             Step::Reftable => self.snapshots_or_next(),
             Step::Snapshots => self.snapshots_or_next(),
             Step::SnapshotL1 => self.bitmaps_or_next(),
-            Step::Bitmaps => self.header_update_or_next(),
+            Step::Bitmaps if self.open.bitmap_dir.is_some() => Some(Step::BitmapsInUse),
+            Step::Bitmaps | Step::BitmapsInUse => self.header_update_or_next(),
             Step::HeaderUpdate => Some(Step::HeaderSync),
             Step::HeaderSync => self.prealloc_or_done(),
             Step::DataFile => self.prealloc_or_backing(),
@@ -494,14 +528,19 @@ impl Image {
         }
     }
 
-    /// On a writable open: clear unknown autoclear bits and the bitmaps bit (bitmaps are not
-    /// maintained yet, so nobody may trust them after we write).
+    /// On a writable open: clear unknown autoclear bits, and the bitmaps bit unless the
+    /// bitmaps are maintained (a damaged directory: nobody may trust them after we write).
     fn header_update_or_next(&mut self) -> Option<Step> {
-        if self.read_only || self.hdr.version < 3 {
-            return self.prealloc_or_done();
-        }
-        let keep = autoclear::KNOWN & !autoclear::BITMAPS;
-        if self.hdr.autoclear_features & !keep == 0 {
+        let keep = if self.bitmaps.is_some() || self.config.check_only {
+            autoclear::KNOWN
+        } else {
+            autoclear::KNOWN & !autoclear::BITMAPS
+        };
+        let unchanged = self.hdr.autoclear_features & !keep == 0;
+        if self.read_only || self.hdr.version < 3 || unchanged {
+            if std::mem::take(&mut self.open.sync) {
+                return Some(Step::HeaderSync);
+            }
             return self.prealloc_or_done();
         }
         self.hdr.autoclear_features &= keep;

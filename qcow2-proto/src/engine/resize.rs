@@ -193,6 +193,7 @@ impl Image {
                     if let Some(info) = self.info.as_mut() {
                         info.size = new;
                     }
+                    self.resize_bitmaps(new);
                     self.task(t).sub = sub::WAIT;
                 }
                 sub::ZERO_GROWN => match self.zero_step(t) {

@@ -420,10 +420,15 @@ impl Image {
         );
         self.hdr.l1_table_offset = host;
         self.hdr.l1_size = n as u32;
-        self.hdr.size = size;
+        let old_size = std::mem::replace(&mut self.hdr.size, size);
         if let Some(info) = self.info.as_mut() {
             info.size = size;
         }
+        // Everything may differ from what the bitmaps knew: all of it is dirty.
+        if size != old_size {
+            self.resize_bitmaps(size);
+        }
+        self.mark_dirty(0, size);
         self.hdr.encode(self.header_buf.as_mut_slice());
         self.header_dirty = true;
         self.cycle_wanted = true;

@@ -162,13 +162,65 @@ pub fn with_backing(
     name: Option<&str>,
     format: Option<&str>,
 ) -> Result<Option<(Vec<u8>, u64, u32)>, FormatError> {
+    let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+    if let Some(f) = format {
+        exts.push((BACKING_FORMAT, f.as_bytes().to_vec()));
+    }
+    exts.extend(
+        extension_list(cluster0, header_len, area)?
+            .into_iter()
+            .filter(|(kind, _)| *kind != BACKING_FORMAT),
+    );
+    Ok(relayout(
+        cluster0,
+        header_len,
+        exts,
+        name.map(str::as_bytes),
+    ))
+}
+
+/// Cluster 0's bytes with the bitmaps extension set to `bitmaps` (none: removed), every
+/// other extension and the backing file name kept (the name moves to follow the list).
+/// `backing` is the name's offset and length in `cluster0` (offset 0: none); the other
+/// arguments and the result are as for [`with_backing`].
+pub fn with_bitmaps(
+    cluster0: &[u8],
+    header_len: usize,
+    backing: (u64, u32),
+    bitmaps: Option<RawBitmapsExtValue>,
+) -> Result<Option<(Vec<u8>, u64, u32)>, FormatError> {
+    let area = match backing.0 {
+        0 => cluster0.len(),
+        off => (off as usize).min(cluster0.len()),
+    };
+    let name_end = (backing.0 + u64::from(backing.1)).min(cluster0.len() as u64) as usize;
+    let name = (backing.0 != 0).then(|| &cluster0[area..name_end.max(area)]);
+    let mut exts: Vec<(u32, Vec<u8>)> = extension_list(cluster0, header_len, area)?
+        .into_iter()
+        .filter(|(kind, _)| *kind != BITMAPS)
+        .collect();
+    if let Some(b) = bitmaps {
+        let raw = RawBitmapsExt {
+            nb_bitmaps: b.nb_bitmaps.into(),
+            reserved: 0.into(),
+            directory_size: b.directory_size.into(),
+            directory_offset: b.directory_offset.into(),
+        };
+        exts.push((BITMAPS, raw.as_bytes().to_vec()));
+    }
+    Ok(relayout(cluster0, header_len, exts, name))
+}
+
+/// The extensions of `cluster0` between `header_len` and `area`, in order (validated).
+fn extension_list(
+    cluster0: &[u8],
+    header_len: usize,
+    area: usize,
+) -> Result<Vec<(u32, Vec<u8>)>, FormatError> {
     let area = area.min(cluster0.len());
     // Validates the list first (the walk below trusts it).
     Extensions::parse(cluster0, header_len, area)?;
-    let mut exts: Vec<(u32, &[u8])> = Vec::new();
-    if let Some(f) = format {
-        exts.push((BACKING_FORMAT, f.as_bytes()));
-    }
+    let mut exts = Vec::new();
     let mut off = header_len;
     while off + 8 <= area {
         let head = RawExtensionHeader::read_from_bytes(&cluster0[off..off + 8]).expect("8 bytes");
@@ -176,28 +228,37 @@ pub fn with_backing(
         if kind == END {
             break;
         }
-        if kind != BACKING_FORMAT {
-            exts.push((kind, &cluster0[off + 8..off + 8 + len]));
-        }
+        exts.push((kind, cluster0[off + 8..off + 8 + len].to_vec()));
         off += 8 + len.next_multiple_of(8);
     }
+    Ok(exts)
+}
+
+/// The header, `exts`, the end marker and the backing file `name`, if they fit in
+/// `cluster0`'s length; with the name's offset (0: none) and length.
+fn relayout(
+    cluster0: &[u8],
+    header_len: usize,
+    exts: Vec<(u32, Vec<u8>)>,
+    name: Option<&[u8]>,
+) -> Option<(Vec<u8>, u64, u32)> {
     let mut out = cluster0[..header_len].to_vec();
     for (kind, data) in exts {
         out.extend_from_slice(&kind.to_be_bytes());
         out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(data);
+        out.extend_from_slice(&data);
         out.resize(out.len().next_multiple_of(8), 0);
     }
     out.extend_from_slice(&[0; 8]);
     let at = out.len() as u64;
-    let n = name.map_or(0, str::len);
+    let n = name.map_or(0, <[u8]>::len);
     if let Some(name) = name {
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(name);
     }
     if out.len() > cluster0.len() || n > crate::format::MAX_BACKING_NAME as usize {
-        return Ok(None);
+        return None;
     }
-    Ok(Some((out, if name.is_some() { at } else { 0 }, n as u32)))
+    Some((out, if name.is_some() { at } else { 0 }, n as u32))
 }
 
 /// The bitmaps extension, decoded.

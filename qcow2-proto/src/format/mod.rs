@@ -2,6 +2,8 @@
 //! is here; the engine works on the validated [`Layout`].
 
 // The raw on-disk structs' fields are documented by each module's layout diagram.
+#[allow(missing_docs)]
+pub mod bitmap;
 pub mod entry;
 #[allow(missing_docs)]
 pub mod extension;
