@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{have_qemu, json, stderr, Scratch};
+use common::{have_qemu, json, stderr, Scratch, Twins};
 
 /// The dirty ranges of bitmap `name` of `file` as qemu-nbd exports them.
 fn qemu_dirty(sc: &Scratch, file: &str, name: &str) -> Vec<(u64, u64)> {
@@ -116,10 +116,6 @@ fn dump_agrees_with_qemu_nbd() {
             &["bitmap", "--dump", "img.qcow2"][..],
             "Expecting filename and bitmap name",
         ),
-        (
-            &["bitmap", "--clear", "img.qcow2", "all"][..],
-            "not supported yet",
-        ),
     ] {
         let out = sc.ours(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -142,4 +138,192 @@ fn dump_refuses_an_inconsistent_bitmap() {
     let out = sc.ours(&["bitmap", "--dump", "img.qcow2", "b"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("inconsistent"), "{}", stderr(&out));
+}
+
+/// The steps of the edit scripts: `bitmap` actions (run by both tools' `bitmap`), `io`
+/// commands (our `io`, qemu-io) and `resize`.
+const SCRIPT: &[&[&str]] = &[
+    &["bitmap", "--add", "img.qcow2", "all"],
+    &["bitmap", "--add", "-g", "512", "img.qcow2", "fine"],
+    &[
+        "bitmap",
+        "--add",
+        "-g",
+        "2M",
+        "--disable",
+        "img.qcow2",
+        "coarse",
+    ],
+    &[
+        "io",
+        "write 0 1",
+        "write 1M 64k",
+        "write -z 5000000 70000",
+        "discard 40M 3M",
+    ],
+    &["bitmap", "--enable", "img.qcow2", "coarse"],
+    &["bitmap", "--add", "img.qcow2", "late"],
+    &["io", "write 99999000 1001", "write -P 7 33M 100k"],
+    &["bitmap", "--clear", "--disable", "img.qcow2", "all"],
+    &["bitmap", "--merge", "fine", "img.qcow2", "late"],
+    &["io", "write 77M 4k", "write 512 512"],
+    &["resize", "img.qcow2", "120000000"],
+    &["io", "write 110M 3k"],
+    &["bitmap", "--add", "img.qcow2", "gone"],
+    &["bitmap", "--remove", "img.qcow2", "fine"],
+    &["resize", "--shrink", "img.qcow2", "89999872"],
+    &["io", "write 80M 1k"],
+    &["bitmap", "--remove", "img.qcow2", "gone"],
+];
+const NAMES: [&str; 4] = ["all", "coarse", "late", "fine"];
+
+/// Runs script step `step` on `sc`'s image with our tool (`ours`) or QEMU's.
+fn run_step(sc: &Scratch, step: &[&str], ours: bool) {
+    if step[0] == "io" {
+        if ours {
+            let mut args = vec!["io", "-f", "qcow2"];
+            for c in &step[1..] {
+                args.extend(["-c", c]);
+            }
+            args.push("img.qcow2");
+            sc.ours_ok(&args);
+        } else {
+            sc.qemu_io_cmds("qcow2", "img.qcow2", &step[1..]);
+        }
+    } else if ours {
+        sc.ours_ok(step);
+    } else {
+        sc.qemu_img_ok(step);
+    }
+}
+
+/// Runs the script on twin images, ours with our tool (with `relay`, with our tool and
+/// QEMU's in turn), the other with QEMU's; after each step both images list the same
+/// bitmaps, and every bitmap reads the same through QEMU's own export (and our dump).
+fn mirror(relay: bool) {
+    let twins = Twins::new(|sc| {
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "img.qcow2", "100000001"]);
+    });
+    for (k, step) in SCRIPT.iter().enumerate() {
+        run_step(&twins.ours, step, !relay || k % 2 == 0);
+        run_step(&twins.qemu, step, false);
+        let list = bitmap_list_of(&twins.qemu, "img.qcow2");
+        assert_eq!(
+            bitmap_list_of(&twins.ours, "img.qcow2"),
+            list,
+            "after step {k} {step:?}"
+        );
+        if step[0] != "io" && k != SCRIPT.len() - 1 {
+            continue;
+        }
+        for name in NAMES {
+            if !list.to_string().contains(&format!("\"{name}\"")) {
+                continue;
+            }
+            let theirs = qemu_dirty(&twins.qemu, "img.qcow2", name);
+            assert_eq!(
+                qemu_dirty(&twins.ours, "img.qcow2", name),
+                theirs,
+                "bitmap {name} after step {k} {step:?}, through qemu-nbd"
+            );
+            assert_eq!(
+                our_dirty(&twins.ours, "img.qcow2", name),
+                theirs,
+                "bitmap {name}"
+            );
+        }
+    }
+    twins.assert_same_image("img.qcow2", "after the script");
+    for sc in [&twins.ours, &twins.qemu] {
+        sc.qemu_img_ok(&["check", "img.qcow2"]);
+        sc.ours_ok(&["check", "img.qcow2"]);
+    }
+}
+
+#[test]
+fn edits_and_writes_mirror_qemu() {
+    if have_qemu() {
+        mirror(false);
+    }
+}
+
+/// The same, with our tool and QEMU's taking turns on one image: each keeps the other's
+/// bitmaps.
+#[test]
+fn edits_and_writes_relayed_between_tools() {
+    if have_qemu() {
+        mirror(true);
+    }
+}
+
+/// Refused edits fail as qemu-img's do (message, status), and change nothing.
+#[test]
+fn refused_edits_match_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let twins = Twins::new(|sc| {
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "img.qcow2", "1M"]);
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "two.qcow2", "2M"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "img.qcow2", "b"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "two.qcow2", "s"]);
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "stale.qcow2", "1M"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "stale.qcow2", "b"]);
+        // qemu-io's abort leaves the bitmap marked in use.
+        let _ = sc.qemu_io(&["-c", "write 0 4k", "-c", "abort", "stale.qcow2"]);
+    });
+    for line in [
+        "bitmap --add img.qcow2 b",
+        "bitmap --remove img.qcow2 nope",
+        "bitmap --add -g 100 img.qcow2 c",
+        "bitmap --add -g 4G img.qcow2 c",
+        "bitmap -g 64k --clear img.qcow2 b",
+        "bitmap --merge nope img.qcow2 b",
+        "bitmap --merge s -b two.qcow2 img.qcow2 b",
+        "bitmap --merge s -b two.qcow2 --add img.qcow2 m",
+        "bitmap --clear stale.qcow2 b",
+        "bitmap --enable stale.qcow2 b",
+        "bitmap --remove stale.qcow2 b",
+        "bitmap --add --clear --disable img.qcow2 fresh",
+    ] {
+        twins.run_both(&common::args(line));
+        assert_eq!(
+            bitmap_list_of(&twins.ours, "img.qcow2"),
+            bitmap_list_of(&twins.qemu, "img.qcow2"),
+            "{line}"
+        );
+        assert_eq!(
+            bitmap_list_of(&twins.ours, "stale.qcow2"),
+            bitmap_list_of(&twins.qemu, "stale.qcow2"),
+            "{line}"
+        );
+    }
+    // Version 2 images have no bitmaps (qemu-img names its node where we name the file).
+    twins.ours.qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "v2.qcow2",
+        "1M",
+    ]);
+    let out = twins.ours.ours(&["bitmap", "--add", "v2.qcow2", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("Cannot store dirty bitmaps in qcow2 v2 files"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        bitmap_list_of(&twins.ours, "v2.qcow2"),
+        serde_json::Value::Null
+    );
+}
+
+/// The bitmaps `info` lists (names, flags, granularities), by qemu-img.
+fn bitmap_list_of(sc: &Scratch, file: &str) -> serde_json::Value {
+    let v = json(&sc.qemu_img_ok(&["info", "-U", "--output=json", file]));
+    v["format-specific"]["data"]["bitmaps"].clone()
 }

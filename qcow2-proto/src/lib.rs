@@ -60,9 +60,17 @@
 //!   durable (rule B). A crash can leave COPIED flags that disagree with refcounts (as
 //!   QEMU's operations can), never a refcount below its references.
 //!   [`Image::open_snapshot`] reads a snapshot without applying it.
-//! * **Persistent dirty bitmaps** are read with [`Image::read_bitmap`]. They are not
-//!   maintained yet: a writable open clears their autoclear bit, so that no stale bitmap is
-//!   ever taken for valid.
+//! * **Persistent dirty bitmaps** are read with [`Image::read_bitmap`] and maintained on a
+//!   writable image: the open marks every bitmap in use (durably, before any write), every
+//!   write, write-zeroes and discard sets its range in the enabled ones, and the close
+//!   ([`Request::Close`]) stores them back with new tables and directory, switching the
+//!   header extension in three durable steps (autoclear bit cleared, extension rewritten,
+//!   bit set), so that a crash never leaves a bitmap that claims to be valid and misses a
+//!   write: it is left in use (stale), as QEMU leaves it. Edits ([`Image::bitmap_add`],
+//!   `bitmap_remove`, `bitmap_clear`, `bitmap_enable`, `bitmap_merge`) are made in memory
+//!   and stored the same way. A resize resizes them; a snapshot apply marks the whole disk.
+//!   A damaged directory cannot be maintained: a writable open then clears the bitmaps'
+//!   autoclear bit, so that nobody trusts them.
 //!
 //! # Example: a complete (tiny) runtime over an in-memory file
 //!

@@ -699,29 +699,34 @@ impl<F: HostFile> Image<F> {
     /// # Ok::<(), qcow2_sync::Error>(())
     /// ```
     pub fn bitmap_add(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<(), Error> {
-        Ok(self.engine.bitmap_add(name, granularity, enabled)?)
+        let r = self.engine.bitmap_add(name, granularity, enabled);
+        self.bitmap_edit(r)
     }
 
     /// Removes persistent bitmap `name` (stored at close; see [`bitmap_add`](Self::bitmap_add)).
     pub fn bitmap_remove(&mut self, name: &str) -> Result<(), Error> {
-        Ok(self.engine.bitmap_remove(name)?)
+        let r = self.engine.bitmap_remove(name);
+        self.bitmap_edit(r)
     }
 
     /// Clears persistent bitmap `name` (stored at close).
     pub fn bitmap_clear(&mut self, name: &str) -> Result<(), Error> {
-        Ok(self.engine.bitmap_clear(name)?)
+        let r = self.engine.bitmap_clear(name);
+        self.bitmap_edit(r)
     }
 
     /// Enables or disables persistent bitmap `name` (stored at close).
     pub fn bitmap_enable(&mut self, name: &str, enabled: bool) -> Result<(), Error> {
-        Ok(self.engine.bitmap_enable(name, enabled)?)
+        let r = self.engine.bitmap_enable(name, enabled);
+        self.bitmap_edit(r)
     }
 
     /// Merges `source`'s dirty ranges (read with [`read_bitmap`](Self::read_bitmap), from
     /// this image or another of the same size) into persistent bitmap `name` (stored at
     /// close).
     pub fn bitmap_merge(&mut self, name: &str, source: &BitmapData) -> Result<(), Error> {
-        Ok(self.engine.bitmap_merge(name, source)?)
+        let r = self.engine.bitmap_merge(name, source);
+        self.bitmap_edit(r)
     }
 
     /// Reverts the image to the internal snapshot `which` names (which stays), durably,
@@ -733,11 +738,22 @@ impl<F: HostFile> Image<F> {
 
     fn wait_snapshot_task(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
         self.wait_done(id)?;
+        // (An apply may change the size too.)
+        self.refresh_info();
+        Ok(())
+    }
+
+    /// Takes the engine's view of the image (snapshots, bitmaps, size) after a change.
+    fn refresh_info(&mut self) {
         if let Some(info) = self.engine.info() {
-            // (An apply may change the size too.)
             self.info = info.clone();
         }
-        Ok(())
+    }
+
+    /// A bitmap edit's result, with the listing brought up to date.
+    fn bitmap_edit(&mut self, r: Result<(), RequestError>) -> Result<(), Error> {
+        self.refresh_info();
+        Ok(r?)
     }
 
     /// Drives the engine until request `id` (submitted through an engine method) is done.

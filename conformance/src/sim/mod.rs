@@ -14,6 +14,7 @@
 //! QCOW2_QC_TESTS=2000 cargo test --release -p qcow2-conformance --test crash -- --nocapture
 //! ```
 
+pub mod bitmaps;
 pub mod disk;
 pub mod driver;
 pub mod oracle;
@@ -478,4 +479,23 @@ pub fn fault_test(name: &str, cfg: CrashConfig) -> FaultTally {
         t.runs, t.failed_requests, t.poisoned
     );
     t
+}
+
+/// Reads the whole disk of an open simulated image.
+pub(crate) fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
+    match sim.run(
+        Request::Read { offset: 0, len },
+        Some(vec![0; len as usize]),
+        &mut |_| {},
+    )? {
+        (Ok(_), Some(b)) => Ok(b),
+        (r, _) => Err(format!("read: {r:?}")),
+    }
+}
+
+/// A read-only configuration.
+pub(crate) fn read_only() -> ImageConfig {
+    let mut c = ImageConfig::new(0);
+    c.read_only = true;
+    c
 }

@@ -18,7 +18,7 @@ use qcow2_proto::{ImageConfig, Outcome, Repair, Request, SnapshotRef};
 use super::disk::SimDisk;
 use super::driver::{Fault, FaultKind, Sim, SimResult};
 use super::rng::Rng;
-use super::{create_options, engine_config, CrashConfig, Tally, START_SIZE};
+use super::{create_options, engine_config, read_all, read_only, CrashConfig, Tally, START_SIZE};
 use crate::model::{pattern, synthetic_backing};
 
 /// The guest contents and snapshots (name, contents) at one moment.
@@ -26,24 +26,6 @@ use crate::model::{pattern, synthetic_backing};
 struct State {
     active: Vec<u8>,
     snaps: Vec<(String, Vec<u8>)>,
-}
-
-/// Reads the whole disk of an open simulated image.
-fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
-    match sim.run(
-        Request::Read { offset: 0, len },
-        Some(vec![0; len as usize]),
-        &mut |_| {},
-    )? {
-        (Ok(_), Some(b)) => Ok(b),
-        (r, _) => Err(format!("read: {r:?}")),
-    }
-}
-
-fn read_only() -> ImageConfig {
-    let mut c = ImageConfig::new(0);
-    c.read_only = true;
-    c
 }
 
 /// Checks a crashed image against the states from before and after the operation (`apply`:

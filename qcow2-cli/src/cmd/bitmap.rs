@@ -43,8 +43,7 @@ impl Action {
 fn actions(a: &BitmapArgs, argv: &[String]) -> Vec<Action> {
     let mut out = Vec::new();
     let mut merges = a.merge.iter();
-    let mut args = argv.iter().skip_while(|s| *s != "bitmap");
-    while let Some(arg) = args.next() {
+    for arg in argv.iter().skip_while(|s| *s != "bitmap") {
         let action = match arg.as_str() {
             "--add" => Action::Add,
             "--remove" => Action::Remove,

@@ -7,19 +7,23 @@
 //!    tables are read for the same reason.
 //! 3. The new directory (in-use flags cleared, except on bitmaps that were stale already)
 //!    is written; a cycle makes every new cluster's refcount durable (rules A, D).
-//! 4. The header switches to it in three durable steps, so that a torn multi-sector write
-//!    of cluster 0 can never leave a bitmaps extension that claims to be valid: the
-//!    bitmaps autoclear bit is cleared (one sector), the extension area is rewritten, the
-//!    bit is set again (one sector). A crash in between leaves the bitmaps marked stale.
+//! 4. The header switches to it: when only the first sector of cluster 0 changes, by one
+//!    (atomic) sector write; else in three durable steps, so that a torn multi-sector
+//!    write can never leave a bitmaps extension that claims to be valid: the bitmaps
+//!    autoclear bit is cleared (one sector), the extension area is rewritten, the bit is
+//!    set again (one sector). A crash in between leaves every bitmap stale (the
+//!    extension is not trusted without the bit).
 //! 5. The old directory, tables and data clusters are freed (rule B).
 
 use crate::error::RequestError;
 use crate::format::bitmap::{
     self, data_bytes, DirEntry, AUTO, IN_USE, TABLE_ENTRY_OFFSET, TABLE_ENTRY_RESERVED,
 };
+use crate::format::extension::{bitmaps_payload, BITMAPS};
 use crate::format::extension::{with_bitmaps, Extensions, RawBitmapsExtValue};
 use crate::format::header::autoclear;
 use crate::io::{IoBuf, IoKind};
+use std::collections::VecDeque;
 
 use super::bitmaps::{clear_tail, BitmapRead};
 use super::{put_be64, Block, Image, Purpose};
@@ -38,6 +42,9 @@ pub(super) struct Store {
     ext: Option<RawBitmapsExtValue>,
     /// The step after a flush.
     then: u8,
+    /// The header switch still to write: stages of sector writes of cluster 0, each
+    /// followed by a flush.
+    stages: VecDeque<Vec<(u64, IoBuf)>>,
 }
 
 mod sub {
@@ -47,9 +54,7 @@ mod sub {
     pub const WRITE: u8 = 3;
     pub const DIR: u8 = 4;
     pub const DURABLE: u8 = 5;
-    pub const CLEAR_BIT: u8 = 6;
-    pub const LAYOUT: u8 = 7;
-    pub const SET_BIT: u8 = 8;
+    pub const SWITCH: u8 = 6;
     pub const FREE: u8 = 9;
     pub const DONE: u8 = 10;
     /// A write was issued: flush, then go on with `then`.
@@ -104,29 +109,19 @@ impl Image {
                         return false;
                     }
                     self.task(t).wait_cycle = None;
-                    self.store_mut().sub = sub::CLEAR_BIT;
-                    Ok(())
+                    self.plan_switch()
+                        .map(|()| self.store_mut().sub = sub::SWITCH)
                 }
-                sub::CLEAR_BIT => {
-                    if self.hdr.autoclear_features & autoclear::BITMAPS != 0 {
-                        self.hdr.autoclear_features &= !autoclear::BITMAPS;
-                        self.store_header(t);
-                        self.store_sync_then(sub::LAYOUT);
-                    } else {
-                        self.store_mut().sub = sub::LAYOUT;
-                    }
-                    Ok(())
-                }
-                sub::LAYOUT => self
-                    .store_layout(t)
-                    .map(|()| self.store_sync_then(sub::SET_BIT)),
-                sub::SET_BIT => {
-                    if self.store_mut().ext.is_some() {
-                        self.hdr.autoclear_features |= autoclear::BITMAPS;
-                        self.store_header(t);
-                        self.store_sync_then(sub::FREE);
-                    } else {
-                        self.store_mut().sub = sub::FREE;
+                sub::SWITCH => {
+                    match self.store_mut().stages.pop_front() {
+                        Some(stage) => {
+                            for (at, buf) in stage {
+                                self.issue_buf(Purpose::Header { task: t }, IoKind::Write, at, buf);
+                                self.task(t).inflight += 1;
+                            }
+                            self.store_sync_then(sub::SWITCH);
+                        }
+                        None => self.store_mut().sub = sub::FREE,
                     }
                     Ok(())
                 }
@@ -177,6 +172,7 @@ impl Image {
         let live = self.bitmaps.as_deref_mut().expect("bitmaps to store");
         let store = self.bitmap_store.as_deref_mut().expect("runs");
         let i = store.next;
+        let mut limit = u64::MAX;
         let (table, bits, table_only) = if let Some(b) = live.list.get_mut(i) {
             if b.stale || b.bits.is_none() {
                 let mut e = b.disk.clone();
@@ -192,6 +188,7 @@ impl Image {
                 return;
             }
             let bits = b.bits.take().expect("checked");
+            limit = b.stored_limit;
             (
                 (b.disk.table_offset, b.disk.table_size),
                 bits,
@@ -218,7 +215,9 @@ impl Image {
             }
             return;
         }
-        self.bitmap_read = Some(Box::new(BitmapRead::new(table, bits, table_only)));
+        let mut read = BitmapRead::new(table, bits, table_only);
+        read.limit = limit;
+        self.bitmap_read = Some(Box::new(read));
         store.sub = sub::READ;
     }
 
@@ -345,52 +344,152 @@ impl Image {
         Ok(())
     }
 
-    /// Writes the header sector as `self.hdr` says.
-    fn store_header(&mut self, t: u32) {
-        self.hdr.encode(self.header_buf.as_mut_slice());
-        let buf = self.header_as(self.hdr);
-        self.issue_buf(Purpose::Header { task: t }, IoKind::Write, 0, buf);
-        self.task(t).inflight += 1;
-    }
-
-    /// Rewrites cluster 0's extension area with the new bitmaps extension (the autoclear
-    /// bit still clear).
-    fn store_layout(&mut self, t: u32) -> Result<(), Block> {
+    /// Plans the header switch to the new bitmaps extension, as stages that each keep
+    /// cluster 0 valid whatever part of them a crash lets through (a sector write is
+    /// atomic; bytes nothing points at may be anything):
+    ///
+    /// * *the extension stays:* its 24 bytes rewritten; when they straddle two sectors,
+    ///   with the autoclear bit cleared around the write;
+    /// * *the first bitmap:* the extension is appended where the end marker was. The
+    ///   backing file name, if the longer list would reach it, is first copied further
+    ///   and the header pointed at the copy; the data and a new end marker are written
+    ///   past the old end marker; then its 8-byte head over the old end marker (one
+    ///   sector); then the autoclear bit;
+    /// * *the last bitmap gone:* the bit cleared, then (the extension last in the list)
+    ///   an end marker over its head. An extension followed by others is laid out anew,
+    ///   which a torn write could damage, as QEMU's header rewrites could.
+    ///
+    /// The engine's header and cluster 0 take their final state at once.
+    fn plan_switch(&mut self) -> Result<(), Block> {
         let cs = self.geo.cluster_size() as usize;
         let limit = self.header_buf.len().min(cs);
-        let header_len = self.hdr.header_length as usize;
-        let backing = (self.hdr.backing_file_offset, self.hdr.backing_file_size);
-        let ext = self.bitmap_store.as_deref().expect("runs").ext;
-        let cluster0 = &self.header_buf.as_slice()[..limit];
-        let area = match backing.0 {
-            0 => limit,
-            off => (off as usize).min(limit),
+        let mut img = self.header_buf.as_slice()[..limit].to_vec();
+        let mut hdr = self.hdr;
+        let header_len = hdr.header_length as usize;
+        let backing = (
+            hdr.backing_file_offset as usize,
+            hdr.backing_file_size as usize,
+        );
+        let area = if backing.0 == 0 {
+            limit
+        } else {
+            backing.0.min(limit)
         };
-        let old_end = Extensions::parse(cluster0, header_len, area)
-            .map(|e| e.end_offset + 8)
-            .unwrap_or(area)
-            .max((backing.0 + u64::from(backing.1)).min(limit as u64) as usize);
-        let laid = with_bitmaps(cluster0, header_len, backing, ext)
-            .map_err(|e| RequestError::Options(crate::error::CreateError::Format(e)))?;
-        let Some((bytes, name_at, _)) = laid else {
-            return Err(RequestError::TooManyBitmaps.into());
+        let format_error = |e| RequestError::Options(crate::error::CreateError::Format(e));
+        let exts = Extensions::parse(&img, header_len, area).map_err(format_error)?;
+        let new = self.bitmap_store.as_deref().expect("runs").ext;
+        let mut stages = VecDeque::new();
+        let bit = |hdr: &mut crate::format::header::Header, img: &mut Vec<u8>, on: bool| {
+            let was = hdr.autoclear_features;
+            if on {
+                hdr.autoclear_features |= autoclear::BITMAPS;
+            } else {
+                hdr.autoclear_features &= !autoclear::BITMAPS;
+            }
+            hdr.encode(img);
+            was != hdr.autoclear_features
         };
-        let end = bytes.len().max(old_end).min(limit);
-        let buf = self.header_buf.as_mut_slice();
-        buf[..bytes.len()].copy_from_slice(&bytes);
-        buf[bytes.len()..end].fill(0);
-        self.hdr.backing_file_offset = name_at;
-        self.hdr.encode(buf);
-        let n = end.next_multiple_of(512).min(limit);
-        let mut out = IoBuf::zeroed(n);
-        out.as_mut_slice()
-            .copy_from_slice(&self.header_buf.as_slice()[..n]);
-        self.hdr_disk = self.hdr;
-        self.issue_buf(Purpose::Header { task: t }, IoKind::Write, 0, out);
-        self.task(t).inflight += 1;
-        if let Some(l) = self.layout.as_mut() {
-            l.ext.bitmaps = ext;
+        let no_room = || Block::Fail(RequestError::TooManyBitmaps);
+        match (exts.bitmaps_at, new) {
+            (Some(at), Some(b)) => {
+                // (Bit clear around a write that could tear, or when it was clear.)
+                let straddles = (at + 8) / 512 != (at + 31) / 512;
+                let before = img.clone();
+                if straddles && bit(&mut hdr, &mut img, false) {
+                    push_stage(&mut stages, &before, &img);
+                }
+                let before = img.clone();
+                img[at + 8..at + 32].copy_from_slice(&bitmaps_payload(b));
+                push_stage(&mut stages, &before, &img);
+                let before = img.clone();
+                if bit(&mut hdr, &mut img, true) {
+                    push_stage(&mut stages, &before, &img);
+                }
+            }
+            (None, Some(b)) => {
+                let end = exts.end_offset;
+                let need = end + 40;
+                if need > limit {
+                    return Err(no_room());
+                }
+                let before = img.clone();
+                if bit(&mut hdr, &mut img, false) {
+                    push_stage(&mut stages, &before, &img);
+                }
+                if backing.0 != 0 && need > backing.0 {
+                    // The name first moves out of the way.
+                    let (off, len) = backing;
+                    let to = (off + len).max(need).next_multiple_of(8);
+                    if to + len > limit {
+                        return Err(no_room());
+                    }
+                    let before = img.clone();
+                    img.copy_within(off..off + len, to);
+                    push_stage(&mut stages, &before, &img);
+                    let before = img.clone();
+                    hdr.backing_file_offset = to as u64;
+                    hdr.encode(&mut img);
+                    push_stage(&mut stages, &before, &img);
+                }
+                let before = img.clone();
+                img[end + 8..end + 32].copy_from_slice(&bitmaps_payload(b));
+                img[end + 32..end + 40].fill(0);
+                push_stage(&mut stages, &before, &img);
+                let before = img.clone();
+                img[end..end + 4].copy_from_slice(&BITMAPS.to_be_bytes());
+                img[end + 4..end + 8].copy_from_slice(&24u32.to_be_bytes());
+                if end + 8 <= 512 {
+                    bit(&mut hdr, &mut img, true);
+                }
+                push_stage(&mut stages, &before, &img);
+                if end + 8 > 512 {
+                    let before = img.clone();
+                    bit(&mut hdr, &mut img, true);
+                    push_stage(&mut stages, &before, &img);
+                }
+            }
+            (Some(at), None) => {
+                let before = img.clone();
+                bit(&mut hdr, &mut img, false);
+                if at + 32 == exts.end_offset {
+                    if at >= 512 {
+                        push_stage(&mut stages, &before, &img);
+                    }
+                    let before = if at >= 512 { img.clone() } else { before };
+                    img[at..at + 8].fill(0);
+                    push_stage(&mut stages, &before, &img);
+                } else {
+                    push_stage(&mut stages, &before, &img);
+                    let laid =
+                        with_bitmaps(&img, header_len, (backing.0 as u64, backing.1 as u32), None)
+                            .map_err(format_error)?;
+                    let (bytes, name_at, _) = laid.ok_or_else(no_room)?;
+                    let before = img.clone();
+                    let used = bytes.len();
+                    img[..used].copy_from_slice(&bytes);
+                    let old_end = (exts.end_offset + 8).max(backing.0 + backing.1).min(limit);
+                    if old_end > used {
+                        img[used..old_end].fill(0);
+                    }
+                    hdr.backing_file_offset = name_at;
+                    hdr.encode(&mut img);
+                    push_stage(&mut stages, &before, &img);
+                }
+            }
+            (None, None) => {
+                let before = img.clone();
+                if bit(&mut hdr, &mut img, false) {
+                    push_stage(&mut stages, &before, &img);
+                }
+            }
         }
+        self.header_buf.as_mut_slice()[..limit].copy_from_slice(&img);
+        self.hdr = hdr;
+        self.hdr_disk = hdr;
+        if let Some(l) = self.layout.as_mut() {
+            l.ext.bitmaps = new;
+        }
+        self.store_mut().stages = stages;
         Ok(())
     }
 
@@ -410,6 +509,7 @@ impl Image {
             b.disk = e.clone();
             b.bits = None;
             b.over_stored = false;
+            b.stored_limit = u64::MAX;
         }
         live.removed.clear();
         live.changed = false;
@@ -422,4 +522,19 @@ impl Image {
         }
         self.sync_bitmap_info();
     }
+}
+
+/// Adds the stage that turns `before` into `after`: one write of the sectors between the
+/// first and the last byte that differ (none when nothing does).
+fn push_stage(stages: &mut VecDeque<Vec<(u64, IoBuf)>>, before: &[u8], after: &[u8]) {
+    let diff = |i: &usize| before[*i] != after[*i];
+    let Some(first) = (0..after.len()).find(diff) else {
+        return;
+    };
+    let last = (0..after.len()).rfind(diff).expect("one differs");
+    let start = first / 512 * 512;
+    let end = (last + 1).next_multiple_of(512).min(after.len());
+    let mut buf = IoBuf::zeroed(end - start);
+    buf.as_mut_slice().copy_from_slice(&after[start..end]);
+    stages.push_back(vec![(start as u64, buf)]);
 }

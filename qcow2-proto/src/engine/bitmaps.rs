@@ -45,6 +45,8 @@ pub(super) struct BitmapRead {
     pub(super) bits: Vec<u8>,
     /// Only the table is wanted (to free a bitmap's clusters).
     table_only: bool,
+    /// Stored bits from this one on are not taken (the disk shrank below them since).
+    pub(super) limit: u64,
 }
 
 impl BitmapRead {
@@ -63,6 +65,7 @@ impl BitmapRead {
             next: 0,
             bits,
             table_only,
+            limit: u64::MAX,
         }
     }
 }
@@ -94,6 +97,9 @@ pub(super) struct LiveBitmap {
     /// stored bits at close), or the whole bitmap.
     pub(super) bits: Option<Vec<u8>>,
     pub(super) over_stored: bool,
+    /// How many of the stored bits still count: a shrink drops those past the new end,
+    /// and a later grow must not bring them back.
+    pub(super) stored_limit: u64,
 }
 
 impl LiveBitmap {
@@ -137,6 +143,20 @@ fn set_range(bits: &mut [u8], granularity_bits: u8, offset: u64, len: u64) {
     }
 }
 
+/// ORs `src` into `bits` from byte `at`, up to bit `limit` (exclusive) and `bits`' end.
+fn or_bits(bits: &mut [u8], at: usize, src: &[u8], limit: u64) {
+    let start = at.min(bits.len());
+    let end = (at + src.len()).min(bits.len());
+    for (i, (b, &d)) in bits[start..end].iter_mut().zip(src).enumerate() {
+        let first = (start + i) as u64 * 8;
+        if first + 8 <= limit {
+            *b |= d;
+        } else if first < limit {
+            *b |= d & ((1u16 << (limit - first)) - 1) as u8;
+        }
+    }
+}
+
 /// Clears the bits past the first `count` (the unused tail must be zero).
 pub(super) fn clear_tail(bits: &mut [u8], count: u64) {
     let full = (count / 8) as usize;
@@ -175,7 +195,12 @@ impl Image {
                     _ => (b.disk.table_offset, b.disk.table_size),
                 };
                 let mut read = BitmapRead::new(table, bits, false);
-                read.bitmap = b.info();
+                read.limit = b.stored_limit;
+                read.bitmap = BitmapInfo {
+                    table_offset: table.0,
+                    table_size: table.1,
+                    ..b.info()
+                };
                 read
             }
             None => {
@@ -282,9 +307,7 @@ impl Image {
             if host == 0 || op.table_only {
                 if host == 0 && e & 1 != 0 {
                     let op = self.bitmap_read.as_deref_mut().expect("runs");
-                    let start = (next * cs).min(op.bits.len());
-                    let end = ((next + 1) * cs).min(op.bits.len());
-                    op.bits[start..end].fill(0xff);
+                    or_bits(&mut op.bits, next * cs, &vec![0xff; cs], op.limit);
                 }
                 self.bitmap_read.as_deref_mut().expect("runs").next += 1;
                 continue;
@@ -320,11 +343,7 @@ impl Image {
                     let n = read.bitmap.table_size as usize;
                     read.table = Some((0..n).map(|i| be64(bytes, i)).collect());
                 } else {
-                    let start = (index as usize * cs).min(read.bits.len());
-                    let end = (start + cs).min(read.bits.len());
-                    for (b, &d) in read.bits[start..end].iter_mut().zip(bytes) {
-                        *b |= d;
-                    }
+                    or_bits(&mut read.bits, index as usize * cs, bytes, read.limit);
                 }
             }
             self.put_staging(b);
@@ -365,6 +384,7 @@ impl Image {
                 stale: e.flags & IN_USE != 0,
                 bits: None,
                 over_stored: false,
+                stored_limit: u64::MAX,
                 disk: e,
             };
             if !b.stale {
@@ -417,6 +437,7 @@ impl Image {
         };
         for b in &mut live.list {
             let g = b.disk.granularity_bits;
+            b.stored_limit = b.stored_limit.min(size.div_ceil(1 << g));
             if let Some(bits) = b.bits.as_mut() {
                 bits.resize(data_bytes(size, g) as usize, 0);
                 clear_tail(bits, size.div_ceil(1 << g));
@@ -479,6 +500,7 @@ impl Image {
             stale: false,
             bits: Some(vec![0; bytes as usize]),
             over_stored: false,
+            stored_limit: u64::MAX,
         });
         live.changed = true;
         self.sync_bitmap_info();

@@ -144,6 +144,8 @@ pub struct Extensions {
     pub feature_names: Option<ExtRange>,
     pub data_file: Option<ExtRange>,
     pub bitmaps: Option<RawBitmapsExtValue>,
+    /// Where the bitmaps extension's header sits.
+    pub bitmaps_at: Option<usize>,
     pub fde: Option<(u64, u64)>,
     /// Where the end marker sits (new extensions could go here).
     pub end_offset: usize,
@@ -179,8 +181,9 @@ pub fn with_backing(
     ))
 }
 
-/// Cluster 0's bytes with the bitmaps extension set to `bitmaps` (none: removed), every
-/// other extension and the backing file name kept (the name moves to follow the list).
+/// Cluster 0's bytes with the bitmaps extension set to `bitmaps` (none: removed), last,
+/// every other extension and the backing file name kept (the name moves to follow the
+/// list).
 /// `backing` is the name's offset and length in `cluster0` (offset 0: none); the other
 /// arguments and the result are as for [`with_backing`].
 pub fn with_bitmaps(
@@ -200,15 +203,22 @@ pub fn with_bitmaps(
         .filter(|(kind, _)| *kind != BITMAPS)
         .collect();
     if let Some(b) = bitmaps {
-        let raw = RawBitmapsExt {
-            nb_bitmaps: b.nb_bitmaps.into(),
-            reserved: 0.into(),
-            directory_size: b.directory_size.into(),
-            directory_offset: b.directory_offset.into(),
-        };
-        exts.push((BITMAPS, raw.as_bytes().to_vec()));
+        exts.push((BITMAPS, bitmaps_payload(b).to_vec()));
     }
     Ok(relayout(cluster0, header_len, exts, name))
+}
+
+/// The bitmaps extension's 24 bytes of data.
+pub fn bitmaps_payload(b: RawBitmapsExtValue) -> [u8; 24] {
+    let raw = RawBitmapsExt {
+        nb_bitmaps: b.nb_bitmaps.into(),
+        reserved: 0.into(),
+        directory_size: b.directory_size.into(),
+        directory_offset: b.directory_offset.into(),
+    };
+    let mut out = [0; 24];
+    out.copy_from_slice(raw.as_bytes());
+    out
 }
 
 /// The extensions of `cluster0` between `header_len` and `area`, in order (validated).
@@ -316,6 +326,7 @@ impl Extensions {
                     if len != 24 {
                         return Err(invalid);
                     }
+                    ext.bitmaps_at = Some(off);
                     ext.bitmaps = Some(RawBitmapsExtValue {
                         nb_bitmaps: raw.nb_bitmaps.get(),
                         directory_size: raw.directory_size.get(),
