@@ -994,8 +994,26 @@ pub fn image(data: &[u8]) {
     // Snapshot operations and bitmap reads on whatever the image holds: typed results only;
     // none of them changes what the guest reads.
     if let Some(info) = m.engine.info().cloned() {
+        let mut merged = None;
         for b in &info.bitmaps {
-            let _ = m.run_method(|e| e.read_bitmap(&b.name));
+            if let Ok(Outcome::Bitmap(d)) = m.run_method(|e| e.read_bitmap(&b.name)) {
+                merged = Some(d);
+            }
+        }
+        // Bitmap edits, stored (over whatever directory the image has) at the close.
+        if plan.finish & 16 != 0 {
+            let g = 512u64 << ((plan.finish >> 5) % 8);
+            let _ = m.engine.bitmap_add("fuzz", g, plan.finish & 32 != 0);
+            if let Some(first) = info.bitmaps.first() {
+                let _ = m.engine.bitmap_clear(&first.name);
+                let _ = m.engine.bitmap_enable(&first.name, plan.finish & 64 != 0);
+            }
+            if let Some(d) = merged {
+                let _ = m.engine.bitmap_merge("fuzz", &d);
+            }
+            if let Some(last) = info.bitmaps.last().filter(|_| plan.finish & 128 != 0) {
+                let _ = m.engine.bitmap_remove(&last.name);
+            }
         }
         let snapshot = |e: &mut Image, kind: u8| match kind {
             0 => e.snapshot_create("fuzz", (0, 0), 0),
