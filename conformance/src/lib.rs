@@ -171,7 +171,7 @@ macro_rules! instantiate {
             snapshots {
                 shared_clusters_untouched_v2,
                 shared_clusters_untouched_v3,
-                bitmaps_invalidated_by_writable_open,
+                bitmaps_maintained_by_writable_open,
             }
             concurrency {
                 overlapping_writes_cluster_64k,

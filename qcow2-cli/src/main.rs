@@ -208,6 +208,12 @@ pub struct ConvertArgs {
     /// `snapshot.id=ID`, `snapshot.name=NAME`, or a bare ID or name.
     #[arg(short = 'l', long = "snapshot")]
     pub snapshot: Option<String>,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2, one source).
+    #[arg(long)]
+    pub bitmaps: bool,
+    /// With `--bitmaps`: leave out inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long = "skip-broken-bitmaps", requires = "bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// Runtime writing a qcow2 target: sync, smol or uring (default: uring where the kernel
     /// has io_uring, else sync). The async ones keep several writes in flight.
     #[arg(long)]

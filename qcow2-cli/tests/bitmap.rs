@@ -327,3 +327,48 @@ fn bitmap_list_of(sc: &Scratch, file: &str) -> serde_json::Value {
     let v = json(&sc.qemu_img_ok(&["info", "-U", "--output=json", file]));
     v["format-specific"]["data"]["bitmaps"].clone()
 }
+
+/// `convert --bitmaps` copies every bitmap (bits, granularity, enabled or not) as qemu-img
+/// does, and refuses what it refuses, with its messages.
+#[test]
+fn convert_copies_bitmaps_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let twins = Twins::new(|sc| {
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "src.qcow2", "100M"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "src.qcow2", "a"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "-g", "512", "src.qcow2", "b"]);
+        sc.qemu_io_cmds("qcow2", "src.qcow2", &["write 0 1M", "write 70M 3k"]);
+        sc.qemu_img_ok(&["bitmap", "--disable", "src.qcow2", "a"]);
+        sc.qemu_io_cmds("qcow2", "src.qcow2", &["write 90M 64k"]);
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "dst.qcow2", "100M"]);
+        sc.qemu_img_ok(&["create", "-q", "-f", "qcow2", "stale.qcow2", "1M"]);
+        sc.qemu_img_ok(&["bitmap", "--add", "stale.qcow2", "s"]);
+        let _ = sc.qemu_io(&["-c", "write 0 4k", "-c", "abort", "stale.qcow2"]);
+    });
+    for line in [
+        "convert --bitmaps -O qcow2 src.qcow2 new.qcow2",
+        "convert -n --bitmaps -O qcow2 src.qcow2 dst.qcow2",
+        "convert -n --bitmaps -O qcow2 src.qcow2 dst.qcow2",
+        "convert --bitmaps -O raw src.qcow2 r.raw",
+        "convert --bitmaps -O qcow2 src.qcow2 src.qcow2 two.qcow2",
+        "convert --bitmaps -O qcow2 stale.qcow2 s1.qcow2",
+        "convert --bitmaps --skip-broken-bitmaps -O qcow2 stale.qcow2 s2.qcow2",
+    ] {
+        twins.run_both(&common::args(line));
+    }
+    for file in ["new.qcow2", "dst.qcow2", "s2.qcow2"] {
+        assert_eq!(
+            bitmap_list_of(&twins.ours, file),
+            bitmap_list_of(&twins.qemu, file),
+            "{file}"
+        );
+    }
+    for (file, name) in [("new.qcow2", "a"), ("new.qcow2", "b"), ("dst.qcow2", "b")] {
+        let theirs = qemu_dirty(&twins.qemu, file, name);
+        assert!(!theirs.is_empty());
+        assert_eq!(qemu_dirty(&twins.ours, file, name), theirs, "{file} {name}");
+    }
+    twins.assert_same_image("new.qcow2", "converted");
+}

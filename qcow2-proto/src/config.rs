@@ -61,6 +61,13 @@ pub struct ImageConfig {
     /// `rebase -u`, `info`). Reads and copy-on-write that need its data fail with
     /// [`RequestError::Unsupported`](crate::RequestError::Unsupported)`(BackingFile)`.
     pub skip_backing: bool,
+    /// Keep host space allocated ahead of the allocation point, in steps of this many
+    /// bytes ([`IoKind::Allocate`](crate::IoKind::Allocate) past the end of the file),
+    /// so that writes into new clusters do not extend the file one at a time (which
+    /// filesystems serialize); the file is cut back to its last used cluster at
+    /// [`Request::Close`](crate::Request::Close). A crash may leave the unused tail,
+    /// which holds nothing. 0: off (the default here; the runtimes turn it on).
+    pub grow_step: u64,
 }
 
 /// Which internal snapshot to open, as qemu-img's `-l` names it.
@@ -133,6 +140,7 @@ impl ImageConfig {
             inspect_only: false,
             check_only: false,
             skip_backing: false,
+            grow_step: 0,
         }
     }
 }

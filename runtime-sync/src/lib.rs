@@ -119,7 +119,13 @@ pub struct OpenOptions {
     /// Whether backing files named inside the image are opened (they always are
     /// read-only, locked as a reader, with the same cache mode).
     pub backing: BackingPolicy,
+    /// Host space allocated ahead of new clusters, in steps of this many bytes (see
+    /// [`ImageConfig::grow_step`]); `None`: [`DEFAULT_GROW_STEP`], `Some(0)`: off.
+    pub grow_step: Option<u64>,
 }
+
+/// The default step of host space allocated ahead of new clusters: 64 MiB.
+pub const DEFAULT_GROW_STEP: u64 = 64 << 20;
 
 impl OpenOptions {
     /// Read-only options.
@@ -283,6 +289,7 @@ pub fn engine_config<F: HostFile>(file: &F, options: &OpenOptions) -> Result<Ima
     config.inspect_only = options.inspect_only;
     config.check_only = options.check_only;
     config.skip_backing = options.backing == BackingPolicy::Skip;
+    config.grow_step = options.grow_step.unwrap_or(DEFAULT_GROW_STEP);
     Ok(config)
 }
 

@@ -109,9 +109,13 @@ fn refused_write_over<H: Harness>(h: &H, s: Structure) {
     );
     must(disk.close(), format!("{what}: close"));
 
-    assert_eq!(
-        cluster_at(&path, host),
-        before,
+    // (The file may have grown past it: host space allocated ahead stays once the engine
+    // stopped writing.)
+    let after = cluster_at(&path, host);
+    assert!(
+        after.len() >= before.len()
+            && after[..before.len()] == before[..]
+            && after[before.len()..].iter().all(|&b| b == 0),
         "{what}: the {s} was written over"
     );
     let info = q.info(&path);

@@ -120,12 +120,14 @@ fn autoclear(path: &Path) -> u64 {
     u64::from_be_bytes(bytes[88..96].try_into().expect("8 bytes"))
 }
 
-/// Persistent bitmaps (made by `qemu-img bitmap --add`): the image opens and lists them; a
-/// read-only open leaves the bitmaps' autoclear bit alone; a writable open clears it before
-/// the first write, so nobody trusts bitmaps this engine does not maintain; data stays right.
-pub fn bitmaps_invalidated_by_writable_open<H: Harness>(h: &H) {
+/// Persistent bitmaps (made by `qemu-img bitmap --add`) are maintained by every runtime: a
+/// read-only open lists them and changes nothing; a writable open keeps the bitmaps'
+/// autoclear bit and marks each bitmap in use on disk before the first write; the close
+/// stores them back (not in use) with every written range dirty, and nothing else; the
+/// data stays right and qemu-img's check is clean (no leak).
+pub fn bitmaps_maintained_by_writable_open<H: Harness>(h: &H) {
     crate::require!(h, real_files);
-    let Some(q) = Qemu::require("snapshots::bitmaps_invalidated_by_writable_open") else {
+    let Some(q) = Qemu::require("snapshots::bitmaps_maintained_by_writable_open") else {
         return;
     };
     let dir = scratch();
@@ -134,37 +136,78 @@ pub fn bitmaps_invalidated_by_writable_open<H: Harness>(h: &H) {
     q.create(&path, "", size);
     q.io(&path, &["write -P 0x5a 0 256k"]);
     q.img(&["bitmap", "--add", &path.display().to_string(), "b0"]);
+    q.img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "4k",
+        &path.display().to_string(),
+        "b1",
+    ]);
     assert_eq!(autoclear(&path) & 1, 1, "qemu-img sets the bitmaps bit");
+    let flags = |name: &str| {
+        let info = q.info(&path);
+        let list = info["format-specific"]["data"]["bitmaps"].clone();
+        let b = list
+            .as_array()
+            .and_then(|l| l.iter().find(|b| b["name"] == name).cloned());
+        b.map(|b| b["flags"].to_string()).unwrap_or_default()
+    };
 
     let disk = must(h.open(&path, Mode::read_only()), "read-only open");
     let names: Vec<_> = disk.info().bitmaps.iter().map(|b| b.name.clone()).collect();
-    assert_eq!(names, ["b0"], "bitmaps listed");
+    assert_eq!(names, ["b0", "b1"], "bitmaps listed");
     must(disk.close(), "close");
     assert_eq!(autoclear(&path) & 1, 1, "a read-only open keeps the bit");
+    assert!(
+        !flags("b0").contains("in-use"),
+        "a read-only open marks nothing"
+    );
 
     let mut model = Model::new(size);
     model.write(0, &[0x5a; 256 << 10]);
     let mut disk = must(h.open(&path, Mode::writable()), "writable open");
-    assert_eq!(
-        autoclear(&path) & 1,
-        0,
-        "a writable open clears the bit before any write"
+    assert_eq!(autoclear(&path) & 1, 1, "a writable open keeps the bit");
+    assert!(
+        flags("b0").contains("in-use"),
+        "in use while open: {}",
+        flags("b0")
     );
     let data = pattern(7, 1 << 20, 70_000);
     must(disk.write_at(&data, 1 << 20), "write");
     model.write(1 << 20, &data);
+    must(disk.write_zeroes(3 << 20, 4096, false), "write zeroes");
+    model.zero(3 << 20, 4096);
     must(matches_model(&mut disk, &model), "reading back");
     must(disk.close(), "close");
-    assert_eq!(autoclear(&path) & 1, 0, "the bit stays clear after close");
-    // The invalidated bitmaps' clusters are what qemu-img check calls leaked (as it does
-    // after any program lacking bitmap support wrote the image); nothing is corrupt.
-    let c = q.check(&path);
-    assert_eq!(
-        (c.corruptions, c.check_errors),
-        (0, 0),
-        "qemu-img check: {}",
-        c.json
+    assert_eq!(autoclear(&path) & 1, 1, "the bit stays set after close");
+    for name in ["b0", "b1"] {
+        let f = flags(name);
+        assert!(
+            f.contains("auto") && !f.contains("in-use"),
+            "{name} stored: {f}"
+        );
+    }
+    let mut img = must(
+        qcow2_sync::Image::open(&path, &qcow2_sync::OpenOptions::read_only()),
+        "reopen",
     );
+    let ranges = |img: &mut qcow2_sync::Image, name: &str| {
+        must(img.read_bitmap(name), "read the bitmap").dirty_ranges()
+    };
+    assert_eq!(
+        ranges(&mut img, "b0"),
+        [(1 << 20, 128 << 10), (3 << 20, 64 << 10)],
+        "b0: the written ranges, in 64 KiB granules"
+    );
+    assert_eq!(
+        ranges(&mut img, "b1"),
+        [(1 << 20, 72 << 10), (3 << 20, 4 << 10)],
+        "b1: the written ranges, in 4 KiB granules"
+    );
+    drop(img);
+    let c = q.check(&path);
+    assert!(c.is_clean(), "qemu-img check: {}", c.json);
     let raw = dir.path().join("model.raw");
     model.write_raw(&raw).expect("write the model");
     must(q.same_as_raw(&path, &raw), "qemu reads the same data");

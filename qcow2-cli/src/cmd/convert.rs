@@ -10,6 +10,9 @@
 
 use std::collections::VecDeque;
 
+use std::path::Path;
+
+use qcow2_proto::{BitmapData, BitmapInfo};
 use qcow2_sync::{Cache, OpenOptions};
 
 use crate::cmd::create::{add_backing_options, create_image, plan, split_options, wants_help};
@@ -94,6 +97,10 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         });
     }
     let total: u64 = srcs.iter().map(Disk::len).sum();
+    let bitmaps = match a.bitmaps {
+        true => source_bitmaps(a, sources, target_format)?,
+        false => Vec::new(),
+    };
 
     let dst_name = dst_path.display();
     let mut opts = opts;
@@ -210,7 +217,95 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     progress.end();
     dst.close()
         .map_err(|e| CliError::new(format!("error while closing {dst_name}: {e}")))?;
+    if a.bitmaps {
+        copy_bitmaps(dst_path, &bitmaps)?;
+    }
     Ok(0)
+}
+
+/// `--bitmaps`: the source's persistent bitmaps (name, granularity, enabled, bits), read
+/// before anything is written; an inconsistent one fails the conversion, or with
+/// `--skip-broken-bitmaps` is left out with a warning (qemu-img's words).
+fn source_bitmaps(
+    a: &ConvertArgs,
+    sources: &[std::path::PathBuf],
+    target: Format,
+) -> Result<Vec<(BitmapInfo, BitmapData)>, CliError> {
+    let [source] = sources else {
+        return Err(CliError::new(
+            "Copying bitmaps only possible with single source",
+        ));
+    };
+    if target != Format::Qcow2 {
+        return Err(CliError::new(format!(
+            "Format driver '{}' does not support bitmaps",
+            a.target_format
+        )));
+    }
+    let (format, _) = resolve_format(source, a.format.as_deref(), false)?;
+    if format != Format::Qcow2 {
+        return Err(CliError::new("Source lacks bitmap support"));
+    }
+    let options = qcow2_sync::OpenOptions {
+        read_only: true,
+        force_share: a.force_share,
+        ..qcow2_sync::OpenOptions::default()
+    };
+    let mut img = qcow2_sync::Image::open(source, &options)
+        .map_err(|e| crate::disk::qcow2_open_error(source, &e))?;
+    let mut out = Vec::new();
+    for b in img.info().bitmaps.clone() {
+        if b.in_use {
+            if !a.skip_broken_bitmaps {
+                return Err(CliError::new(format!(
+                    "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                    b.name
+                )));
+            }
+            eprintln!("qcow2: warning: Skipping inconsistent bitmap '{}'", b.name);
+            continue;
+        }
+        let data = img.read_bitmap(&b.name).map_err(|e| {
+            CliError::new(format!(
+                "Failed to read bitmap {}: {}",
+                b.name,
+                engine_error(&e)
+            ))
+        })?;
+        out.push((b, data));
+    }
+    Ok(out)
+}
+
+/// `--bitmaps`: the bitmaps added to the (closed) target, with their bits and flags.
+fn copy_bitmaps(dst: &Path, bitmaps: &[(BitmapInfo, BitmapData)]) -> Result<(), CliError> {
+    if bitmaps.is_empty() {
+        return Ok(());
+    }
+    let mut img = qcow2_sync::Image::open(dst, &qcow2_sync::OpenOptions::default())
+        .map_err(|e| crate::disk::qcow2_open_error(dst, &e))?;
+    let mut result = Ok(());
+    // (In QEMU's order, the last first: it names the last that exists already.)
+    for (b, data) in bitmaps.iter().rev() {
+        let r = img
+            .bitmap_add(&b.name, b.granularity, b.auto)
+            .and_then(|()| img.bitmap_merge(&b.name, data));
+        if let Err(e) = r {
+            let e = match e {
+                qcow2_sync::Error::Request(qcow2_sync::RequestError::BitmapExists) => {
+                    format!("Bitmap already exists: {}", b.name)
+                }
+                e => engine_error(&e),
+            };
+            result = Err(CliError::new(format!(
+                "Failed to create bitmap {}: {e}",
+                b.name
+            )));
+            break;
+        }
+    }
+    img.close().map_err(|e| CliError::new(engine_error(&e)))?;
+    result
 }
 
 fn read_error(offset: u64, e: &str) -> CliError {

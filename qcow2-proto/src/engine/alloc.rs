@@ -182,7 +182,28 @@ impl Image {
         for i in 0..count {
             self.forget_cluster(start + i);
         }
+        self.allocated_up_to(self.next_free);
         Ok((start << cb, count))
+    }
+
+    /// Clusters below `end` may be in use: the file keeps them at close; and when they
+    /// come within half a step of the host space allocated ahead, the next step is
+    /// allocated ([`ImageConfig::grow_step`](crate::ImageConfig::grow_step)).
+    fn allocated_up_to(&mut self, end: u64) {
+        let end = end << self.geo.cluster_bits;
+        self.alloc_high = self.alloc_high.max(end);
+        let step = self.config.grow_step;
+        if step == 0 || self.read_only || self.has_data_file() {
+            return;
+        }
+        if end.saturating_add(step / 2) <= self.file_end || !self.op_room(1) {
+            return;
+        }
+        let from = self.file_end.max(end);
+        let to = (from + step).next_multiple_of(1 << 20);
+        // (Best effort: a failure shows again in the writes that need the space.)
+        self.issue_bare(Purpose::Mark, IoKind::Allocate { len: to - from }, from);
+        self.grew = true;
     }
 
     /// Host space for a compressed stream of `n` bytes (less than a cluster): after the
@@ -310,6 +331,7 @@ impl Image {
         self.set_reftable(ri, key);
         self.rt_dirty[ri * 8 / TABLE_CHUNK] = true;
         self.next_free = c + 1;
+        self.allocated_up_to(self.next_free);
         Ok(())
     }
 
@@ -351,6 +373,7 @@ impl Image {
         self.hdr.encode(self.header_buf.as_mut_slice());
         self.header_dirty = true;
         self.next_free = c + 1 + k;
+        self.allocated_up_to(self.next_free);
         Ok(())
     }
 

@@ -486,22 +486,32 @@ impl Image {
         if live.list.len() >= MAX_BITMAPS || dir_bytes + more > MAX_DIRECTORY_BYTES {
             return Err(RequestError::TooManyBitmaps);
         }
-        live.list.push(LiveBitmap {
-            disk: DirEntry {
-                table_offset: 0,
-                table_size: 0,
-                flags: 0,
-                kind: TYPE_DIRTY_TRACKING,
-                granularity_bits: gran as u8,
-                extra: Vec::new(),
-                name: name.as_bytes().to_vec(),
+        // (As QEMU orders its directory: the stored bitmaps, then this session's new ones,
+        // the latest first.)
+        let at = live
+            .list
+            .iter()
+            .position(|b| b.disk.table_size == 0 && b.bits.is_some() && !b.stale)
+            .unwrap_or(live.list.len());
+        live.list.insert(
+            at,
+            LiveBitmap {
+                disk: DirEntry {
+                    table_offset: 0,
+                    table_size: 0,
+                    flags: 0,
+                    kind: TYPE_DIRTY_TRACKING,
+                    granularity_bits: gran as u8,
+                    extra: Vec::new(),
+                    name: name.as_bytes().to_vec(),
+                },
+                enabled,
+                stale: false,
+                bits: Some(vec![0; bytes as usize]),
+                over_stored: false,
+                stored_limit: u64::MAX,
             },
-            enabled,
-            stale: false,
-            bits: Some(vec![0; bytes as usize]),
-            over_stored: false,
-            stored_limit: u64::MAX,
-        });
+        );
         live.changed = true;
         self.sync_bitmap_info();
         Ok(())

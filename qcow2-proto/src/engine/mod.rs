@@ -361,6 +361,11 @@ pub struct Image {
     /// Highest byte the file may hold data at (file length at open, grown by every write
     /// issued since): clusters past it read as zero without being written.
     file_end: u64,
+    /// End of the host space allocated to clusters (a high-water mark, bytes): what the
+    /// file is cut back to at close after growing ahead.
+    alloc_high: u64,
+    /// Whether host space was allocated ahead of use ([`ImageConfig::grow_step`]).
+    grew: bool,
     free_list: Vec<u64>,
     pending_frees: VecDeque<Free>,
     staging: Vec<IoBuf>,
@@ -468,6 +473,8 @@ impl Image {
             rb: Cache::new(512, 2),
             next_free: 1,
             file_end: 0,
+            alloc_high: 0,
+            grew: false,
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
             staging: Vec::new(),
@@ -1136,6 +1143,15 @@ impl Image {
         }
         if !self.read_only && self.poisoned.is_none() && !self.wait_all_durable(t) {
             return false;
+        }
+        if std::mem::take(&mut self.grew) && self.poisoned.is_none() {
+            // Host space allocated ahead and not used goes back.
+            let keep = self.alloc_high.max(self.config.file_len);
+            if self.file_end > keep && self.op_room(1) {
+                self.issue_bare(Purpose::TaskIo { task: t }, IoKind::SetLen, keep);
+                self.task(t).inflight += 1;
+                return false;
+            }
         }
         // The runtime closes the file at `Done`, and the image may be opened again at once:
         // nothing may still be in flight (a read-only image's corrupt-bit cycle, the writes
