@@ -134,6 +134,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod amend;
 pub mod check;
 pub mod codec;
 mod config;
@@ -147,12 +148,13 @@ mod io;
 pub mod measure;
 mod request;
 
+pub use amend::AmendOptions;
 pub use check::{CheckReport, Repair};
 pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation, SnapshotRef};
 pub use engine::Image;
 pub use error::{
-    BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError,
-    RequestError, Structure, SubmitError, Table,
+    AmendError, BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError,
+    OpenError, RequestError, Structure, SubmitError, Table,
 };
 pub use event::Event;
 pub use info::{BitmapData, BitmapInfo, ImageInfo, SnapshotInfo};

@@ -39,8 +39,8 @@ pub use file::HostFile;
 pub use io_adapter::ImageIo;
 pub use lock::{lock_image, LockMode};
 pub use qcow2_proto::{
-    Allocation, BitmapData, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
-    Preallocation, Repair, RequestError, SnapshotRef,
+    Allocation, AmendError, AmendOptions, BitmapData, BlockStatus, CheckReport, CreateOptions,
+    ImageInfo, Limits, OpenError, Preallocation, Repair, RequestError, SnapshotRef,
 };
 use qcow2_proto::{
     CacheMode, Event, Feature, ImageConfig, IoError, IoOp, Outcome, Request, SubmitError, Target,
@@ -647,6 +647,15 @@ impl<F: HostFile> Image<F> {
         self.info.backing_file = name.map(str::to_owned);
         self.info.backing_format = format.map(str::to_owned);
         Ok(())
+    }
+
+    /// Changes format options as `qemu-img amend -o` does (compat upgrade, lazy refcounts,
+    /// refcount width, compat downgrade, in that order), durably. A refusal
+    /// ([`RequestError::Amend`](qcow2_proto::RequestError::Amend)) leaves the image as it
+    /// was. [`info`](Self::info) shows the new options afterwards.
+    pub fn amend(&mut self, options: AmendOptions) -> Result<(), Error> {
+        let id = self.engine.amend(options)?;
+        self.wait_snapshot_task(id)
     }
 
     /// Creates internal snapshot `name` of the image's current contents (no VM state),

@@ -47,13 +47,14 @@ mod calc;
 mod compare;
 mod copied;
 mod imrt;
-mod pass;
+pub(crate) mod pass;
+mod reorder;
 mod repair;
 mod snapshots;
 mod walk;
 
 use crate::error::OpenError;
-use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
+use crate::io::{IoBuf, IoError, IoOp, OpId, Segment};
 
 use pass::{Fix, Pass, PassResult, Req, Step};
 
@@ -248,8 +249,8 @@ impl Checker {
         self
     }
 
-    /// Next op to perform: [`Target::Image`], kinds [`IoKind::Read`], [`IoKind::Write`],
-    /// [`IoKind::Flush`] and [`IoKind::SetLen`] only, segments only [`Segment::Buf`]. One op
+    /// Next op to perform: [`Target::Image`](crate::Target::Image), kinds [`IoKind::Read`](crate::IoKind::Read), [`IoKind::Write`](crate::IoKind::Write),
+    /// [`IoKind::Flush`](crate::IoKind::Flush) and [`IoKind::SetLen`](crate::IoKind::SetLen) only, segments only [`Segment::Buf`]. One op
     /// at a time: the next comes after the previous one's [`complete`](Self::complete).
     pub fn poll_io(&mut self) -> Option<IoOp> {
         if self.outstanding.is_none() && self.ready.is_none() {
@@ -358,28 +359,7 @@ impl Checker {
     fn make_op(&mut self, req: Req) -> IoOp {
         let id = OpId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
-        let mut segments = Segments::new();
-        let (kind, offset) = match req {
-            Req::Read { offset, len } => {
-                segments.push(Segment::Buf(IoBuf::zeroed(len)));
-                (IoKind::Read, offset)
-            }
-            Req::Write { offset, data } => {
-                let mut buf = IoBuf::zeroed(data.len());
-                buf.as_mut_slice().copy_from_slice(&data);
-                segments.push(Segment::Buf(buf));
-                (IoKind::Write, offset)
-            }
-            Req::Flush => (IoKind::Flush, 0),
-            Req::SetLen(len) => (IoKind::SetLen, len),
-        };
-        IoOp {
-            id,
-            target: Target::Image,
-            kind,
-            offset,
-            segments,
-        }
+        req.into_op(id)
     }
 }
 

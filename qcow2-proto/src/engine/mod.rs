@@ -22,6 +22,7 @@
 //!    close is done only with no op outstanding, since the runtime then closes the file.
 
 mod alloc;
+mod amend;
 mod backing;
 mod bitmaps;
 mod cache;
@@ -39,6 +40,7 @@ use std::collections::VecDeque;
 
 use arrayvec::ArrayVec;
 
+use crate::amend::{AmendOptions, Amender};
 use crate::check::{CheckReport, Checker, Repair};
 use crate::config::{CreateOptions, ImageConfig, Preallocation};
 use crate::error::{CorruptReason, Corruption, RequestError, Structure, SubmitError};
@@ -105,7 +107,7 @@ enum Purpose {
     TaskIo {
         task: u32,
     },
-    /// An op of the checker run by task `task`, known to the checker as `inner`.
+    /// An op of the checker (or the amender) run by task `task`, known to it as `inner`.
     Check {
         task: u32,
         inner: u32,
@@ -197,6 +199,7 @@ enum Kind {
     WriteCompressed,
     Snapshot,
     BitmapRead,
+    Amend(AmendOptions),
 }
 
 impl Kind {
@@ -210,6 +213,7 @@ impl Kind {
                 | Self::MakeEmpty
                 | Self::SetBacking
                 | Self::Snapshot
+                | Self::Amend(_)
         )
     }
 
@@ -397,6 +401,8 @@ pub struct Image {
     cache_full: bool,
     /// The checker of a running check task.
     checker: Option<Box<Checker>>,
+    /// The amender of a running amend task.
+    amender: Option<Box<Amender>>,
     /// The check task waiting for metadata to be reloaded after a repair.
     reload_task: Option<u32>,
     /// The backing file, once the image names one and the runtime attached it.
@@ -491,6 +497,7 @@ impl Image {
             poisoned: None,
             cache_full: false,
             checker: None,
+            amender: None,
             reload_task: None,
             backing: None,
             data_file: None,
@@ -764,6 +771,8 @@ impl Image {
                 let n = op.len() as usize;
                 if let Some(checker) = self.checker.as_mut() {
                     checker.complete(op, result.map(|()| n));
+                } else if let Some(amender) = self.amender.as_mut() {
+                    amender.complete(op, result.map(|()| n));
                 }
                 self.task_io_done(task, Ok(()));
             }
@@ -1011,6 +1020,7 @@ impl Image {
             Kind::WriteCompressed => self.step_write_compressed(t),
             Kind::Snapshot => self.step_snapshot(t),
             Kind::BitmapRead => self.step_bitmap_read(t),
+            Kind::Amend(options) => self.step_amend(t, options),
         };
         if finished {
             self.finish(t);
