@@ -553,12 +553,6 @@ pub enum AmendError {
     /// bitmaps' clusters leaked; this engine refuses instead).
     #[error("Cannot downgrade an image with persistent bitmaps (remove them first)")]
     DowngradeBitmaps,
-    /// A downgrade of an image whose zero clusters would need new clusters (zero clusters
-    /// over a backing file); not implemented yet.
-    #[error(
-        "Cannot downgrade an image with zero clusters over a backing file (not supported yet)"
-    )]
-    DowngradeZeroOverBacking,
     /// An upgrade of an image whose snapshot table lacks the entries' version 3 fields;
     /// not implemented yet.
     #[error(

@@ -11,10 +11,11 @@
 //!   first sector switches (one sector write), then flushes again;
 //! * a refcount width change is a reorder pass of the checker (see `check::reorder`): new
 //!   structures first, one header write switches them in;
-//! * a downgrade first expands zero clusters in place (zeroes written and flushed before an
-//!   entry drops its zero flag; an unallocated zero cluster of an image without a backing
-//!   file simply becomes unallocated, which reads the same), then writes the version 2
-//!   header.
+//! * a downgrade first expands zero clusters (zeroes written and flushed before an entry
+//!   drops its zero flag; an unallocated zero cluster of an image without a backing file
+//!   simply becomes unallocated, which reads the same; one over a backing file gets a new
+//!   cluster of zeroes, counted by a new refcount structure switched in before any entry
+//!   points at it), then writes the version 2 header.
 
 mod plan;
 mod zeroes;
@@ -79,9 +80,12 @@ enum Stage {
     Header,
     /// Scan the L2 tables for what a downgrade must expand.
     Scan(Box<Scan>),
-    /// Perform these requests, then read the header again.
+    /// Perform these requests, then go on with the queued stage (or read the header
+    /// again).
     Writes(VecDeque<Req>),
-    /// A refcount width change.
+    /// A new refcount structure: at `order`, counting `added` `(cluster, refcount)` too.
+    Recount { order: u32, added: Vec<(u64, u64)> },
+    /// A refcount structure being written.
     Reorder(Box<Pass>),
     /// Over.
     Done,
@@ -97,6 +101,10 @@ pub(crate) struct Amender {
     validated: bool,
     /// What the downgrade scan found, applied when the downgrade comes.
     expansion: Option<Box<Scan>>,
+    /// Stages to run before the header is read again.
+    then: VecDeque<Stage>,
+    /// Where the outstanding write ends (the file grows to there when it succeeds).
+    write_end: u64,
     next_id: u32,
     outstanding: Option<OpId>,
     ready: Option<IoOp>,
@@ -113,6 +121,8 @@ impl Amender {
             stage: Stage::Header,
             validated: false,
             expansion: None,
+            then: VecDeque::new(),
+            write_end: 0,
             next_id: 0,
             outstanding: None,
             ready: None,
@@ -137,6 +147,9 @@ impl Amender {
             return;
         }
         self.outstanding = None;
+        if result.is_ok() {
+            self.img.file_len = self.img.file_len.max(self.write_end);
+        }
         let buf = op.segments.into_iter().find_map(|s| match s {
             Segment::Buf(b) => Some(b),
             _ => None,
@@ -158,6 +171,10 @@ impl Amender {
     }
 
     fn issue(&mut self, req: Req) {
+        self.write_end = match &req {
+            Req::Write { offset, data } => offset + data.len() as u64,
+            _ => 0,
+        };
         let id = OpId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
         self.ready = Some(req.into_op(id));
@@ -214,8 +231,12 @@ impl Amender {
                             self.stage = Stage::Writes(reqs);
                             self.issue(req);
                         }
-                        None => self.stage = Stage::Header,
+                        None => self.stage = self.then.pop_front().unwrap_or(Stage::Header),
                     }
+                }
+                Stage::Recount { order, added } => {
+                    let (len, limit) = (self.img.file_len, self.img.memory_limit);
+                    self.stage = Stage::Reorder(Box::new(Pass::reorder(len, order, limit, added)));
                 }
                 Stage::Reorder(mut pass) => {
                     if let Some(input) = self.input.take() {
@@ -241,7 +262,7 @@ impl Amender {
                             } else if self.result.is_some() {
                                 self.stage = Stage::Done;
                             } else {
-                                self.stage = Stage::Header;
+                                self.stage = self.then.pop_front().unwrap_or(Stage::Header);
                             }
                         }
                     }
@@ -272,17 +293,25 @@ impl Amender {
             self.stage = Stage::Writes(plan::lazy_writes(&h, lazy));
         } else if let Some(bits) = o.refcount_bits.filter(|&b| b != 1 << h.refcount_order) {
             let order = bits.trailing_zeros();
-            let pass = Pass::reorder(self.img.file_len, order, self.img.memory_limit);
-            self.stage = Stage::Reorder(Box::new(pass));
+            self.stage = Stage::Recount {
+                order,
+                added: Vec::new(),
+            };
         } else if o.version.is_some_and(|v| v < h.version) {
-            let mut reqs = self
-                .expansion
-                .take()
-                .map(|s| s.writes())
-                .unwrap_or_default();
-            let bytes = plan::relaid(cluster0, &layout, 2)?;
-            reqs.extend(plan::header_writes(&bytes));
-            self.stage = Stage::Writes(reqs);
+            if let Some(x) = self.expansion.take().map(|s| s.expansion()) {
+                // Zero clusters first; the header comes when it is read again.
+                if !x.allocs.is_empty() {
+                    self.then.push_back(Stage::Recount {
+                        order: h.refcount_order,
+                        added: x.allocs,
+                    });
+                }
+                self.then.push_back(Stage::Writes(x.tables));
+                self.stage = Stage::Writes(x.zeroes);
+            } else {
+                let bytes = plan::relaid(cluster0, &layout, 2)?;
+                self.stage = Stage::Writes(plan::header_writes(&bytes));
+            }
         } else {
             self.finish(Ok(()));
         }

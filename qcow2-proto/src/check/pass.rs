@@ -315,6 +315,9 @@ pub(crate) struct Pass {
     pub(super) header_error: Option<OpenError>,
     /// A reorder pass: the refcount order to rewrite the structure at.
     pub(super) reorder: Option<u32>,
+    /// Refcounts a reorder pass adds: `(cluster, refcount)` of clusters about to be
+    /// referenced (they are not yet).
+    pub(super) added: Vec<(u64, u64)>,
     /// Why a reorder pass refused the change.
     pub(super) amend_error: Option<crate::error::AmendError>,
     /// A rebuilt structure is in the header now.
@@ -367,6 +370,7 @@ impl Pass {
             total_clusters: 0,
             header_error: None,
             reorder: None,
+            added: Vec::new(),
             amend_error: None,
             switched: false,
             stage: Stage::Header,
@@ -377,9 +381,12 @@ impl Pass {
 
     /// A pass that rewrites the refcount structure at refcount order `order` (see
     /// the `reorder` module) and then checks the image against it, repairing nothing.
-    pub fn reorder(file_len: u64, order: u32, memory_limit: u64) -> Self {
+    /// `added` are `(cluster, refcount)` of clusters the new structure counts although
+    /// nothing references them yet (the caller links them after the switch).
+    pub fn reorder(file_len: u64, order: u32, memory_limit: u64, added: Vec<(u64, u64)>) -> Self {
         let mut pass = Self::new(file_len, Fix::default(), memory_limit);
         pass.reorder = Some(order);
+        pass.added = added;
         pass
     }
 

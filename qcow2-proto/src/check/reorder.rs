@@ -10,6 +10,11 @@
 //! (rule D). The old reftable and refblocks hold refcount 0 in the new structure from the
 //! start, so the switch frees them. The pass then checks the image again against the new
 //! structure.
+//!
+//! The same pass at the current width counts clusters about to be linked (a downgrade's
+//! zero clusters over a backing file, allocated past the end of the file): their refcounts
+//! are in place before any entry points at them (rule A), so a crash in between only
+//! leaks them.
 
 use crate::error::AmendError;
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
@@ -80,6 +85,13 @@ impl Pass {
         while let Some(used) = self.disk.next_used(c, self.disk.len()) {
             wide.set(used, self.disk.get(used));
             c = used + 1;
+        }
+        let end = self.added.iter().map(|&(c, _)| c + 1).max().unwrap_or(0);
+        if end > wide.len() && wide.grow(end, &mut self.budget).is_err() {
+            return self.refuse(AmendError::OutOfMemory, ENOMEM);
+        }
+        for &(c, r) in &self.added {
+            wide.set(c, r.min(refcount::max(order)));
         }
         // The old structure stays in use (and untouched) until the switch.
         let old = self.old_structure();
