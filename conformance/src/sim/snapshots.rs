@@ -29,7 +29,7 @@ struct State {
 }
 
 /// Reads the whole disk of an open simulated image.
-fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
+pub(super) fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
     match sim.run(
         Request::Read { offset: 0, len },
         Some(vec![0; len as usize]),
@@ -40,7 +40,7 @@ fn read_all(sim: &mut Sim, len: u64) -> SimResult<Vec<u8>> {
     }
 }
 
-fn read_only() -> ImageConfig {
+pub(super) fn read_only() -> ImageConfig {
     let mut c = ImageConfig::new(0);
     c.read_only = true;
     c

@@ -1,6 +1,8 @@
 //! `qemu-img amend` for qcow2: compat upgrade and downgrade, lazy refcounts on and off, and
 //! a new refcount width, in QEMU's order (upgrade, lazy refcounts, refcount width,
-//! downgrade).
+//! downgrade). Each step is atomic; an amend of several options passes through the formats
+//! of that order (an upgrade takes lazy refcounts along in its header write, and a
+//! downgrade drops them in its own).
 //!
 //! [`Amender`] is a sans-IO machine with one op outstanding at a time, run by the engine
 //! (like the checker) once everything before it is durable; the engine reads its metadata
@@ -101,6 +103,10 @@ pub(crate) struct Amender {
     validated: bool,
     /// What the downgrade scan found, applied when the downgrade comes.
     expansion: Option<Box<Scan>>,
+    /// The reorder pass running is a dry one.
+    dry: bool,
+    /// The downgrade's scan ran.
+    scanned: bool,
     /// Stages to run before the header is read again.
     then: VecDeque<Stage>,
     /// Where the outstanding write ends (the file grows to there when it succeeds).
@@ -122,6 +128,8 @@ impl Amender {
             validated: false,
             expansion: None,
             then: VecDeque::new(),
+            dry: false,
+            scanned: false,
             write_end: 0,
             next_id: 0,
             outstanding: None,
@@ -257,10 +265,12 @@ impl Amender {
                             let done = pass.result();
                             if let Some(e) = done.amend_error {
                                 self.finish(Err(e.into()));
-                            } else if done.failed || !done.switched {
+                            } else if done.failed || !done.switched && !self.dry {
                                 self.finish(Err(AmendError::NeedsRepair.into()));
                             } else if self.result.is_some() {
                                 self.stage = Stage::Done;
+                            } else if std::mem::take(&mut self.dry) {
+                                self.stage = Stage::Header;
                             } else {
                                 self.stage = self.then.pop_front().unwrap_or(Stage::Header);
                             }
@@ -277,19 +287,38 @@ impl Amender {
         let layout =
             Layout::parse_with(cluster0, false, false).map_err(RequestError::CheckFailed)?;
         let h = layout.header;
+        let o = self.opts;
+        let downgrade = o.version.is_some_and(|v| v < h.version);
         if !self.validated {
-            plan::refuse(&self.opts, &layout, &self.img)?;
+            plan::refuse(&o, &layout, &self.img)?;
             self.validated = true;
-            if self.opts.version == Some(2) && h.version >= 3 {
-                self.stage = Stage::Scan(Box::new(Scan::new(&layout, &self.img)));
+            let narrower = o.refcount_bits.is_some_and(|b| b < 1 << h.refcount_order);
+            let earlier = o.version.is_some_and(|v| v > h.version)
+                || o.lazy_refcounts.is_some_and(|l| l != plan::lazy(&h));
+            if narrower && earlier {
+                // A refcount that does not fit must refuse before the upgrade is made.
+                let order = o.refcount_bits.unwrap_or(16).trailing_zeros();
+                let (len, limit) = (self.img.file_len, self.img.memory_limit);
+                self.dry = true;
+                self.stage = Stage::Reorder(Box::new(Pass::reorder_dry(len, order, limit)));
                 return Ok(());
             }
         }
-        let o = self.opts;
+        if downgrade && !self.scanned {
+            self.scanned = true;
+            self.stage = Stage::Scan(Box::new(Scan::new(&layout, &self.img)));
+            return Ok(());
+        }
         if o.version.is_some_and(|v| v > h.version) {
-            let bytes = plan::relaid(cluster0, &layout, 3)?;
+            // Lazy refcounts come with the upgrade, in the same header write.
+            let lazy = o.lazy_refcounts == Some(true);
+            let bytes = plan::relaid(cluster0, &layout, 3, lazy)?;
             self.stage = Stage::Writes(plan::header_writes(&bytes));
-        } else if let Some(lazy) = o.lazy_refcounts.filter(|&l| l != plan::lazy(&h)) {
+        } else if let Some(lazy) = o
+            .lazy_refcounts
+            .filter(|&l| l != plan::lazy(&h) && !downgrade)
+        {
+            // (A downgrade drops the bit with the rest of the version 3 header.)
             self.stage = Stage::Writes(plan::lazy_writes(&h, lazy));
         } else if let Some(bits) = o.refcount_bits.filter(|&b| b != 1 << h.refcount_order) {
             let order = bits.trailing_zeros();
@@ -297,7 +326,7 @@ impl Amender {
                 order,
                 added: Vec::new(),
             };
-        } else if o.version.is_some_and(|v| v < h.version) {
+        } else if downgrade {
             if let Some(x) = self.expansion.take().map(|s| s.expansion()) {
                 // Zero clusters first; the header comes when it is read again.
                 if !x.allocs.is_empty() {
@@ -309,7 +338,7 @@ impl Amender {
                 self.then.push_back(Stage::Writes(x.tables));
                 self.stage = Stage::Writes(x.zeroes);
             } else {
-                let bytes = plan::relaid(cluster0, &layout, 2)?;
+                let bytes = plan::relaid(cluster0, &layout, 2, false)?;
                 self.stage = Stage::Writes(plan::header_writes(&bytes));
             }
         } else {

@@ -61,12 +61,14 @@ pub(super) fn refuse(o: &AmendOptions, layout: &Layout, img: &Image) -> Result<(
 
 /// Cluster 0 laid out for `version` as QEMU's `qcow2_update_header` writes it: 72 header
 /// bytes and no feature-name table for version 2; 112 bytes, QEMU's feature-name table and
-/// every feature bit cleared for an upgrade to version 3; every other extension and the
+/// every feature bit cleared (but lazy refcounts, with `lazy`) for an upgrade to version 3
+/// (without the table when it does not fit, as in QEMU); every other extension and the
 /// backing file name kept.
 pub(super) fn relaid(
     cluster0: &[u8],
     layout: &Layout,
     version: u32,
+    lazy: bool,
 ) -> Result<Vec<u8>, RequestError> {
     let h = layout.header;
     let len = cluster0.len();
@@ -92,16 +94,25 @@ pub(super) fn relaid(
             FeatureTable::Drop
         },
     };
-    let (mut bytes, at, n) = relayout(cluster0, &spec)
-        .map_err(|e| RequestError::CheckFailed(e.into()))?
-        .ok_or(AmendError::HeaderTooLarge)?;
+    let lay = |spec: &Relayout<'_>| {
+        relayout(cluster0, spec).map_err(|e| RequestError::CheckFailed(e.into()))
+    };
+    // Like QEMU, the feature-name table is left out when it does not fit.
+    let laid = match lay(&spec)? {
+        None if v3 => lay(&Relayout {
+            features: FeatureTable::Drop,
+            ..spec
+        })?,
+        laid => laid,
+    };
+    let (mut bytes, at, n) = laid.ok_or(AmendError::HeaderTooLarge)?;
     let mut new = h;
     new.version = version;
     new.backing_file_offset = at;
     new.backing_file_size = n;
     if v3 && h.version < 3 {
         new.incompatible_features = 0;
-        new.compatible_features = 0;
+        new.compatible_features = if lazy { compat::LAZY_REFCOUNTS } else { 0 };
         new.autoclear_features = 0;
         new.refcount_order = 4;
         new.header_length = V3_HEADER_LEN;

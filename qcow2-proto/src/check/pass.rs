@@ -318,6 +318,8 @@ pub(crate) struct Pass {
     /// Refcounts a reorder pass adds: `(cluster, refcount)` of clusters about to be
     /// referenced (they are not yet).
     pub(super) added: Vec<(u64, u64)>,
+    /// A reorder pass that only checks that every refcount fits the new width.
+    pub(super) dry: bool,
     /// Why a reorder pass refused the change.
     pub(super) amend_error: Option<crate::error::AmendError>,
     /// A rebuilt structure is in the header now.
@@ -371,6 +373,7 @@ impl Pass {
             header_error: None,
             reorder: None,
             added: Vec::new(),
+            dry: false,
             amend_error: None,
             switched: false,
             stage: Stage::Header,
@@ -387,6 +390,14 @@ impl Pass {
         let mut pass = Self::new(file_len, Fix::default(), memory_limit);
         pass.reorder = Some(order);
         pass.added = added;
+        pass
+    }
+
+    /// A reorder pass that writes nothing: it fails as [`reorder`](Self::reorder) would
+    /// when a refcount does not fit `order`, and is done otherwise.
+    pub fn reorder_dry(file_len: u64, order: u32, memory_limit: u64) -> Self {
+        let mut pass = Self::reorder(file_len, order, memory_limit, Vec::new());
+        pass.dry = true;
         pass
     }
 

@@ -21,7 +21,7 @@ use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::format::Geometry;
 
 use super::imrt::RefArray;
-use super::pass::{Flow, Pass, EINVAL, ENOMEM};
+use super::pass::{Flow, Pass, Stage, EINVAL, ENOMEM};
 use super::repair;
 
 impl Pass {
@@ -75,6 +75,10 @@ impl Pass {
                 refcount: r,
             };
             return self.refuse(e, EINVAL);
+        }
+        if self.dry {
+            self.stage = Stage::Done;
+            return Flow::Next;
         }
         let geo = Geometry::new(self.img.cluster_bits, order);
         let mut wide = RefArray::new(&geo);

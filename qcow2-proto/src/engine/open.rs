@@ -79,7 +79,13 @@ impl Image {
                     self.events
                         .push_back(Event::Poisoned(RequestError::Poisoned));
                     let task = self.task(t);
-                    task.error.get_or_insert(RequestError::CheckFailed(e));
+                    let e = match (task.kind, e) {
+                        // (An amend reports what failed, not a check.)
+                        (super::Kind::Amend(_), OpenError::Io(io)) => RequestError::Io(io),
+                        (super::Kind::Amend(_), _) => RequestError::Poisoned,
+                        (_, e) => RequestError::CheckFailed(e),
+                    };
+                    task.error.get_or_insert(e);
                     self.make_runnable(t);
                     return;
                 }
