@@ -210,7 +210,7 @@ pub fn run(a: &AmendArgs) -> CmdResult {
         return Ok(0);
     }
     let [path] = a.filenames.as_slice() else {
-        return Err(usage("amend", "Expecting one image file name"));
+        return Err(CliError::new("Expecting one image file name"));
     };
     let (format, _) = resolve_format(path, a.format.as_deref(), true)?;
     if format != Format::Qcow2 {
