@@ -60,6 +60,11 @@
 //!   durable (rule B). A crash can leave COPIED flags that disagree with refcounts (as
 //!   QEMU's operations can), never a refcount below its references.
 //!   [`Image::open_snapshot`] reads a snapshot without applying it.
+//! * **Amend** ([`Image::amend`], [`AmendOptions`]): compat upgrade and downgrade, lazy
+//!   refcounts, refcount width, as `qemu-img amend` does them and in its order, as one
+//!   exclusive task over the file (like check) after which the engine reads its metadata
+//!   again. A new refcount width is a new structure written in free space and switched in
+//!   by one header-sector write (rule D); refusals ([`AmendError`]) come before any write.
 //! * **Persistent dirty bitmaps** are read with [`Image::read_bitmap`]. They are not
 //!   maintained yet: a writable open clears their autoclear bit, so that no stale bitmap is
 //!   ever taken for valid.

@@ -21,14 +21,13 @@
 use std::cell::RefCell;
 
 use qcow2_proto::{
-    AmendError, AmendOptions, ImageConfig, ImageInfo, Outcome, Repair, Request, RequestError,
-    SnapshotRef,
+    AmendError, AmendOptions, ImageInfo, Outcome, Request, RequestError, SnapshotRef,
 };
 
 use super::disk::SimDisk;
-use super::driver::{Fault, FaultKind, Sim, SimResult};
+use super::driver::{Sim, SimResult};
 use super::rng::Rng;
-use super::snapshots::{read_all, read_only};
+use super::snapshots::{clean_after_repair, fault_at, fault_runs, read_all, read_only};
 use super::{create_options, engine_config, CrashConfig, Tally, START_SIZE};
 use crate::model::{pattern, synthetic_backing};
 
@@ -127,21 +126,7 @@ fn verify(img: Vec<u8>, state: &State, formats: &[Format], seed: u64) -> Option<
         Ok(_) => return Some("the snapshot reads differently".into()),
         Err(e) => return Some(format!("snapshot: {e}")),
     }
-    let mut config = ImageConfig::new(0);
-    config.check_only = true;
-    let repaired = Sim::open(SimDisk::new(img), config, seed).and_then(|(mut s, _)| {
-        let repair = Request::Check {
-            repair: Some(Repair::All),
-        };
-        s.run(repair, None, &mut |_| {})?
-            .0
-            .map_err(|e| format!("repair: {e}"))?;
-        s.run(Request::Check { repair: None }, None, &mut |_| {})
-    });
-    match repaired {
-        Ok((Ok(Outcome::Check(r)), _)) if r.corruptions == 0 && r.leaks == 0 => None,
-        other => Some(format!("check after check -r all: {other:?}")),
-    }
+    clean_after_repair(img, seed)
 }
 
 /// Random writes and zeroes over the state's active disk, then a flush.
@@ -217,15 +202,7 @@ fn run_one(
         let last = step + 1 == steps;
         let start = sim.completions;
         if let (Some(at), true) = (fault, last) {
-            sim.fault = Some(Fault {
-                at: start.saturating_add(at),
-                errno: if at % 2 == 0 { 5 } else { 28 },
-                kind: match at % 3 {
-                    0 => FaultKind::Fail,
-                    1 => FaultKind::Torn,
-                    _ => FaultKind::Short,
-                },
-            });
+            sim.fault = Some(fault_at(start, at));
         }
         let faulty = fault.is_some();
         let (result, _) = sim.run_with(&what, |e| e.amend(o), None, &mut |d| {
@@ -288,17 +265,9 @@ pub fn amend_crash_test(name: &str, cfg: CrashConfig) -> Tally {
 /// amends).
 pub fn amend_fault_test(name: &str, cfg: CrashConfig) -> (u64, u64) {
     let tally = RefCell::new(Tally::default());
-    let (mut runs, mut failed) = (0, 0);
-    for seed in 1..=crate::prop::test_count(cfg.scripts) {
-        let (total, _) = run_one(&cfg, seed, cfg.script_len, &tally, Some(u64::MAX))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        for at in 0..total {
-            let (_, f) = run_one(&cfg, seed, cfg.script_len, &tally, Some(at))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            runs += 1;
-            failed += u64::from(f);
-        }
-    }
+    let (runs, failed) = fault_runs(name, cfg.scripts, |seed, fault| {
+        run_one(&cfg, seed, cfg.script_len, &tally, fault)
+    });
     println!("{name}: fault runs: {runs}, failed amends: {failed}");
     (runs, failed)
 }

@@ -7,12 +7,11 @@ use std::path::Path;
 
 use qcow2_sync::{AmendOptions, Image, OpenOptions};
 
-use crate::cmd::create::split_options;
+use crate::cmd::create::{parse_bool, parse_size_opt, split_options};
 use crate::cmd::usage;
 use crate::disk::{engine_error, qcow2_open_error, resolve_format, Format};
 use crate::error::{CliError, CmdResult};
 use crate::progress::Progress;
-use crate::size::parse_size;
 use crate::AmendArgs;
 
 /// qemu-img's list of qcow2 amend options (`-o help`).
@@ -62,16 +61,6 @@ struct Parsed {
     encrypt: bool,
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, CliError> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(CliError::new(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
-    }
-}
-
 /// Parses the options as qemu's option parser does: unknown names and malformed values
 /// fail first, whatever the order.
 fn parse(opts: &[(String, String)]) -> Result<Parsed, CliError> {
@@ -79,21 +68,12 @@ fn parse(opts: &[(String, String)]) -> Result<Parsed, CliError> {
     for (k, v) in opts {
         match k.as_str() {
             "compat" => p.compat = Some(v.clone()),
-            "size" => {
-                let n = parse_size(v).map_err(|_| {
-                    CliError::new(
-                        "Parameter 'size' expects a non-negative number below 2^64\n\
-                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-                         and exabytes, respectively.",
-                    )
-                })?;
-                p.size = Some(n);
-            }
+            "size" => p.size = Some(parse_size_opt(k, v).map_err(CliError::new)?),
             "backing_file" => p.backing_file = Some(v.clone()),
             "backing_fmt" => p.backing_fmt = Some(v.clone()),
             "data_file" => p.data_file = Some(v.clone()),
-            "data_file_raw" => p.data_file_raw = Some(parse_bool(k, v)?),
-            "lazy_refcounts" => p.lazy_refcounts = Some(parse_bool(k, v)?),
+            "data_file_raw" => p.data_file_raw = Some(parse_bool(k, v).map_err(CliError::new)?),
+            "lazy_refcounts" => p.lazy_refcounts = Some(parse_bool(k, v).map_err(CliError::new)?),
             "refcount_bits" => {
                 let n = v
                     .parse::<u64>()

@@ -25,10 +25,11 @@ mod zeroes;
 use std::collections::VecDeque;
 
 use crate::check::pass::{Pass, Req, Step};
+use crate::check::serial::{OpResult, Serial};
 use crate::error::{AmendError, RequestError};
 use crate::format::Layout;
 use crate::info::SnapshotInfo;
-use crate::io::{IoBuf, IoError, IoOp, OpId, Segment};
+use crate::io::{IoError, IoOp};
 
 use zeroes::Scan;
 
@@ -111,10 +112,8 @@ pub(crate) struct Amender {
     then: VecDeque<Stage>,
     /// Where the outstanding write ends (the file grows to there when it succeeds).
     write_end: u64,
-    next_id: u32,
-    outstanding: Option<OpId>,
-    ready: Option<IoOp>,
-    input: Option<Result<(IoBuf, usize), IoError>>,
+    ops: Serial,
+    input: Option<OpResult>,
     result: Option<Result<(), RequestError>>,
 }
 
@@ -131,9 +130,7 @@ impl Amender {
             dry: false,
             scanned: false,
             write_end: 0,
-            next_id: 0,
-            outstanding: None,
-            ready: None,
+            ops: Serial::default(),
             input: None,
             result: None,
         }
@@ -141,38 +138,27 @@ impl Amender {
 
     /// The next op (one at a time).
     pub fn poll_io(&mut self) -> Option<IoOp> {
-        if self.outstanding.is_none() && self.ready.is_none() {
+        if self.ops.idle() {
             self.drive();
         }
-        let op = self.ready.take()?;
-        self.outstanding = Some(op.id);
-        Some(op)
+        self.ops.take()
     }
 
     /// The result of the op last returned by [`poll_io`](Self::poll_io).
     pub fn complete(&mut self, op: IoOp, result: Result<usize, IoError>) {
-        if self.outstanding != Some(op.id) {
+        let Some(result) = self.ops.complete(op, result) else {
             return;
-        }
-        self.outstanding = None;
+        };
         if result.is_ok() {
             self.img.file_len = self.img.file_len.max(self.write_end);
         }
-        let buf = op.segments.into_iter().find_map(|s| match s {
-            Segment::Buf(b) => Some(b),
-            _ => None,
-        });
-        self.input = Some(match (result, buf) {
-            (Ok(n), Some(buf)) => Ok((buf, n)),
-            (Ok(n), None) => Ok((IoBuf::zeroed(0), n)),
-            (Err(e), _) => Err(e),
-        });
+        self.input = Some(result);
         self.drive();
     }
 
     /// The outcome, once (`Ok` when every change is made).
     pub fn poll_result(&mut self) -> Option<Result<(), RequestError>> {
-        if self.outstanding.is_none() && self.ready.is_none() {
+        if self.ops.idle() {
             self.drive();
         }
         self.result.take()
@@ -183,9 +169,7 @@ impl Amender {
             Req::Write { offset, data } => offset + data.len() as u64,
             _ => 0,
         };
-        let id = OpId(self.next_id);
-        self.next_id = self.next_id.wrapping_add(1);
-        self.ready = Some(req.into_op(id));
+        self.ops.set(req);
     }
 
     fn finish(&mut self, result: Result<(), RequestError>) {
@@ -197,7 +181,7 @@ impl Amender {
 
     /// Steps until an op is ready or the amend is over.
     fn drive(&mut self) {
-        while self.ready.is_none() {
+        while !self.ops.has_ready() {
             let stage = std::mem::replace(&mut self.stage, Stage::Done);
             match stage {
                 Stage::Done => return,

@@ -161,3 +161,88 @@ pub(super) fn lazy_writes(h: &Header, on: bool) -> VecDeque<Req> {
         Req::Flush,
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::extension::{BACKING_FORMAT, FEATURE_NAMES};
+
+    /// The first 512 bytes of a version 2 cluster 0 with a backing format extension and a
+    /// name.
+    fn v2_cluster0() -> Vec<u8> {
+        let mut c = vec![0u8; 512];
+        let h = Header {
+            version: 2,
+            cluster_bits: 12,
+            size: 1 << 20,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            backing_file_offset: 96,
+            backing_file_size: 4,
+            refcount_table_offset: 4096,
+            refcount_table_clusters: 1,
+            l1_table_offset: 8192,
+            l1_size: 1,
+            ..Header::default()
+        };
+        h.encode(&mut c);
+        c[72..76].copy_from_slice(&BACKING_FORMAT.to_be_bytes());
+        c[76..80].copy_from_slice(&5u32.to_be_bytes());
+        c[80..85].copy_from_slice(b"qcow2");
+        c[96..100].copy_from_slice(b"base");
+        c
+    }
+
+    #[test]
+    fn upgrade_lays_out_like_qemu_and_drops_the_table_when_it_does_not_fit() {
+        let mut c = v2_cluster0();
+        let layout = Layout::parse(&c, false).unwrap();
+        // 512 bytes: no room for the feature table (QEMU leaves it out too, with 512-byte
+        // clusters).
+        let bytes = relaid(&c, &layout, 3, true).unwrap();
+        let h = Header::decode(&bytes).unwrap();
+        assert_eq!((h.version, h.header_length, h.refcount_order), (3, 112, 4));
+        assert_eq!(h.compatible_features, compat::LAZY_REFCOUNTS);
+        assert_eq!(&bytes[112..116], &BACKING_FORMAT.to_be_bytes());
+        assert_eq!(&bytes[128..136], &[0; 8]);
+        assert_eq!((h.backing_file_offset, h.backing_file_size), (136, 4));
+        assert_eq!(&bytes[136..140], b"base");
+        // With a cluster's room, the table follows the backing format, as in QEMU.
+        c.resize(4096, 0);
+        let layout = Layout::parse(&c, false).unwrap();
+        let bytes = relaid(&c, &layout, 3, false).unwrap();
+        assert_eq!(&bytes[128..132], &FEATURE_NAMES.to_be_bytes());
+        assert!(bytes.len() > SECTOR);
+        // Written past the first sector first, flushed, then the first sector alone.
+        let reqs = header_writes(&bytes);
+        assert!(matches!(reqs[0], Req::Write { offset: 512, .. }));
+        assert!(matches!(reqs[1], Req::Flush));
+        assert!(matches!(&reqs[2], Req::Write { offset: 0, data } if data.len() == SECTOR));
+        assert!(matches!(reqs[3], Req::Flush));
+        // And back: version 2 has no table and a 72-byte header.
+        let layout = Layout::parse(&bytes, false).unwrap();
+        let back = relaid(&bytes, &layout, 2, false).unwrap();
+        assert_eq!(back[..100], v2_cluster0()[..100]);
+    }
+
+    #[test]
+    fn options_are_checked_before_the_image() {
+        let bad = AmendOptions {
+            refcount_bits: Some(3),
+            ..AmendOptions::default()
+        };
+        assert_eq!(bad.validate(), Err(AmendError::RefcountWidth));
+        let v4 = AmendOptions {
+            version: Some(4),
+            ..AmendOptions::default()
+        };
+        assert_eq!(v4.validate(), Err(AmendError::UnknownVersion(4)));
+        for bits in [1, 2, 4, 8, 16, 32, 64] {
+            let o = AmendOptions {
+                refcount_bits: Some(bits),
+                ..AmendOptions::default()
+            };
+            assert_eq!(o.validate(), Ok(()));
+        }
+    }
+}

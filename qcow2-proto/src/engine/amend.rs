@@ -8,7 +8,7 @@ use crate::check::DEFAULT_MEMORY_LIMIT;
 use crate::error::SubmitError;
 use crate::request::ReqId;
 
-use super::{Image, Kind, Purpose};
+use super::{Image, Kind};
 
 mod sub {
     pub(super) const START: u8 = 0;
@@ -70,21 +70,9 @@ impl Image {
                         task.sub = sub::RELOAD;
                         continue;
                     }
-                    if !self.op_room(1) {
+                    if !self.issue_inner_op(t) {
                         return false;
                     }
-                    let amender = self.amender.as_mut().expect("amending");
-                    let Some(op) = amender.poll_io() else {
-                        return false;
-                    };
-                    let inner = op.id.0;
-                    self.issue(
-                        Purpose::Check { task: t, inner },
-                        op.kind,
-                        op.offset,
-                        op.segments,
-                    );
-                    self.task(t).inflight += 1;
                 }
                 sub::RELOAD => {
                     if self.task(t).inflight > 0 {

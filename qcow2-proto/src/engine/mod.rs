@@ -1190,21 +1190,9 @@ impl Image {
                         }
                         continue;
                     }
-                    if !self.op_room(1) {
+                    if !self.issue_inner_op(t) {
                         return false;
                     }
-                    let checker = self.checker.as_mut().expect("checking");
-                    let Some(op) = checker.poll_io() else {
-                        return false;
-                    };
-                    let inner = op.id.0;
-                    self.issue(
-                        Purpose::Check { task: t, inner },
-                        op.kind,
-                        op.offset,
-                        op.segments,
-                    );
-                    self.task(t).inflight += 1;
                 }
                 2 => {
                     // The repair rewrote metadata behind the caches: read it all again.
@@ -1218,6 +1206,27 @@ impl Image {
                 _ => return self.task(t).inflight == 0 && self.reload_task.is_none(),
             }
         }
+    }
+
+    /// Issues the next op of the checker or amender that task `t` runs; `false` when it
+    /// has none now (or there is no room for it).
+    fn issue_inner_op(&mut self, t: u32) -> bool {
+        if !self.op_room(1) {
+            return false;
+        }
+        let op = match (self.checker.as_mut(), self.amender.as_mut()) {
+            (Some(c), _) => c.poll_io(),
+            (None, Some(a)) => a.poll_io(),
+            _ => None,
+        };
+        let Some(op) = op else {
+            return false;
+        };
+        let inner = op.id.0;
+        let purpose = Purpose::Check { task: t, inner };
+        self.issue(purpose, op.kind, op.offset, op.segments);
+        self.task(t).inflight += 1;
+        true
     }
 
     // ---- failures ----
