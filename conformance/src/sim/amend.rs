@@ -2,9 +2,9 @@
 //! downgrades (zero clusters expanded, over a backing file too) and upgrades, lazy
 //! refcounts on and off.
 //!
-//! Each script writes random data and zeroes (leaving plain and allocated zero clusters),
-//! takes a snapshot half-way (shared L2 tables, snapshot L1 tables), flushes, then runs a
-//! few amends in a row, each with a crash point after every op completion. A crashed
+//! Each script writes random data and zeroes (leaving plain and allocated zero clusters,
+//! one of them over stale data), takes a snapshot half-way (shared L2 tables, snapshot L1
+//! tables), flushes, then runs a few amends in a row, each with a crash point after every op completion. A crashed
 //! image must:
 //!
 //! * open, with the format from before the amend, from after it, or (for an amend of
@@ -181,6 +181,33 @@ fn run_one(
         .map_err(|e| e.to_string())?;
     state.snapshot = state.active.clone();
     scribble(&mut sim, &mut rng, &mut state, cs, seed as u32 ^ 0x55)?;
+    // An allocated zero cluster over stale data (a downgrade must write zeroes there
+    // before the entry loses its flag, rule C).
+    let at = rng.below(START_SIZE / cs) * cs;
+    let data = pattern(seed as u32 ^ 0xAA, at, cs as usize);
+    let zero = Request::WriteZeroes {
+        offset: at,
+        len: cs,
+        unmap: false,
+    };
+    for (request, buf) in [
+        (
+            Request::Write {
+                offset: at,
+                len: cs,
+            },
+            Some(data),
+        ),
+        (zero, None),
+    ] {
+        sim.run(request, buf, &mut |_| {})?
+            .0
+            .map_err(|e| e.to_string())?;
+    }
+    state.active[at as usize..(at + cs) as usize].fill(0);
+    sim.run(Request::Flush, None, &mut |_| {})?
+        .0
+        .map_err(|e| e.to_string())?;
     let mut format = format_of(&info);
     for step in 0..steps {
         let o = pick(&mut rng, format);
