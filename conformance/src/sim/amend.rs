@@ -27,7 +27,7 @@ use qcow2_proto::{
 use super::disk::SimDisk;
 use super::driver::{Sim, SimResult};
 use super::rng::Rng;
-use super::snapshots::{clean_after_repair, fault_at, fault_runs, read_all, read_only};
+use super::snapshots::{clean_after_repair, fault_at, fault_runs, read_all, read_only, scribble};
 use super::{create_options, engine_config, CrashConfig, Tally, START_SIZE};
 use crate::model::{pattern, synthetic_backing};
 
@@ -129,30 +129,6 @@ fn verify(img: Vec<u8>, state: &State, formats: &[Format], seed: u64) -> Option<
     clean_after_repair(img, seed)
 }
 
-/// Random writes and zeroes over the state's active disk, then a flush.
-fn scribble(sim: &mut Sim, rng: &mut Rng, state: &mut State, cs: u64, tag: u32) -> SimResult<()> {
-    for _ in 0..6 {
-        let offset = rng.below(START_SIZE);
-        let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
-        let (request, buf) = if rng.below(3) == 0 {
-            state.active[offset as usize..(offset + len) as usize].fill(0);
-            let unmap = rng.below(2) == 0;
-            (Request::WriteZeroes { offset, len, unmap }, None)
-        } else {
-            let data = pattern(tag, offset, len as usize);
-            state.active[offset as usize..(offset + len) as usize].copy_from_slice(&data);
-            (Request::Write { offset, len }, Some(data))
-        };
-        sim.run(request, buf, &mut |_| {})?
-            .0
-            .map_err(|e| e.to_string())?;
-    }
-    sim.run(Request::Flush, None, &mut |_| {})?
-        .0
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
-
 /// One script: writes, a snapshot, writes, then `steps` amends with crash points; or, with
 /// `fault`, the last amend meets an I/O error at that op completion (counted from its
 /// start) and no crash points are taken. Returns the completions the last amend took and
@@ -174,13 +150,21 @@ fn run_one(
     if cfg.backing {
         synthetic_backing(1, 0, &mut state.active);
     }
-    scribble(&mut sim, &mut rng, &mut state, cs, seed as u32)?;
+    scribble(
+        &mut sim,
+        &mut rng,
+        &mut state.active,
+        cs,
+        seed as u32,
+        (6, 3),
+    )?;
     let create = |e: &mut qcow2_proto::Image| e.snapshot_create("s", (1_800_000_000, 0), 0);
     sim.run_with("snapshot", create, None, &mut |_| {})?
         .0
         .map_err(|e| e.to_string())?;
     state.snapshot = state.active.clone();
-    scribble(&mut sim, &mut rng, &mut state, cs, seed as u32 ^ 0x55)?;
+    let tag = seed as u32 ^ 0x55;
+    scribble(&mut sim, &mut rng, &mut state.active, cs, tag, (6, 3))?;
     // An allocated zero cluster over stale data (a downgrade must write zeroes there
     // before the entry loses its flag, rule C).
     let at = rng.below(START_SIZE / cs) * cs;

@@ -156,6 +156,40 @@ pub(super) fn fault_runs(
     (runs, failed)
 }
 
+/// `writes` random writes (and zeroes, one in `zero_one_in`, unmapping or not) of up to three
+/// clusters over `active` (the model of the guest disk), of data tagged `tag`, then a
+/// flush.
+pub(super) fn scribble(
+    sim: &mut Sim,
+    rng: &mut Rng,
+    active: &mut [u8],
+    cs: u64,
+    tag: u32,
+    (writes, zero_one_in): (usize, u64),
+) -> SimResult<()> {
+    for _ in 0..writes {
+        let offset = rng.below(START_SIZE);
+        let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
+        let range = offset as usize..(offset + len) as usize;
+        let (request, buf) = if rng.below(zero_one_in) == 0 {
+            active[range].fill(0);
+            let unmap = rng.below(2) == 0;
+            (Request::WriteZeroes { offset, len, unmap }, None)
+        } else {
+            let data = pattern(tag, offset, len as usize);
+            active[range].copy_from_slice(&data);
+            (Request::Write { offset, len }, Some(data))
+        };
+        sim.run(request, buf, &mut |_| {})?
+            .0
+            .map_err(|e| e.to_string())?;
+    }
+    sim.run(Request::Flush, None, &mut |_| {})?
+        .0
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// One script: `steps` rounds of durable writes and one snapshot operation, each with
 /// crash points; or, with `fault`, without crash points and with an I/O error at that op
 /// completion (counted from the start of the last operation). Returns the completions
@@ -179,31 +213,8 @@ fn run_one(
         synthetic_backing(1, 0, &mut state.active);
     }
     for step in 0..steps {
-        for _ in 0..3 {
-            let offset = rng.below(START_SIZE);
-            let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
-            let (request, buf) = if rng.below(4) == 0 {
-                state.active[offset as usize..(offset + len) as usize].fill(0);
-                (
-                    Request::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: rng.below(2) == 0,
-                    },
-                    None,
-                )
-            } else {
-                let data = pattern(seed as u32 ^ step as u32, offset, len as usize);
-                state.active[offset as usize..(offset + len) as usize].copy_from_slice(&data);
-                (Request::Write { offset, len }, Some(data))
-            };
-            sim.run(request, buf, &mut |_| {})?
-                .0
-                .map_err(|e| e.to_string())?;
-        }
-        sim.run(Request::Flush, None, &mut |_| {})?
-            .0
-            .map_err(|e| e.to_string())?;
+        let tag = seed as u32 ^ step as u32;
+        scribble(&mut sim, &mut rng, &mut state.active, cs, tag, (3, 4))?;
         let before = state.clone();
         let mut after = state.clone();
         let pick = rng.below(3);
