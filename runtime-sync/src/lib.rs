@@ -651,7 +651,7 @@ impl<F: HostFile> Image<F> {
 
     /// Changes format options as `qemu-img amend -o` does (compat upgrade, lazy refcounts,
     /// refcount width, compat downgrade, in that order), durably. A refusal
-    /// ([`RequestError::Amend`](qcow2_proto::RequestError::Amend)) leaves the image as it
+    /// ([`RequestError::Amend`]) leaves the image as it
     /// was. [`info`](Self::info) shows the new options afterwards.
     pub fn amend(&mut self, options: AmendOptions) -> Result<(), Error> {
         let id = self.engine.amend(options)?;

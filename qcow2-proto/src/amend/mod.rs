@@ -4,7 +4,7 @@
 //! of that order (an upgrade takes lazy refcounts along in its header write, and a
 //! downgrade drops them in its own).
 //!
-//! [`Amender`] is a sans-IO machine with one op outstanding at a time, run by the engine
+//! `Amender` is a sans-IO machine with one op outstanding at a time, run by the engine
 //! (like the checker) once everything before it is durable; the engine reads its metadata
 //! again afterwards. Every refusal is decided before the first write. Each change is crash
 //! safe on its own:
