@@ -51,6 +51,8 @@ enum Command {
     Compare(CompareArgs),
     /// Change an image's virtual size.
     Resize(ResizeArgs),
+    /// Change an image's format options (compat, lazy_refcounts, refcount_bits, size).
+    Amend(AmendArgs),
     /// Change an image's backing file (copying what differs, unless `-u`).
     Rebase(RebaseArgs),
     /// List, create or delete an image's internal snapshots
@@ -338,6 +340,32 @@ pub struct ResizeArgs {
     pub size: String,
 }
 
+/// `amend` options.
+#[derive(Debug, Args)]
+pub struct AmendArgs {
+    /// Image format; probed by magic when absent.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Format options to change (`compat=`, `lazy_refcounts=`, `refcount_bits=`, `size=`;
+    /// `help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Allow changes qemu-img only makes when forced (LUKS keyslots; nothing here).
+    #[arg(long)]
+    pub force: bool,
+    /// Cache mode (accepted for compatibility; amend writes through and flushes).
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// The image.
+    pub filenames: Vec<std::path::PathBuf>,
+}
+
 /// `bitmap` options.
 #[derive(Debug, Args)]
 pub struct BitmapArgs {
@@ -558,6 +586,7 @@ fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Measure(a) => cmd::measure::run(&a),
         Command::Compare(a) => cmd::compare::run(&a),
         Command::Resize(a) => cmd::resize::run(&a),
+        Command::Amend(a) => cmd::amend::run(&a),
         Command::Rebase(a) => cmd::rebase::run(&a),
         Command::Snapshot(a) => cmd::snapshot::run(&a),
         Command::Bitmap(a) => cmd::bitmap::run(&a),

@@ -536,6 +536,78 @@ pub enum RequestError {
     /// A check could not run (the header is unreadable or unacceptable).
     #[error("Check failed: {0}")]
     CheckFailed(OpenError),
+    /// An amend was refused or could not complete ([`AmendError`] says why).
+    #[error(transparent)]
+    Amend(#[from] AmendError),
+}
+
+/// Why `amend` refused to change an image, in QEMU's words where QEMU refuses the same.
+/// Every refusal leaves the image as it was.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AmendError {
+    /// A `compat` version other than 2 and 3.
+    #[error("Unknown compatibility level: version {0}")]
+    UnknownVersion(u32),
+    /// `refcount_bits` not a power of two from 1 to 64.
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountWidth,
+    /// Lazy refcounts asked for on a version 2 image.
+    #[error("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")]
+    LazyRefcountsNeedV3,
+    /// A refcount width other than 16 asked for on a version 2 image.
+    #[error("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")]
+    RefcountWidthNeedsV3,
+    /// A downgrade of an image whose refcounts are not 16 bits wide.
+    #[error("compat=0.10 requires refcount_bits=16")]
+    DowngradeRefcountBits,
+    /// A downgrade of an image with an external data file.
+    #[error("Cannot downgrade an image with a data file")]
+    DowngradeDataFile,
+    /// A downgrade of an image with incompatible features version 2 cannot express.
+    #[error("Cannot downgrade an image with incompatible features {0:#x} set")]
+    DowngradeIncompatible(u64),
+    /// A downgrade of an image with a snapshot of another disk size or a VM state of
+    /// 4 GiB or more.
+    #[error("Internal snapshots prevent downgrade of image")]
+    DowngradeSnapshots,
+    /// A downgrade of a zstd image holding compressed clusters.
+    #[error(
+        "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+    )]
+    DowngradeZstd,
+    /// A downgrade of an image with persistent bitmaps (QEMU downgrades it and leaves the
+    /// bitmaps' clusters leaked; this engine refuses instead).
+    #[error("Cannot downgrade an image with persistent bitmaps (remove them first)")]
+    DowngradeBitmaps,
+    /// An upgrade of an image whose snapshot table lacks the entries' version 3 fields;
+    /// not implemented yet.
+    #[error(
+        "Cannot upgrade an image whose snapshot table lacks version 3 fields (not supported yet)"
+    )]
+    UpgradeSnapshotTable,
+    /// A narrower refcount width cannot hold a cluster's refcount.
+    #[error("Cannot decrease refcount entry width to {bits} bits: Cluster at offset {offset:#x} has a refcount of {refcount}")]
+    RefcountTooWide {
+        /// The width asked for.
+        bits: u32,
+        /// Host offset of the first cluster that does not fit.
+        offset: u64,
+        /// Its refcount.
+        refcount: u64,
+    },
+    /// The stored refcounts disagree with the references (or could not be read): the
+    /// image must be repaired before its refcounts are rewritten.
+    #[error(
+        "The image's refcounts are inconsistent; repair it with 'qemu-img check -r all' first"
+    )]
+    NeedsRepair,
+    /// The header and its extensions do not fit in cluster 0 in the new version's layout.
+    #[error("The header and its extensions do not fit in the first cluster")]
+    HeaderTooLarge,
+    /// Memory for the refcount arrays ran out.
+    #[error("Cannot allocate memory")]
+    OutOfMemory,
 }
 
 /// A request was refused before it started.

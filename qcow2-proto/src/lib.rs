@@ -60,13 +60,20 @@
 //!   durable (rule B). A crash can leave COPIED flags that disagree with refcounts (as
 //!   QEMU's operations can), never a refcount below its references.
 //!   [`Image::open_snapshot`] reads a snapshot without applying it.
+//! * **Amend** ([`Image::amend`], [`AmendOptions`]): compat upgrade and downgrade, lazy
+//!   refcounts, refcount width, as `qemu-img amend` does them and in its order, as one
+//!   exclusive task over the file (like check) after which the engine reads its metadata
+//!   again. A new refcount width is a new structure written in free space and switched in
+//!   by one header-sector write (rule D); refusals ([`AmendError`]) come before any write.
 //! * **Persistent dirty bitmaps** are read with [`Image::read_bitmap`] and maintained on a
 //!   writable image: the open marks every bitmap in use (durably, before any write), every
 //!   write, write-zeroes and discard sets its range in the enabled ones, and the close
-//!   ([`Request::Close`]) stores them back with new tables and directory, switching the
-//!   header extension in three durable steps (autoclear bit cleared, extension rewritten,
-//!   bit set), so that a crash never leaves a bitmap that claims to be valid and misses a
-//!   write: it is left in use (stale), as QEMU leaves it. Edits ([`Image::bitmap_add`],
+//!   ([`Request::Close`]) stores them back with new tables and directory, then switches
+//!   the header extension in stages that each leave cluster 0 valid whatever part of them
+//!   a crash lets through (sector writes; a new extension committed by its 8-byte head
+//!   over the old end marker; the autoclear bit cleared around writes that could tear).
+//!   A crash before that leaves the bitmaps in use (stale), as QEMU leaves them, never a
+//!   bitmap that claims to be valid and misses a write. Edits ([`Image::bitmap_add`],
 //!   `bitmap_remove`, `bitmap_clear`, `bitmap_enable`, `bitmap_merge`) are made in memory
 //!   and stored the same way. A resize resizes them; a snapshot apply marks the whole disk.
 //!   A damaged directory cannot be maintained: a writable open then clears the bitmaps'
@@ -142,6 +149,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod amend;
 pub mod check;
 pub mod codec;
 mod config;
@@ -155,12 +163,13 @@ mod io;
 pub mod measure;
 mod request;
 
+pub use amend::AmendOptions;
 pub use check::{CheckReport, Repair};
 pub use config::{CacheMode, CreateOptions, ImageConfig, Limits, Preallocation, SnapshotRef};
 pub use engine::Image;
 pub use error::{
-    BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError, OpenError,
-    RequestError, Structure, SubmitError, Table,
+    AmendError, BackingError, CorruptReason, Corruption, CreateError, Feature, FormatError,
+    OpenError, RequestError, Structure, SubmitError, Table,
 };
 pub use event::Event;
 pub use info::{BitmapData, BitmapInfo, ImageInfo, SnapshotInfo};

@@ -39,8 +39,8 @@ pub use file::HostFile;
 pub use io_adapter::ImageIo;
 pub use lock::{lock_image, LockMode};
 pub use qcow2_proto::{
-    Allocation, BitmapData, BlockStatus, CheckReport, CreateOptions, ImageInfo, Limits, OpenError,
-    Preallocation, Repair, RequestError, SnapshotRef,
+    Allocation, AmendError, AmendOptions, BitmapData, BlockStatus, CheckReport, CreateOptions,
+    ImageInfo, Limits, OpenError, Preallocation, Repair, RequestError, SnapshotRef,
 };
 use qcow2_proto::{
     CacheMode, Event, Feature, ImageConfig, IoError, IoOp, Outcome, Request, SubmitError, Target,
@@ -656,6 +656,15 @@ impl<F: HostFile> Image<F> {
         Ok(())
     }
 
+    /// Changes format options as `qemu-img amend -o` does (compat upgrade, lazy refcounts,
+    /// refcount width, compat downgrade, in that order), durably. A refusal
+    /// ([`RequestError::Amend`]) leaves the image as it
+    /// was. [`info`](Self::info) shows the new options afterwards.
+    pub fn amend(&mut self, options: AmendOptions) -> Result<(), Error> {
+        let id = self.engine.amend(options)?;
+        self.wait_and_refresh_info(id)
+    }
+
     /// Creates internal snapshot `name` of the image's current contents (no VM state),
     /// dated now, durably, as `qemu-img snapshot -c` does.
     pub fn snapshot_create(&mut self, name: &str) -> Result<(), Error> {
@@ -665,14 +674,14 @@ impl<F: HostFile> Image<F> {
         // (QEMU dates snapshots in microseconds.)
         let date = (now.as_secs() as u32, now.subsec_micros() * 1000);
         let id = self.engine.snapshot_create(name, date, 0)?;
-        self.wait_snapshot_task(id)
+        self.wait_and_refresh_info(id)
     }
 
     /// Deletes the internal snapshot `which` names, durably, as `qemu-img snapshot -d`
     /// does (by ID, else by name, for a bare name).
     pub fn snapshot_delete(&mut self, which: &SnapshotRef) -> Result<(), Error> {
         let id = self.engine.snapshot_delete(which.clone())?;
-        self.wait_snapshot_task(id)
+        self.wait_and_refresh_info(id)
     }
 
     /// Reads the bits of persistent bitmap `name` (what a backup tool needs:
@@ -740,10 +749,13 @@ impl<F: HostFile> Image<F> {
     /// as `qemu-img snapshot -a` does.
     pub fn snapshot_apply(&mut self, which: &SnapshotRef) -> Result<(), Error> {
         let id = self.engine.snapshot_apply(which.clone())?;
-        self.wait_snapshot_task(id)
+        self.wait_and_refresh_info(id)
     }
 
-    fn wait_snapshot_task(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
+    /// Drives the engine until request `id` (a snapshot operation or an amend, which may
+    /// change the size, the version or the refcount width) is done, then takes the
+    /// engine's info anew.
+    fn wait_and_refresh_info(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
         self.wait_done(id)?;
         // (An apply may change the size too.)
         self.refresh_info();

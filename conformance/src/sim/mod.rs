@@ -14,6 +14,7 @@
 //! QCOW2_QC_TESTS=2000 cargo test --release -p qcow2-conformance --test crash -- --nocapture
 //! ```
 
+pub mod amend;
 pub mod bitmaps;
 pub mod disk;
 pub mod driver;

@@ -81,7 +81,12 @@ fn verify(img: Vec<u8>, before: &State, after: &State, apply: bool, seed: u64) -
             Err(e) => return Some(format!("snapshot {name}: {e}")),
         }
     }
-    // Repaired, it is clean.
+    clean_after_repair(img, seed)
+}
+
+/// The problem, if any, with the image in `img` after `check -r all`: it must check with
+/// neither corruption nor leak.
+pub(super) fn clean_after_repair(img: Vec<u8>, seed: u64) -> Option<String> {
     let mut config = ImageConfig::new(0);
     config.check_only = true;
     let repaired = Sim::open(SimDisk::new(img), config, seed).and_then(|(mut s, _)| {
@@ -97,6 +102,74 @@ fn verify(img: Vec<u8>, before: &State, after: &State, apply: bool, seed: u64) -
         Ok((Ok(Outcome::Check(r)), _)) if r.corruptions == 0 && r.leaks == 0 => None,
         other => Some(format!("check after check -r all: {other:?}")),
     }
+}
+
+/// The fault of a fault run: at op completion `at` counted from `start`, EIO or ENOSPC,
+/// failing whole, torn or short, by `at`.
+pub(super) fn fault_at(start: u64, at: u64) -> Fault {
+    Fault {
+        at: start.saturating_add(at),
+        errno: if at % 2 == 0 { 5 } else { 28 },
+        kind: match at % 3 {
+            0 => FaultKind::Fail,
+            1 => FaultKind::Torn,
+            _ => FaultKind::Short,
+        },
+    }
+}
+
+/// Runs `scripts` scripts with `run(seed, fault)`: first without a fault (to count the
+/// last operation's completions), then once with a fault at each of them. Panics on the
+/// first problem; returns (runs, failed operations).
+pub(super) fn fault_runs(
+    name: &str,
+    scripts: u64,
+    mut run: impl FnMut(u64, Option<u64>) -> SimResult<(u64, bool)>,
+) -> (u64, u64) {
+    let (mut runs, mut failed) = (0, 0);
+    for seed in 1..=crate::prop::test_count(scripts) {
+        let (total, _) = run(seed, Some(u64::MAX)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for at in 0..total {
+            let (_, f) = run(seed, Some(at)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            runs += 1;
+            failed += u64::from(f);
+        }
+    }
+    (runs, failed)
+}
+
+/// `writes` random writes (and zeroes, one in `zero_one_in`, unmapping or not) of up to three
+/// clusters over `active` (the model of the guest disk), of data tagged `tag`, then a
+/// flush.
+pub(super) fn scribble(
+    sim: &mut Sim,
+    rng: &mut Rng,
+    active: &mut [u8],
+    cs: u64,
+    tag: u32,
+    (writes, zero_one_in): (usize, u64),
+) -> SimResult<()> {
+    for _ in 0..writes {
+        let offset = rng.below(START_SIZE);
+        let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
+        let range = offset as usize..(offset + len) as usize;
+        let (request, buf) = if rng.below(zero_one_in) == 0 {
+            active[range].fill(0);
+            let unmap = rng.below(2) == 0;
+            (Request::WriteZeroes { offset, len, unmap }, None)
+        } else {
+            let data = pattern(tag, offset, len as usize);
+            active[range].copy_from_slice(&data);
+            (Request::Write { offset, len }, Some(data))
+        };
+        sim.run(request, buf, &mut |_| {})?
+            .0
+            .map_err(|e| e.to_string())?;
+    }
+    sim.run(Request::Flush, None, &mut |_| {})?
+        .0
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// One script: `steps` rounds of durable writes and one snapshot operation, each with
@@ -122,31 +195,8 @@ fn run_one(
         synthetic_backing(1, 0, &mut state.active);
     }
     for step in 0..steps {
-        for _ in 0..3 {
-            let offset = rng.below(START_SIZE);
-            let len = (rng.below(3 * cs) + 1).min(START_SIZE - offset);
-            let (request, buf) = if rng.below(4) == 0 {
-                state.active[offset as usize..(offset + len) as usize].fill(0);
-                (
-                    Request::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: rng.below(2) == 0,
-                    },
-                    None,
-                )
-            } else {
-                let data = pattern(seed as u32 ^ step as u32, offset, len as usize);
-                state.active[offset as usize..(offset + len) as usize].copy_from_slice(&data);
-                (Request::Write { offset, len }, Some(data))
-            };
-            sim.run(request, buf, &mut |_| {})?
-                .0
-                .map_err(|e| e.to_string())?;
-        }
-        sim.run(Request::Flush, None, &mut |_| {})?
-            .0
-            .map_err(|e| e.to_string())?;
+        let tag = seed as u32 ^ step as u32;
+        scribble(&mut sim, &mut rng, &mut state.active, cs, tag, (3, 4))?;
         let before = state.clone();
         let mut after = state.clone();
         let pick = rng.below(3);
@@ -186,15 +236,7 @@ fn run_one(
         let last = step + 1 == steps;
         let start = sim.completions;
         if let (Some(at), true) = (fault, last) {
-            sim.fault = Some(Fault {
-                at: start.saturating_add(at),
-                errno: if at % 2 == 0 { 5 } else { 28 },
-                kind: match at % 3 {
-                    0 => FaultKind::Fail,
-                    1 => FaultKind::Torn,
-                    _ => FaultKind::Short,
-                },
-            });
+            sim.fault = Some(fault_at(start, at));
         }
         let faulty = fault.is_some();
         let (result, _) = sim.run_with(
@@ -265,17 +307,9 @@ pub fn snapshot_crash_test(name: &str, cfg: CrashConfig) -> Tally {
 /// (before or after, never broken). Returns (runs, failed operations).
 pub fn snapshot_fault_test(name: &str, cfg: CrashConfig) -> (u64, u64) {
     let tally = RefCell::new(Tally::default());
-    let (mut runs, mut failed) = (0, 0);
-    for seed in 1..=crate::prop::test_count(cfg.scripts) {
-        let (total, _) = run_one(&cfg, seed, cfg.script_len, &tally, Some(u64::MAX))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        for at in 0..total {
-            let (_, f) = run_one(&cfg, seed, cfg.script_len, &tally, Some(at))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            runs += 1;
-            failed += u64::from(f);
-        }
-    }
+    let (runs, failed) = fault_runs(name, cfg.scripts, |seed, fault| {
+        run_one(&cfg, seed, cfg.script_len, &tally, fault)
+    });
     println!("{name}: fault runs: {runs}, failed operations: {failed}");
     (runs, failed)
 }

@@ -126,7 +126,8 @@ pub fn wants_help(opts: &[(String, String)]) -> bool {
         .any(|(k, v)| v.is_empty() && (k == "help" || k == "?"))
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+/// Parses boolean option `key`'s value `v` as qemu does (`on`/`off` and friends).
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
@@ -134,7 +135,8 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_size_opt(key: &str, v: &str) -> Result<u64, String> {
+/// Parses size option `key`'s value `v` as qemu does, with its message on failure.
+pub fn parse_size_opt(key: &str, v: &str) -> Result<u64, String> {
     parse_size(v).map_err(|_| {
         format!(
             "Parameter '{key}' expects a non-negative number below 2^64\n\

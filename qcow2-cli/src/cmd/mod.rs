@@ -1,5 +1,6 @@
 //! One module per command, and the option parsing they share.
 
+pub mod amend;
 pub mod bench;
 pub mod bitmap;
 pub mod check;

@@ -185,6 +185,9 @@ impl Pass {
         }
         self.pre_compare = self.counts;
         self.compare(Fix::default());
+        if let Some(order) = self.reorder {
+            return self.reorder_stage(order);
+        }
         if self.rebuild && self.fix.errors {
             self.old_res = self.counts;
             say!(self, "Rebuilding refcount structure");
@@ -198,32 +201,7 @@ impl Pass {
                         return self.fail_with(super::pass::ENOMEM);
                     }
                 };
-            let cs = self.img.cluster_size;
-            for &(_, off) in &plan.refblocks {
-                if let Some(what) = self.meta_map().overlap(off, cs, false) {
-                    return self.refuse_overlap(what, "ERROR writing refblock: Input/output error");
-                }
-            }
-            let table_len = plan.reftable.len() as u64 * 8;
-            if let Some(what) = self
-                .meta_map()
-                .overlap(plan.reftable_offset, table_len, false)
-            {
-                return self.refuse_overlap(what, "ERROR writing reftable: Input/output error");
-            }
-            let mut ops: VecDeque<RebuildOp> = plan
-                .refblocks
-                .iter()
-                .map(|&(i, off)| RebuildOp::Block(i, off))
-                .collect();
-            ops.extend([
-                RebuildOp::Table,
-                RebuildOp::Flush,
-                RebuildOp::Header,
-                RebuildOp::Flush,
-            ]);
-            self.stage = Stage::Rebuild { plan, ops };
-            return Flow::Next;
+            return self.start_rebuild(plan);
         }
         if self.fix.any() {
             if self.rebuild {
@@ -240,6 +218,37 @@ impl Pass {
         self.begin_copied()
     }
 
+    /// Starts writing a planned refcount structure: refblocks, reftable, flush, header
+    /// switch, flush (refused when a new block would overwrite metadata).
+    pub(super) fn start_rebuild(&mut self, plan: RebuildPlan) -> Flow {
+        let cs = self.img.cluster_size;
+        for &(_, off) in &plan.refblocks {
+            if let Some(what) = self.meta_map().overlap(off, cs, false) {
+                return self.refuse_overlap(what, "ERROR writing refblock: Input/output error");
+            }
+        }
+        let table_len = plan.reftable.len() as u64 * 8;
+        if let Some(what) = self
+            .meta_map()
+            .overlap(plan.reftable_offset, table_len, false)
+        {
+            return self.refuse_overlap(what, "ERROR writing reftable: Input/output error");
+        }
+        let mut ops: VecDeque<RebuildOp> = plan
+            .refblocks
+            .iter()
+            .map(|&(i, off)| RebuildOp::Block(i, off))
+            .collect();
+        ops.extend([
+            RebuildOp::Table,
+            RebuildOp::Flush,
+            RebuildOp::Header,
+            RebuildOp::Flush,
+        ]);
+        self.stage = Stage::Rebuild { plan, ops };
+        Flow::Next
+    }
+
     /// Writes the planned refcount structure, then recounts everything against it.
     pub(super) fn rebuild(&mut self, plan: RebuildPlan, mut ops: VecDeque<RebuildOp>) -> Flow {
         if let Some(Err(e)) = self.take() {
@@ -249,6 +258,8 @@ impl Pass {
             // The header now points at the new structure.
             self.img.hdr.refcount_table_offset = plan.reftable_offset;
             self.img.hdr.refcount_table_clusters = plan.reftable_clusters;
+            self.img.hdr.refcount_order = self.img.order;
+            self.switched = true;
             self.reftable = plan.reftable;
             self.meta_map = None;
             self.counts.corruptions = 0;
@@ -275,11 +286,26 @@ impl Pass {
                 }
             }
             RebuildOp::Flush => Req::Flush,
-            RebuildOp::Header => {
-                let mut data = plan.reftable_offset.to_be_bytes().to_vec();
-                data.extend_from_slice(&plan.reftable_clusters.to_be_bytes());
-                Req::Write { offset: 48, data }
-            }
+            RebuildOp::Header => match self.reorder {
+                None => {
+                    let mut data = plan.reftable_offset.to_be_bytes().to_vec();
+                    data.extend_from_slice(&plan.reftable_clusters.to_be_bytes());
+                    Req::Write { offset: 48, data }
+                }
+                Some(order) => {
+                    // Table, size and width in one write inside the first sector.
+                    let mut h = self.img.hdr;
+                    h.refcount_table_offset = plan.reftable_offset;
+                    h.refcount_table_clusters = plan.reftable_clusters;
+                    h.refcount_order = order;
+                    let mut bytes = [0u8; 112];
+                    h.encode(&mut bytes);
+                    Req::Write {
+                        offset: 48,
+                        data: bytes[48..100].to_vec(),
+                    }
+                }
+            },
         };
         self.stage = Stage::Rebuild { plan, ops };
         self.io(req)

@@ -47,15 +47,18 @@ mod calc;
 mod compare;
 mod copied;
 mod imrt;
-mod pass;
+pub(crate) mod pass;
+mod reorder;
 mod repair;
+pub(crate) mod serial;
 mod snapshots;
 mod walk;
 
 use crate::error::OpenError;
-use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
+use crate::io::{IoError, IoOp};
 
-use pass::{Fix, Pass, PassResult, Req, Step};
+use pass::{Fix, Pass, PassResult, Step};
+use serial::Serial;
 
 /// What `check` may repair.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -191,9 +194,7 @@ pub struct Checker {
     pass: Option<Pass>,
     second: bool,
     first: Option<PassResult>,
-    next_id: u32,
-    outstanding: Option<OpId>,
-    ready: Option<IoOp>,
+    ops: Serial,
     result: Option<Result<CheckReport, OpenError>>,
     finished: bool,
 }
@@ -218,9 +219,7 @@ impl Checker {
             pass: Some(Pass::new(file_len, fix, DEFAULT_MEMORY_LIMIT)),
             second: false,
             first: None,
-            next_id: 0,
-            outstanding: None,
-            ready: None,
+            ops: Serial::default(),
             result: None,
             finished: false,
         }
@@ -248,34 +247,22 @@ impl Checker {
         self
     }
 
-    /// Next op to perform: [`Target::Image`], kinds [`IoKind::Read`], [`IoKind::Write`],
-    /// [`IoKind::Flush`] and [`IoKind::SetLen`] only, segments only [`Segment::Buf`]. One op
+    /// Next op to perform: [`Target::Image`](crate::Target::Image), kinds [`IoKind::Read`](crate::IoKind::Read), [`IoKind::Write`](crate::IoKind::Write),
+    /// [`IoKind::Flush`](crate::IoKind::Flush) and [`IoKind::SetLen`](crate::IoKind::SetLen) only, segments only [`Segment::Buf`](crate::Segment::Buf). One op
     /// at a time: the next comes after the previous one's [`complete`](Self::complete).
     pub fn poll_io(&mut self) -> Option<IoOp> {
-        if self.outstanding.is_none() && self.ready.is_none() {
+        if self.ops.idle() {
             self.drive();
         }
-        let op = self.ready.take()?;
-        self.outstanding = Some(op.id);
-        Some(op)
+        self.ops.take()
     }
 
     /// The result of an op (bytes transferred; reads past the end of the file come back
     /// zero-filled with the count actually read). Ops not issued by this checker are
     /// ignored.
     pub fn complete(&mut self, op: IoOp, result: Result<usize, IoError>) {
-        if self.outstanding != Some(op.id) {
+        let Some(result) = self.ops.complete(op, result) else {
             return;
-        }
-        self.outstanding = None;
-        let buf = op.segments.into_iter().find_map(|s| match s {
-            Segment::Buf(b) => Some(b),
-            _ => None,
-        });
-        let result = match (result, buf) {
-            (Ok(n), Some(buf)) => Ok((buf, n)),
-            (Ok(n), None) => Ok((IoBuf::zeroed(0), n)),
-            (Err(e), _) => Err(e),
         };
         if let Some(pass) = self.pass.as_mut() {
             pass.complete(result);
@@ -286,7 +273,7 @@ impl Checker {
     /// The report once finished (then never again). `Err` only when the check could not
     /// run at all: the header could not be read or is not an acceptable qcow2 header.
     pub fn poll_result(&mut self) -> Option<Result<CheckReport, OpenError>> {
-        if self.outstanding.is_none() && self.ready.is_none() && !self.finished {
+        if self.ops.idle() && !self.finished {
             self.drive();
         }
         self.result.take()
@@ -297,7 +284,7 @@ impl Checker {
         while let Some(pass) = self.pass.as_mut() {
             match pass.step() {
                 Step::Io(req) => {
-                    self.ready = Some(self.make_op(req));
+                    self.ops.set(req);
                     return;
                 }
                 Step::Done => {
@@ -352,34 +339,6 @@ impl Checker {
         }
         self.finished = true;
         self.result = Some(Ok(report));
-    }
-
-    /// Turns a request of the pass into a numbered op with an owned buffer.
-    fn make_op(&mut self, req: Req) -> IoOp {
-        let id = OpId(self.next_id);
-        self.next_id = self.next_id.wrapping_add(1);
-        let mut segments = Segments::new();
-        let (kind, offset) = match req {
-            Req::Read { offset, len } => {
-                segments.push(Segment::Buf(IoBuf::zeroed(len)));
-                (IoKind::Read, offset)
-            }
-            Req::Write { offset, data } => {
-                let mut buf = IoBuf::zeroed(data.len());
-                buf.as_mut_slice().copy_from_slice(&data);
-                segments.push(Segment::Buf(buf));
-                (IoKind::Write, offset)
-            }
-            Req::Flush => (IoKind::Flush, 0),
-            Req::SetLen(len) => (IoKind::SetLen, len),
-        };
-        IoOp {
-            id,
-            target: Target::Image,
-            kind,
-            offset,
-            segments,
-        }
     }
 }
 

@@ -25,7 +25,7 @@ pub(super) const ENOSPC: &str = "No space left on device";
 /// Byte offset of `nb_snapshots` in the header (`snapshots_offset` follows it).
 pub(super) const NB_SNAPSHOTS_OFFSET: u64 = 60;
 use crate::format::{Geometry, Layout};
-use crate::io::{IoBuf, IoError};
+use crate::io::{IoBuf, IoError, IoKind, IoOp, OpId, Segment, Segments, Target};
 
 use super::calc::Calc;
 use super::compare::RebuildOp;
@@ -46,6 +46,34 @@ pub(crate) enum Req {
     Flush,
     /// Set the file length.
     SetLen(u64),
+}
+
+impl Req {
+    /// The op that performs this request, numbered `id`, with an owned buffer.
+    pub(crate) fn into_op(self, id: OpId) -> IoOp {
+        let mut segments = Segments::new();
+        let (kind, offset) = match self {
+            Req::Read { offset, len } => {
+                segments.push(Segment::Buf(IoBuf::zeroed(len)));
+                (IoKind::Read, offset)
+            }
+            Req::Write { offset, data } => {
+                let mut buf = IoBuf::zeroed(data.len());
+                buf.as_mut_slice().copy_from_slice(&data);
+                segments.push(Segment::Buf(buf));
+                (IoKind::Write, offset)
+            }
+            Req::Flush => (IoKind::Flush, 0),
+            Req::SetLen(len) => (IoKind::SetLen, len),
+        };
+        IoOp {
+            id,
+            target: Target::Image,
+            kind,
+            offset,
+            segments,
+        }
+    }
 }
 
 /// What [`Pass::step`] asks for.
@@ -137,6 +165,10 @@ pub(crate) struct PassResult {
     pub header_error: Option<OpenError>,
     /// The file length after the pass's own writes and resizes.
     pub file_len: u64,
+    /// Why a reorder pass refused the change.
+    pub amend_error: Option<crate::error::AmendError>,
+    /// A rebuilt refcount structure is in the header now.
+    pub switched: bool,
 }
 
 /// How a refblock of the loaded on-disk refcounts came in.
@@ -281,6 +313,17 @@ pub(crate) struct Pass {
     pub(super) poisoned: bool,
     pub(super) total_clusters: u64,
     pub(super) header_error: Option<OpenError>,
+    /// A reorder pass: the refcount order to rewrite the structure at.
+    pub(super) reorder: Option<u32>,
+    /// Refcounts a reorder pass adds: `(cluster, refcount)` of clusters about to be
+    /// referenced (they are not yet).
+    pub(super) added: Vec<(u64, u64)>,
+    /// A reorder pass that only checks that every refcount fits the new width.
+    pub(super) dry: bool,
+    /// Why a reorder pass refused the change.
+    pub(super) amend_error: Option<crate::error::AmendError>,
+    /// A rebuilt structure is in the header now.
+    pub(super) switched: bool,
     pub(super) stage: Stage,
     pub(super) input: Option<Result<(IoBuf, usize), IoError>>,
     pub(super) inflight: Option<Inflight>,
@@ -328,10 +371,34 @@ impl Pass {
             poisoned: false,
             total_clusters: 0,
             header_error: None,
+            reorder: None,
+            added: Vec::new(),
+            dry: false,
+            amend_error: None,
+            switched: false,
             stage: Stage::Header,
             input: None,
             inflight: None,
         }
+    }
+
+    /// A pass that rewrites the refcount structure at refcount order `order` (see
+    /// the `reorder` module) and then checks the image against it, repairing nothing.
+    /// `added` are `(cluster, refcount)` of clusters the new structure counts although
+    /// nothing references them yet (the caller links them after the switch).
+    pub fn reorder(file_len: u64, order: u32, memory_limit: u64, added: Vec<(u64, u64)>) -> Self {
+        let mut pass = Self::new(file_len, Fix::default(), memory_limit);
+        pass.reorder = Some(order);
+        pass.added = added;
+        pass
+    }
+
+    /// A reorder pass that writes nothing: it fails as [`reorder`](Self::reorder) would
+    /// when a refcount does not fit `order`, and is done otherwise.
+    pub fn reorder_dry(file_len: u64, order: u32, memory_limit: u64) -> Self {
+        let mut pass = Self::reorder(file_len, order, memory_limit, Vec::new());
+        pass.dry = true;
+        pass
     }
 
     /// The length of the file as the pass knows it.
@@ -380,6 +447,8 @@ impl Pass {
             poisoned: self.poisoned,
             header_error: self.header_error,
             file_len: self.file_len,
+            amend_error: self.amend_error,
+            switched: self.switched,
         }
     }
 

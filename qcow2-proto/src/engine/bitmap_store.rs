@@ -19,11 +19,13 @@ use crate::error::RequestError;
 use crate::format::bitmap::{
     self, data_bytes, DirEntry, AUTO, IN_USE, TABLE_ENTRY_OFFSET, TABLE_ENTRY_RESERVED,
 };
-use crate::format::extension::{bitmaps_payload, BITMAPS};
-use crate::format::extension::{with_bitmaps, Extensions, RawBitmapsExtValue};
+use std::collections::VecDeque;
+
+use crate::format::extension::{
+    bitmaps_payload, relayout, Extensions, FeatureTable, RawBitmapsExtValue, Relayout, BITMAPS,
+};
 use crate::format::header::autoclear;
 use crate::io::{IoBuf, IoKind};
-use std::collections::VecDeque;
 
 use super::bitmaps::{clear_tail, BitmapRead};
 use super::{put_be64, Block, Image, Purpose};
@@ -460,9 +462,17 @@ impl Image {
                     push_stage(&mut stages, &before, &img);
                 } else {
                     push_stage(&mut stages, &before, &img);
-                    let laid =
-                        with_bitmaps(&img, header_len, (backing.0 as u64, backing.1 as u32), None)
-                            .map_err(format_error)?;
+                    let name_end = (backing.0 + backing.1).min(limit);
+                    let spec = Relayout {
+                        header_len,
+                        area,
+                        new_header_len: header_len,
+                        name: (backing.0 != 0).then(|| &img[backing.0.min(limit)..name_end]),
+                        format: exts.backing_format.map(|r| &img[r.start..r.start + r.len]),
+                        features: FeatureTable::Keep,
+                        drop_bitmaps: true,
+                    };
+                    let laid = relayout(&img, &spec).map_err(format_error)?;
                     let (bytes, name_at, _) = laid.ok_or_else(no_room)?;
                     let before = img.clone();
                     let used = bytes.len();

@@ -22,6 +22,7 @@
 //!    close is done only with no op outstanding, since the runtime then closes the file.
 
 mod alloc;
+mod amend;
 mod backing;
 mod bitmap_store;
 mod bitmaps;
@@ -40,6 +41,7 @@ use std::collections::VecDeque;
 
 use arrayvec::ArrayVec;
 
+use crate::amend::{AmendOptions, Amender};
 use crate::check::{CheckReport, Checker, Repair};
 use crate::config::{CreateOptions, ImageConfig, Preallocation};
 use crate::error::{CorruptReason, Corruption, RequestError, Structure, SubmitError};
@@ -106,7 +108,7 @@ enum Purpose {
     TaskIo {
         task: u32,
     },
-    /// An op of the checker run by task `task`, known to the checker as `inner`.
+    /// An op of the checker (or the amender) run by task `task`, known to it as `inner`.
     Check {
         task: u32,
         inner: u32,
@@ -198,6 +200,7 @@ enum Kind {
     WriteCompressed,
     Snapshot,
     BitmapRead,
+    Amend(AmendOptions),
 }
 
 impl Kind {
@@ -211,6 +214,7 @@ impl Kind {
                 | Self::MakeEmpty
                 | Self::SetBacking
                 | Self::Snapshot
+                | Self::Amend(_)
         )
     }
 
@@ -366,6 +370,9 @@ pub struct Image {
     alloc_high: u64,
     /// Whether host space was allocated ahead of use ([`ImageConfig::grow_step`]).
     grew: bool,
+    /// From here on the file holds nothing but zeros (past the end, or allocated ahead
+    /// and never written).
+    zero_from: u64,
     free_list: Vec<u64>,
     pending_frees: VecDeque<Free>,
     staging: Vec<IoBuf>,
@@ -403,6 +410,8 @@ pub struct Image {
     cache_full: bool,
     /// The checker of a running check task.
     checker: Option<Box<Checker>>,
+    /// The amender of a running amend task.
+    amender: Option<Box<Amender>>,
     /// The check task waiting for metadata to be reloaded after a repair.
     reload_task: Option<u32>,
     /// The backing file, once the image names one and the runtime attached it.
@@ -475,6 +484,7 @@ impl Image {
             file_end: 0,
             alloc_high: 0,
             grew: false,
+            zero_from: 0,
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
             staging: Vec::new(),
@@ -503,6 +513,7 @@ impl Image {
             poisoned: None,
             cache_full: false,
             checker: None,
+            amender: None,
             reload_task: None,
             backing: None,
             data_file: None,
@@ -789,6 +800,8 @@ impl Image {
                 let n = op.len() as usize;
                 if let Some(checker) = self.checker.as_mut() {
                     checker.complete(op, result.map(|()| n));
+                } else if let Some(amender) = self.amender.as_mut() {
+                    amender.complete(op, result.map(|()| n));
                 }
                 self.task_io_done(task, Ok(()));
             }
@@ -835,11 +848,17 @@ impl Image {
         let len: u64 = segments.iter().map(|s| s.len() as u64).sum();
         match kind {
             _ if target != Target::Image => {}
-            IoKind::Write => self.file_end = self.file_end.max(offset + len),
+            IoKind::Write => {
+                self.file_end = self.file_end.max(offset + len);
+                self.zero_from = self.zero_from.max(offset + len);
+            }
             IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
                 self.file_end = self.file_end.max(offset + len)
             }
-            IoKind::SetLen => self.file_end = offset,
+            IoKind::SetLen => {
+                self.file_end = offset;
+                self.zero_from = self.zero_from.min(offset);
+            }
             _ => {}
         }
         let op = IoOp {
@@ -1036,6 +1055,7 @@ impl Image {
             Kind::WriteCompressed => self.step_write_compressed(t),
             Kind::Snapshot => self.step_snapshot(t),
             Kind::BitmapRead => self.step_bitmap_read(t),
+            Kind::Amend(options) => self.step_amend(t, options),
         };
         if finished {
             self.finish(t);
@@ -1222,21 +1242,9 @@ impl Image {
                         }
                         continue;
                     }
-                    if !self.op_room(1) {
+                    if !self.issue_inner_op(t) {
                         return false;
                     }
-                    let checker = self.checker.as_mut().expect("checking");
-                    let Some(op) = checker.poll_io() else {
-                        return false;
-                    };
-                    let inner = op.id.0;
-                    self.issue(
-                        Purpose::Check { task: t, inner },
-                        op.kind,
-                        op.offset,
-                        op.segments,
-                    );
-                    self.task(t).inflight += 1;
                 }
                 2 => {
                     // The repair rewrote metadata behind the caches: read it all again.
@@ -1250,6 +1258,27 @@ impl Image {
                 _ => return self.task(t).inflight == 0 && self.reload_task.is_none(),
             }
         }
+    }
+
+    /// Issues the next op of the checker or amender that task `t` runs; `false` when it
+    /// has none now (or there is no room for it).
+    fn issue_inner_op(&mut self, t: u32) -> bool {
+        if !self.op_room(1) {
+            return false;
+        }
+        let op = match (self.checker.as_mut(), self.amender.as_mut()) {
+            (Some(c), _) => c.poll_io(),
+            (None, Some(a)) => a.poll_io(),
+            _ => None,
+        };
+        let Some(op) = op else {
+            return false;
+        };
+        let inner = op.id.0;
+        let purpose = Purpose::Check { task: t, inner };
+        self.issue(purpose, op.kind, op.offset, op.segments);
+        self.task(t).inflight += 1;
+        true
     }
 
     // ---- failures ----

@@ -85,7 +85,13 @@ impl Image {
                     self.events
                         .push_back(Event::Poisoned(RequestError::Poisoned));
                     let task = self.task(t);
-                    task.error.get_or_insert(RequestError::CheckFailed(e));
+                    let e = match (task.kind, e) {
+                        // (An amend reports what failed, not a check.)
+                        (super::Kind::Amend(_), OpenError::Io(io)) => RequestError::Io(io),
+                        (super::Kind::Amend(_), _) => RequestError::Poisoned,
+                        (_, e) => RequestError::CheckFailed(e),
+                    };
+                    task.error.get_or_insert(e);
                     self.make_runnable(t);
                     return;
                 }
@@ -611,6 +617,7 @@ impl Image {
         // (the scan reads each refcount block once per session, as allocation proceeds).
         self.next_free = 1;
         self.file_end = self.file_end.max(self.config.file_len);
+        self.zero_from = self.zero_from.max(self.config.file_len);
         self.hdr_disk = self.hdr;
         self.index_metadata();
     }

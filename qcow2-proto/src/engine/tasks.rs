@@ -1220,11 +1220,12 @@ impl Image {
         }
         let mut host = alloc.host + *lead;
         let mut edges = [None, None];
-        // Clusters past the end of the file read as zero already: instead of writing zeroes
-        // around the data of a fresh allocation, allocate those edges (like QEMU's zero
-        // range over the new cluster), concurrently, since the ranges are disjoint. (Not in
-        // an external data file: the guest offset's old bytes are there.)
-        if host >= self.file_end && !self.has_data_file() {
+        // Clusters past the end of the file (or allocated ahead and never written) read as
+        // zero already: instead of writing zeroes around the data of a fresh allocation,
+        // allocate those edges (like QEMU's zero range over the new cluster), concurrently,
+        // since the ranges are disjoint. (Not in an external data file: the guest offset's
+        // old bytes are there.)
+        if host >= self.zero_from && !self.has_data_file() {
             if let Some(&Segment::Zeroes(n)) = segs.first() {
                 edges[0] = Some((host, n as u64));
                 host += n as u64;

@@ -164,48 +164,111 @@ pub fn with_backing(
     name: Option<&str>,
     format: Option<&str>,
 ) -> Result<Option<(Vec<u8>, u64, u32)>, FormatError> {
-    let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-    if let Some(f) = format {
-        exts.push((BACKING_FORMAT, f.as_bytes().to_vec()));
-    }
-    exts.extend(
-        extension_list(cluster0, header_len, area)?
-            .into_iter()
-            .filter(|(kind, _)| *kind != BACKING_FORMAT),
-    );
-    Ok(relayout(
-        cluster0,
+    let spec = Relayout {
         header_len,
-        exts,
-        name.map(str::as_bytes),
-    ))
+        area,
+        new_header_len: header_len,
+        name: name.map(str::as_bytes),
+        format: format.map(str::as_bytes),
+        features: FeatureTable::Keep,
+        drop_bitmaps: false,
+    };
+    relayout(cluster0, &spec)
 }
 
-/// Cluster 0's bytes with the bitmaps extension set to `bitmaps` (none: removed), last,
-/// every other extension and the backing file name kept (the name moves to follow the
-/// list).
-/// `backing` is the name's offset and length in `cluster0` (offset 0: none); the other
-/// arguments and the result are as for [`with_backing`].
-pub fn with_bitmaps(
+/// What becomes of the feature-name table when cluster 0 is laid out again.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum FeatureTable {
+    /// Kept where it is among the other extensions.
+    Keep,
+    /// Replaced by QEMU's table ([`default_feature_names`]), right after the backing
+    /// format (a version 3 header, as QEMU writes it).
+    Default,
+    /// Left out (a version 2 header: QEMU writes no table there).
+    Drop,
+}
+
+/// How [`relayout`] lays cluster 0 out.
+#[derive(Clone, Copy, Debug)]
+pub struct Relayout<'a> {
+    /// The current header's length.
+    pub header_len: usize,
+    /// Where the current extension list must end (the backing name's offset, or the
+    /// cluster's end).
+    pub area: usize,
+    /// The new header's length (72 for version 2, 112 for version 3).
+    pub new_header_len: usize,
+    /// The backing file name (none: no backing file).
+    pub name: Option<&'a [u8]>,
+    /// The backing format extension's contents (none: left out).
+    pub format: Option<&'a [u8]>,
+    /// The feature-name table.
+    pub features: FeatureTable,
+    /// Leave the bitmaps extension out.
+    pub drop_bitmaps: bool,
+}
+
+/// Cluster 0 laid out again: a header of `new_header_len` bytes (the current header's
+/// bytes as far as both reach, zeros after; the caller encodes the fields), the backing
+/// format extension, the feature-name table as `features` says, every other extension in
+/// its order, the end marker and the backing file name. Returns the bytes, the name's
+/// offset (0 without a name) and length; `None` when they do not fit in `cluster0`'s
+/// length.
+pub fn relayout(
     cluster0: &[u8],
-    header_len: usize,
-    backing: (u64, u32),
-    bitmaps: Option<RawBitmapsExtValue>,
+    spec: &Relayout<'_>,
 ) -> Result<Option<(Vec<u8>, u64, u32)>, FormatError> {
-    let area = match backing.0 {
-        0 => cluster0.len(),
-        off => (off as usize).min(cluster0.len()),
-    };
-    let name_end = (backing.0 + u64::from(backing.1)).min(cluster0.len() as u64) as usize;
-    let name = (backing.0 != 0).then(|| &cluster0[area..name_end.max(area)]);
-    let mut exts: Vec<(u32, Vec<u8>)> = extension_list(cluster0, header_len, area)?
-        .into_iter()
-        .filter(|(kind, _)| *kind != BITMAPS)
+    let area = spec.area.min(cluster0.len());
+    // Validates the list first (the walk below trusts it).
+    Extensions::parse(cluster0, spec.header_len, area)?;
+    let table: Vec<u8> = default_feature_names()
+        .iter()
+        .flat_map(|f| f.as_bytes().to_vec())
         .collect();
-    if let Some(b) = bitmaps {
-        exts.push((BITMAPS, bitmaps_payload(b).to_vec()));
+    let mut exts: Vec<(u32, &[u8])> = Vec::new();
+    if let Some(f) = spec.format {
+        exts.push((BACKING_FORMAT, f));
     }
-    Ok(relayout(cluster0, header_len, exts, name))
+    if spec.features == FeatureTable::Default {
+        exts.push((FEATURE_NAMES, &table));
+    }
+    let mut off = spec.header_len;
+    while off + 8 <= area {
+        let head = RawExtensionHeader::read_from_bytes(&cluster0[off..off + 8]).expect("8 bytes");
+        let (kind, len) = (head.ext_type.get(), head.len.get() as usize);
+        if kind == END {
+            break;
+        }
+        let dropped = kind == BACKING_FORMAT
+            || kind == FEATURE_NAMES && spec.features != FeatureTable::Keep
+            || kind == BITMAPS && spec.drop_bitmaps;
+        if !dropped {
+            exts.push((kind, &cluster0[off + 8..off + 8 + len]));
+        }
+        off += 8 + len.next_multiple_of(8);
+    }
+    let mut out = cluster0[..spec.header_len.min(spec.new_header_len)].to_vec();
+    out.resize(spec.new_header_len, 0);
+    for (kind, data) in exts {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out.extend_from_slice(&[0; 8]);
+    let at = out.len() as u64;
+    let n = spec.name.map_or(0, <[u8]>::len);
+    if let Some(name) = spec.name {
+        out.extend_from_slice(name);
+    }
+    if out.len() > cluster0.len() || n > crate::format::MAX_BACKING_NAME as usize {
+        return Ok(None);
+    }
+    Ok(Some((
+        out,
+        if spec.name.is_some() { at } else { 0 },
+        n as u32,
+    )))
 }
 
 /// The bitmaps extension's 24 bytes of data.
@@ -219,56 +282,6 @@ pub fn bitmaps_payload(b: RawBitmapsExtValue) -> [u8; 24] {
     let mut out = [0; 24];
     out.copy_from_slice(raw.as_bytes());
     out
-}
-
-/// The extensions of `cluster0` between `header_len` and `area`, in order (validated).
-fn extension_list(
-    cluster0: &[u8],
-    header_len: usize,
-    area: usize,
-) -> Result<Vec<(u32, Vec<u8>)>, FormatError> {
-    let area = area.min(cluster0.len());
-    // Validates the list first (the walk below trusts it).
-    Extensions::parse(cluster0, header_len, area)?;
-    let mut exts = Vec::new();
-    let mut off = header_len;
-    while off + 8 <= area {
-        let head = RawExtensionHeader::read_from_bytes(&cluster0[off..off + 8]).expect("8 bytes");
-        let (kind, len) = (head.ext_type.get(), head.len.get() as usize);
-        if kind == END {
-            break;
-        }
-        exts.push((kind, cluster0[off + 8..off + 8 + len].to_vec()));
-        off += 8 + len.next_multiple_of(8);
-    }
-    Ok(exts)
-}
-
-/// The header, `exts`, the end marker and the backing file `name`, if they fit in
-/// `cluster0`'s length; with the name's offset (0: none) and length.
-fn relayout(
-    cluster0: &[u8],
-    header_len: usize,
-    exts: Vec<(u32, Vec<u8>)>,
-    name: Option<&[u8]>,
-) -> Option<(Vec<u8>, u64, u32)> {
-    let mut out = cluster0[..header_len].to_vec();
-    for (kind, data) in exts {
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(&data);
-        out.resize(out.len().next_multiple_of(8), 0);
-    }
-    out.extend_from_slice(&[0; 8]);
-    let at = out.len() as u64;
-    let n = name.map_or(0, <[u8]>::len);
-    if let Some(name) = name {
-        out.extend_from_slice(name);
-    }
-    if out.len() > cluster0.len() || n > crate::format::MAX_BACKING_NAME as usize {
-        return None;
-    }
-    Some((out, if name.is_some() { at } else { 0 }, n as u32))
 }
 
 /// The bitmaps extension, decoded.
