@@ -513,7 +513,7 @@ pub struct BenchArgs {
     /// directsync or unsafe.
     #[arg(short = 't', long = "cache")]
     pub cache: Option<String>,
-    /// About a minute: 256 MiB images, 0.12 s runs, 2 rounds, depths 1 and 16, states
+    /// About a minute: 256 MiB images, 0.1 s runs, 2 rounds, depths 1 and 16, states
     /// allocated, growing and backing (the filters below override these).
     #[arg(long)]
     pub quick: bool,
@@ -527,7 +527,7 @@ pub struct BenchArgs {
     /// Image size (default 1G, 256M with --quick).
     #[arg(long)]
     pub size: Option<String>,
-    /// Seconds a run lasts at the most (default 0.8, 0.12 with --quick).
+    /// Seconds a run lasts at the most (default 0.8, 0.1 with --quick).
     #[arg(long)]
     pub seconds: Option<f64>,
     /// Rounds of every cell; figures are their medians (default 3, 2 with --quick).

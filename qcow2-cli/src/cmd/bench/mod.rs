@@ -57,7 +57,7 @@ fn settings(a: &BenchArgs) -> Result<Settings, CliError> {
             "bench: the image size must be a multiple of 256 KiB, at least 1 MiB",
         ));
     }
-    let seconds = a.seconds.unwrap_or(if a.quick { 0.12 } else { 0.8 });
+    let seconds = a.seconds.unwrap_or(if a.quick { 0.1 } else { 0.8 });
     if !(seconds.is_finite() && seconds > 0.0) {
         return Err(CliError::new("bench: --seconds must be positive"));
     }
