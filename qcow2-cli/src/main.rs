@@ -527,7 +527,7 @@ pub struct BenchArgs {
     /// Image size (default 1G, 256M with --quick).
     #[arg(long)]
     pub size: Option<String>,
-    /// Seconds a run lasts at the most (default 0.8, 0.1 with --quick).
+    /// Seconds a run lasts at the most (default 0.4, 0.1 with --quick).
     #[arg(long)]
     pub seconds: Option<f64>,
     /// Rounds of every cell; figures are their medians (default 3, 2 with --quick).

@@ -11,6 +11,7 @@ use super::names::State;
 use crate::cmd::create::create_raw;
 use crate::disk::engine_error;
 use crate::error::{strerror, CliError};
+use crate::host;
 use crate::raw::{open_file, AlignedBuf};
 
 /// Byte the prepared files are filled with (not zero: nothing may skip it).
@@ -126,10 +127,44 @@ impl Scratch {
     }
 
     /// Removes the image a run used, unless it is one that lasts.
+    ///
+    /// The unwritten (zero-filled) ranges that allocation leaves in a fresh image are written
+    /// with zeros first: ext4 then merges the file's extents, where deleting thousands of
+    /// small written/unwritten extents on a file system mounted with `discard` issues one
+    /// discard each (about 8 s for an image after 0.8 s of random 8 KiB writes, against
+    /// 1.3 s with the zeros written first).
     pub fn done_with(&self, path: &Path) {
         if path == self.fresh() {
+            let _ = self.write_holes(path);
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Writes zeros over the holes (and unwritten extents) of the file at `path`.
+    fn write_holes(&self, path: &Path) -> std::io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let f = open_file(path, true, self.fill_cache)?;
+        let len = f.metadata()?.len();
+        let zeros = AlignedBuf::new(CHUNK as usize);
+        let mut off = 0;
+        while off < len {
+            let Some(ext) = host::extent_at(&f, len, off, len - off) else {
+                return Ok(());
+            };
+            let end = (off + ext.len).min(len);
+            if ext.hole {
+                // Whole 4 KiB blocks inside the hole (O_DIRECT), never past the end.
+                let mut at = off.next_multiple_of(4096);
+                let stop = end - end % 4096;
+                while at < stop {
+                    let n = (stop - at).min(CHUNK) as usize;
+                    f.write_all_at(&zeros.as_slice()[..n], at)?;
+                    at += n as u64;
+                }
+            }
+            off = end;
+        }
+        Ok(())
     }
 }
 

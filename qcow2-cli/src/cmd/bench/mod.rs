@@ -57,7 +57,7 @@ fn settings(a: &BenchArgs) -> Result<Settings, CliError> {
             "bench: the image size must be a multiple of 256 KiB, at least 1 MiB",
         ));
     }
-    let seconds = a.seconds.unwrap_or(if a.quick { 0.1 } else { 0.8 });
+    let seconds = a.seconds.unwrap_or(if a.quick { 0.1 } else { 0.4 });
     if !(seconds.is_finite() && seconds > 0.0) {
         return Err(CliError::new("bench: --seconds must be positive"));
     }
@@ -74,7 +74,7 @@ fn settings(a: &BenchArgs) -> Result<Settings, CliError> {
         (&[1, 8, 16], &State::ALL)
     };
     let columns = parse_list(a.columns.as_deref(), "column", &Column::ALL)?;
-    if columns.contains(&Column::Uring) {
+    if a.columns.is_some() && columns.contains(&Column::Uring) {
         Runtime::Uring.available()?;
     }
     Ok(Settings {
@@ -144,6 +144,12 @@ fn run_table(a: &BenchArgs) -> CmdResult {
     } else {
         None
     };
+    if let Err(why) = Runtime::Uring.available() {
+        if s.columns.contains(&Column::Uring) {
+            notes.push(format!("no uring column: {}", why.message));
+            s.columns.retain(|c| *c != Column::Uring);
+        }
+    }
     let groups = table::plan(&s);
     if groups.is_empty() {
         return Err(CliError::new(
@@ -167,8 +173,11 @@ fn run_table(a: &BenchArgs) -> CmdResult {
     if !a.json {
         println!("{}", heading(&s, &base, qemu_version.as_deref()));
     }
+    let mut bar =
+        progress::Bar::new(groups.iter().map(|g| g.cells.len()).sum::<usize>() * s.rounds);
+    bar.starting("writing the raw file, the allocated image and the backing file");
     scratch.prepare(needs_raw, &states)?;
-    let (samples, failures) = table::run_all(&s, &groups, &scratch);
+    let (samples, failures) = table::run_all(&s, &groups, &scratch, &mut bar);
     notes.extend(failures);
     let rows = stats::rows(&samples);
     if a.json {

@@ -107,10 +107,14 @@ pub fn order(cells: &[Cell], round: usize, seed: u64) -> Vec<Cell> {
     v
 }
 
-/// Runs every group; runs that fail are left out and named in the notes returned.
-pub fn run_all(s: &Settings, groups: &[Group], scratch: &Scratch) -> (Vec<Sample>, Vec<String>) {
-    let total = groups.iter().map(|g| g.cells.len()).sum::<usize>() * s.rounds;
-    let mut bar = Bar::new(total);
+/// Runs every group, counting the runs on `bar`; runs that fail are left out and named in
+/// the notes returned.
+pub fn run_all(
+    s: &Settings,
+    groups: &[Group],
+    scratch: &Scratch,
+    bar: &mut Bar,
+) -> (Vec<Sample>, Vec<String>) {
     let mut samples: Vec<Sample> = Vec::new();
     let mut notes = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
@@ -252,6 +256,46 @@ mod tests {
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].cells.len(), 1, "{:?}", g[0].cells);
         assert_eq!(g[0].cells[0].column, Column::Uring);
+    }
+
+    #[test]
+    fn qemu_counts_follow_the_measured_rates() {
+        let s = settings();
+        let cell = |column, state| Cell {
+            scenario: Scenario::RandWrite8k,
+            depth: 1,
+            state,
+            column,
+        };
+        let qemu = cell(Column::Qemu, Some(State::Growing));
+        let m = |ops: u64| Measured {
+            ops,
+            writes: ops,
+            bytes: ops * 8192,
+            secs: 1.0,
+            syncs: None,
+        };
+        assert_eq!(qemu_count(&s, qemu, &[]), 500);
+        let mut done = vec![
+            Sample {
+                cell: cell(Column::Raw, None),
+                round: 0,
+                m: m(10_000),
+            },
+            Sample {
+                cell: cell(Column::Uring, Some(State::Growing)),
+                round: 0,
+                m: m(2_000),
+            },
+        ];
+        // The slowest neighbour first, then the cell's own last rate.
+        assert_eq!(qemu_count(&s, qemu, &done), 1000);
+        done.push(Sample {
+            cell: qemu,
+            round: 0,
+            m: m(4_000),
+        });
+        assert_eq!(qemu_count(&s, qemu, &done), 2000);
     }
 
     #[test]
