@@ -47,6 +47,7 @@ fn write_through(cache: Cache) -> bool {
     matches!(cache, Cache::WriteThrough | Cache::DirectSync)
 }
 
+/// The raw file: `depth` threads, each with its own aligned buffer, on one file handle.
 fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
     let file = open_file(path, true, cache)?;
     let size = file.metadata()?.len();
@@ -100,6 +101,7 @@ fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
     Ok(m)
 }
 
+/// The blocking runtime: one request at a time, whatever the depth.
 fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, String> {
     let img = Image::open(path, options).map_err(|e| engine_error(&e))?;
     let mut img = Disk::from_image(path, img);
@@ -126,6 +128,7 @@ fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, 
     Ok(m)
 }
 
+/// An async runtime: `depth` tasks on one local executor, a request each in flight.
 fn run_async(
     path: &Path,
     options: &OpenOptions,

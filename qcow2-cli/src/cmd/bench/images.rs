@@ -20,6 +20,7 @@ const FILL: u8 = 0x5a;
 /// Name of the backing file, relative to the overlays (which sit beside it).
 const BACKING: &str = "backing.raw";
 
+/// A benchmark error naming what failed.
 fn fail(what: &str, e: impl std::fmt::Display) -> CliError {
     CliError::new(format!("bench: {what}: {e}"))
 }

@@ -111,10 +111,7 @@ fn scratch_base(a: &BenchArgs, direct: bool) -> PathBuf {
     candidates[0].clone()
 }
 
-fn human_size(n: u64) -> String {
-    crate::size::size_to_str(n)
-}
-
+/// Runs the table: prepares the scratch files, runs every cell's rounds, prints the rows.
 fn run_table(a: &BenchArgs) -> CmdResult {
     let mut s = settings(a)?;
     let mut notes = Vec::new();
@@ -205,13 +202,14 @@ fn run_table(a: &BenchArgs) -> CmdResult {
     Ok(0)
 }
 
+/// The lines above the tables: what was measured, where and how.
 fn heading(s: &Settings, base: &Path, qemu: Option<&str>) -> String {
     let depths: Vec<String> = s.depths.iter().map(usize::to_string).collect();
     format!(
         "qcow2 bench: {} images in {}, cache={}, {} s a run, median of {} rounds, depths {}; \
          qemu: {}\nx raw / x qemu: medians of same-round ratios; syncs/write: fdatasyncs \
          while the writes ran",
-        human_size(s.size),
+        crate::size::size_to_str(s.size),
         base.display(),
         qemu::cache_name(s.cache),
         s.seconds,

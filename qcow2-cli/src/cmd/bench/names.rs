@@ -292,6 +292,7 @@ named!(Scenario);
 named!(State);
 named!(Column);
 
+/// The error for a name not in `known`.
 fn unknown(what: &str, got: &str, known: &[&str]) -> CliError {
     CliError::new(format!(
         "bench: unknown {what} '{got}' (expected one of: {})",

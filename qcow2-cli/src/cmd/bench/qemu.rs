@@ -41,6 +41,7 @@ pub fn cache_name(c: Cache) -> &'static str {
     }
 }
 
+/// Greatest common divisor.
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use super::names::Scenario;
 use super::stats::Row;
 
+/// A figure with `places` decimals, or `-`.
 fn opt(x: Option<f64>, places: usize) -> String {
     x.map_or_else(|| "-".to_owned(), |x| format!("{x:.places$}"))
 }

@@ -69,6 +69,7 @@ pub fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// `a / b`, unless `b` is zero.
 fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
 }

@@ -171,6 +171,7 @@ pub fn qemu_count(s: &Settings, cell: Cell, done: &[Sample]) -> u64 {
     ((iops * s.seconds).ceil() as u64).max(16)
 }
 
+/// Runs one cell once: on the raw file, or on its state's image (fresh unless allocated).
 fn run_cell(
     s: &Settings,
     scratch: &Scratch,
