@@ -146,7 +146,9 @@ pub fn bitmaps_maintained_by_writable_open<H: Harness>(h: &H) {
     ]);
     assert_eq!(autoclear(&path) & 1, 1, "qemu-img sets the bitmaps bit");
     let flags = |name: &str| {
-        let info = q.info(&path);
+        // (-U: the image may be open for writing.)
+        let out = q.img(&["info", "-U", "--output=json", &path.display().to_string()]);
+        let info: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info JSON");
         let list = info["format-specific"]["data"]["bitmaps"].clone();
         let b = list
             .as_array()
