@@ -137,3 +137,9 @@ fn allocated_read_4k(bencher: divan::Bencher) {
 fn inplace_write_4k(bencher: divan::Bencher) {
     run(bencher, true);
 }
+
+/// Probe: one allocation per iteration, to show what the profiler reports.
+#[divan::bench]
+fn probe(bencher: divan::Bencher) {
+    bencher.bench_local(|| divan::black_box(vec![0u8; 64]));
+}

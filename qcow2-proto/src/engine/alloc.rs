@@ -204,6 +204,7 @@ impl Image {
         // (Best effort: a failure shows again in the writes that need the space.)
         self.issue_bare(Purpose::Mark, IoKind::Allocate { len: to - from }, from);
         self.grew = true;
+        self.ahead_end = to;
     }
 
     /// Host space for a compressed stream of `n` bytes (less than a cluster): after the

@@ -370,6 +370,8 @@ pub struct Image {
     alloc_high: u64,
     /// Whether host space was allocated ahead of use ([`ImageConfig::grow_step`]).
     grew: bool,
+    /// End of the host space allocated ahead (0: none).
+    ahead_end: u64,
     /// From here on the file holds nothing but zeros (past the end, or allocated ahead
     /// and never written).
     zero_from: u64,
@@ -484,6 +486,7 @@ impl Image {
             file_end: 0,
             alloc_high: 0,
             grew: false,
+            ahead_end: 0,
             zero_from: 0,
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
@@ -858,6 +861,7 @@ impl Image {
             IoKind::SetLen => {
                 self.file_end = offset;
                 self.zero_from = self.zero_from.min(offset);
+                self.ahead_end = self.ahead_end.min(offset);
             }
             _ => {}
         }

@@ -1245,8 +1245,10 @@ impl Image {
         self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
         let mut pending = 1;
         for (offset, len) in edges.into_iter().flatten() {
-            // Optional (the bytes read as zero either way): only when an op slot is free.
-            if self.op_room(1) {
+            // Optional (the bytes read as zero either way): only when an op slot is free,
+            // and not where host space was allocated ahead already (an fallocate takes the
+            // file's lock and would serialize the writes around it).
+            if self.op_room(1) && offset + len > self.ahead_end {
                 self.issue_bare(
                     Purpose::AllocWrite { alloc: a },
                     IoKind::Allocate { len },
