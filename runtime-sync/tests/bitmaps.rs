@@ -238,3 +238,50 @@ fn bitmaps_follow_their_model_16k_extended_l2_refcount_2() {
         o,
     );
 }
+
+/// A removed bitmap whose table points somewhere it should not (here into the L1 table,
+/// not cluster-aligned) has its clusters leaked, never freed: freeing would drop a
+/// reference the L1 table holds.
+#[test]
+fn a_damaged_table_is_leaked_not_freed() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let mut img = Image::create(&path, &CreateOptions::new(SIZE), &OpenOptions::default()).unwrap();
+    img.bitmap_add("b", 65536, true).unwrap();
+    img.write_at(&[7; 4096], 0).unwrap();
+    img.close().unwrap();
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let b = img.info().bitmaps[0].clone();
+    drop(img);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut hdr = [0u8; 48];
+    file.read_exact_at(&mut hdr, 0).unwrap();
+    let l1 = u64::from_be_bytes(hdr[40..48].try_into().unwrap());
+    file.write_all_at(&(l1 + 512).to_be_bytes(), b.table_offset)
+        .unwrap();
+    drop(file);
+
+    let mut img = Image::open(&path, &OpenOptions::default()).unwrap();
+    img.bitmap_remove("b").unwrap();
+    img.close().unwrap();
+    let mut img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    assert!(img.info().bitmaps.is_empty());
+    let report = img.check(None).unwrap();
+    assert_eq!(
+        (report.corruptions, report.check_errors),
+        (0, 0),
+        "nothing freed blindly: {report:?}"
+    );
+    assert!(
+        report.leaks > 0,
+        "the damaged bitmap's clusters are leaked: {report:?}"
+    );
+    let mut back = [0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [7; 4096]);
+}

@@ -207,13 +207,16 @@ impl Image {
             && table.0.saturating_add(u64::from(table.1) * 8) <= self.file_end;
         let store = self.bitmap_store.as_deref_mut().expect("runs");
         if !fits {
-            // (Only stale bitmaps get here: the others' tables were checked at open.)
+            // (Tables were checked at open: this is a removed stale bitmap's, left leaked.)
             let live = self.bitmaps.as_deref_mut().expect("bitmaps to store");
-            if let Some(b) = live.list.get_mut(i) {
-                b.bits = Some(bits);
-                store.sub = sub::WRITE;
-            } else {
-                store.next += 1;
+            match live.list.get_mut(i) {
+                // Its stored bits cannot be read: it can only be stored as stale.
+                Some(b) if !table_only => b.stale = true,
+                Some(b) => {
+                    b.bits = Some(bits);
+                    store.sub = sub::WRITE;
+                }
+                None => store.next += 1,
             }
             return;
         }
@@ -239,12 +242,20 @@ impl Image {
             }
         };
         let cs = self.geo.cluster_size();
+        // Only a table whose every entry is sound (reserved bits clear, cluster-aligned,
+        // inside the file) has its clusters freed; any other is leaked, never freed blindly.
+        let table = read.table.as_deref().unwrap_or_default();
+        let sound = |e: u64| {
+            let host = e & TABLE_ENTRY_OFFSET;
+            e & TABLE_ENTRY_RESERVED == 0
+                && (host == 0 || e & 1 == 0 && host % cs == 0 && host + cs <= self.file_end)
+        };
+        let ok = ok && table.iter().all(|&e| sound(e));
         let store = self.bitmap_store.as_deref_mut().expect("runs");
         if ok {
-            let table = read.table.as_deref().unwrap_or_default();
             for &e in table {
                 let host = e & TABLE_ENTRY_OFFSET;
-                if host != 0 && e & TABLE_ENTRY_RESERVED == 0 {
+                if host != 0 {
                     store.frees.push((host, 1));
                 }
             }
