@@ -365,8 +365,9 @@ pub struct Image {
     /// Highest byte the file may hold data at (file length at open, grown by every write
     /// issued since): clusters past it read as zero without being written.
     file_end: u64,
-    /// End of the host space allocated to clusters (a high-water mark, bytes): what the
-    /// file is cut back to at close after growing ahead.
+    /// End of the host space allocated to clusters or written (a high-water mark, bytes:
+    /// a repair or an amend may write structures of its own): what the file is cut back to
+    /// at close after growing ahead.
     alloc_high: u64,
     /// Whether host space was allocated ahead of use ([`ImageConfig::grow_step`]).
     grew: bool,
@@ -854,10 +855,13 @@ impl Image {
             IoKind::Write => {
                 self.file_end = self.file_end.max(offset + len);
                 self.zero_from = self.zero_from.max(offset + len);
+                self.alloc_high = self.alloc_high.max(offset + len);
             }
-            IoKind::WriteZeroes { len } | IoKind::Allocate { len } => {
-                self.file_end = self.file_end.max(offset + len)
+            IoKind::WriteZeroes { len } => {
+                self.file_end = self.file_end.max(offset + len);
+                self.alloc_high = self.alloc_high.max(offset + len);
             }
+            IoKind::Allocate { len } => self.file_end = self.file_end.max(offset + len),
             IoKind::SetLen => {
                 self.file_end = offset;
                 self.zero_from = self.zero_from.min(offset);
