@@ -18,6 +18,19 @@ pub fn test_count(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The first seed of a randomized run: `QCOW2_SEED`, or taken from the clock.
+pub fn base_seed() -> u64 {
+    std::env::var("QCOW2_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                % 1_000_000_007
+        })
+}
+
 /// Most property runs spent on shrinking one failure.
 const SHRINK_BUDGET: u32 = 400;
 
@@ -40,15 +53,7 @@ pub fn check<T: Arbitrary + Debug>(
     size: usize,
     prop: impl Fn(&T) -> Result<(), String>,
 ) {
-    let base = std::env::var("QCOW2_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-                % 1_000_000_007
-        });
+    let base = base_seed();
     for i in 0..tests {
         let seed = base.wrapping_add(i);
         let input = T::arbitrary(&mut Gen::from_size_and_seed(size, seed));

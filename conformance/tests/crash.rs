@@ -3,7 +3,7 @@
 //! run asserts at least 2,000 crash points, so the five cover more than ten thousand.
 //! `cargo test -p qcow2-conformance crash -- --nocapture` shows each run's tally line.
 
-use qcow2_conformance::sim::{crash_test, CrashConfig};
+use qcow2_conformance::sim::{crash_test, CrashConfig, Tally};
 
 fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> CrashConfig {
     CrashConfig {
@@ -21,7 +21,11 @@ fn config(version: u32, cluster_size: u32, write_through: bool, lazy: bool) -> C
 }
 
 fn run(name: &str, cfg: CrashConfig, min_points: u64) {
-    let t = crash_test(name, cfg);
+    assert_clean(name, &crash_test(name, cfg), min_points);
+}
+
+/// No corruption, no lost write, and at least `min_points` crash points.
+fn assert_clean(name: &str, t: &Tally, min_points: u64) {
     assert_eq!(
         (t.corruptions, t.lost),
         (0, 0),
@@ -436,4 +440,65 @@ fn faults_in_amend_v3_4k() {
         },
     );
     assert!(runs >= 150 && failed > 0, "runs {runs}, failed {failed}");
+}
+
+/// Sequential streams over a backing file with many writes in flight (copy-on-write
+/// deferred, writes joining allocations in flight, reads put off and trimmed): a crash
+/// point after every op completion, in both cache modes and on 4 KiB and 64 KiB clusters.
+#[test]
+fn crash_while_sequential_streams_join_allocations() {
+    use qcow2_conformance::sim::streams::stream_crash_test;
+    for (name, cfg, rounds) in [
+        (
+            "streams_v3_64k_write_back",
+            CrashConfig {
+                scripts: 4,
+                backing: true,
+                ..config(3, 65536, false, false)
+            },
+            12,
+        ),
+        (
+            "streams_v3_4k_write_through",
+            CrashConfig {
+                scripts: 4,
+                backing: true,
+                ..config(3, 4096, true, false)
+            },
+            12,
+        ),
+        (
+            "streams_v2_64k_lazy_write_back",
+            CrashConfig {
+                scripts: 3,
+                backing: true,
+                ..config(2, 65536, false, false)
+            },
+            10,
+        ),
+    ] {
+        assert_clean(name, &stream_crash_test(name, cfg, rounds), 500);
+    }
+}
+
+/// Small writes covering whole clusters from their first byte, all in flight at once,
+/// copy nothing from the backing file but the first cluster's tail (its first write does
+/// not continue a stream): the first write of each later cluster allocates it and the
+/// others join before the copy would be read. (Copying every cluster's tail would read
+/// four times as much.)
+#[test]
+fn sequential_writes_covering_clusters_copy_nothing() {
+    use qcow2_conformance::sim::streams::covered_clusters_copy_nothing;
+    for cs in [4096, 65536] {
+        let cfg = CrashConfig {
+            backing: true,
+            ..config(3, cs, false, false)
+        };
+        let read = covered_clusters_copy_nothing(&cfg).unwrap();
+        let first_tail = u64::from(cs) - u64::from(cs) / 4;
+        assert_eq!(
+            read, first_tail,
+            "{cs}-byte clusters: {read} bytes copied from the backing file"
+        );
+    }
 }

@@ -35,7 +35,15 @@
 //!   The runtime resolves names ([`Event::OpenBacking`]) under its policy and answers with
 //!   [`Image::attach_backing`]. Reads of unallocated clusters fall through; partial writes
 //!   copy head and tail from the chain in the same vectored write as the data; zero flags
-//!   (v3) keep backing data from showing through again.
+//!   (v3) keep backing data from showing through again. A write that continues a
+//!   sequential stream defers its copy instead: its data goes out alone, the stream's next
+//!   writes into the same clusters *join* the allocation (they go out at once instead of
+//!   waiting for it, extending one written range), and the copy is read and written only
+//!   for what that range does not reach; while other requests are in flight the read waits
+//!   for the data write too, so a stream that fills the cluster copies nothing. The
+//!   clusters are linked only once every joined write is done (rule C), and each joined
+//!   request finishes after the link. Writes also join allocations that copy nothing
+//!   (fresh clusters in host space allocated ahead).
 //! * **Compressed clusters** (zlib, zstd) are read as their stream and turned into guest
 //!   bytes by an [`IoKind::Decompress`] op the runtime runs ([`decompress_op`]), so
 //!   CPU work stays out of the state machine and never blocks it; writing them is

@@ -53,6 +53,8 @@ pub struct Sim {
     rng: Rng,
     /// Op completions so far.
     pub completions: u64,
+    /// Bytes read from the backing file so far.
+    pub backing_reads: u64,
     /// The fault to inject, if any.
     pub fault: Option<Fault>,
     /// Print every completion (`QCOW2_SIM_TRACE=1`).
@@ -109,6 +111,7 @@ impl Sim {
             bufs: HashMap::new(),
             rng: Rng::new(seed),
             completions: 0,
+            backing_reads: 0,
             fault: None,
             trace: std::env::var_os("QCOW2_SIM_TRACE").is_some(),
         };
@@ -190,6 +193,67 @@ impl Sim {
             }
             if !self.step(boundary) {
                 return Err(format!("the engine stalled running {what}"));
+            }
+        }
+    }
+
+    /// Runs `requests` concurrently, in submission order: the first `at_once` before any
+    /// op completes, the rest one by one, each after a random number of op completions (as
+    /// a guest queue refills). Ops complete in random order, calling `boundary` after each,
+    /// until every request is done. Returns each request's result and buffer, in order.
+    pub fn run_batch(
+        &mut self,
+        requests: Vec<(Request, Option<Vec<u8>>)>,
+        at_once: usize,
+        boundary: &mut dyn FnMut(&SimDisk),
+    ) -> SimResult<Vec<Ran>> {
+        let total = requests.len();
+        let mut results: Vec<Option<Ran>> = (0..total).map(|_| None).collect();
+        // Requests in flight by id (ids are reused once a request is done).
+        let mut live: HashMap<ReqId, usize> = HashMap::new();
+        let mut queue = requests.into_iter().enumerate().peekable();
+        let mut submitted = 0;
+        loop {
+            while queue.peek().is_some()
+                && (submitted < at_once || self.pending.is_empty() || self.rng.below(2) == 0)
+            {
+                // (First: a finished request's id may be given out again.)
+                self.collect_done(&mut live, &mut results);
+                let (i, (request, buf)) = queue.next().expect("peeked");
+                let id = self
+                    .engine
+                    .submit(request)
+                    .map_err(|e| format!("submit of {request:?} failed: {e}"))?;
+                if let Some(b) = buf {
+                    self.bufs.insert(id, b);
+                }
+                live.insert(id, i);
+                submitted += 1;
+                if submitted >= at_once {
+                    break;
+                }
+            }
+            while let Some(op) = self.engine.poll_io() {
+                self.pending.push((op, self.disk.mark()));
+            }
+            self.collect_done(&mut live, &mut results);
+            if queue.peek().is_none() && live.is_empty() {
+                return Ok(results.into_iter().map(|r| r.expect("done")).collect());
+            }
+            if !self.step(boundary) {
+                return Err("the engine stalled running a batch".into());
+            }
+        }
+    }
+
+    /// Takes the results of the finished requests of a batch (`live`: in flight by id,
+    /// with their places in `results`).
+    fn collect_done(&mut self, live: &mut HashMap<ReqId, usize>, results: &mut [Option<Ran>]) {
+        while let Some(ev) = self.engine.poll_event() {
+            if let Event::Done { req, result } = ev {
+                if let Some(i) = live.remove(&req) {
+                    results[i] = Some((result, self.bufs.remove(&req)));
+                }
             }
         }
     }
@@ -297,6 +361,9 @@ impl Sim {
     fn execute(&mut self, op: &mut IoOp, mark: u64) -> usize {
         let mut pos = op.offset;
         if let Target::Backing(depth) = op.target {
+            if op.kind == IoKind::Read {
+                self.backing_reads += op.len();
+            }
             // The synthetic backing file: read-only, always durable.
             for seg in op.segments.iter_mut() {
                 let n = seg.len();

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod oracle;
 pub mod rng;
 pub mod snapshots;
+pub mod streams;
 
 use std::cell::RefCell;
 
@@ -81,6 +82,16 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Counts a crash point with what [`verify`] found there; returns the problem.
+    pub(crate) fn point(&mut self, (problem, lost): (Option<String>, u64)) -> Option<String> {
+        self.points += 1;
+        self.lost += lost;
+        if problem.is_some() && lost == 0 {
+            self.corruptions += 1;
+        }
+        problem
+    }
+
     /// The summary line.
     pub fn line(&self) -> String {
         format!(
@@ -232,7 +243,7 @@ pub(crate) fn create_options(cfg: &CrashConfig) -> CreateOptions {
 }
 
 /// The oracle of a fresh image: zeros, or the backing file showing through.
-fn new_oracle(cfg: &CrashConfig) -> Oracle {
+pub(crate) fn new_oracle(cfg: &CrashConfig) -> Oracle {
     if cfg.backing {
         let mut base = vec![0u8; SYNTHETIC_BACKING_LEN as usize];
         synthetic_backing(1, 0, &mut base);
@@ -243,7 +254,7 @@ fn new_oracle(cfg: &CrashConfig) -> Oracle {
 }
 
 /// After a request completed: what became durable.
-fn completed(request: Request, oracle: &mut Oracle, cfg: &CrashConfig) {
+pub(crate) fn completed(request: Request, oracle: &mut Oracle, cfg: &CrashConfig) {
     match request {
         Request::Flush | Request::Close => oracle.flushed(),
         // Write-through promises durability for writes, not for discards (as QEMU).
@@ -272,16 +283,11 @@ fn run_script(
     let cs = u64::from(cfg.cluster_size);
     for (step, op) in script.ops.iter().enumerate() {
         let mut point = |d: &SimDisk, oracle: &Oracle| {
-            let (problem, lost) = verify(d.crash(&mut rng), oracle, seed, MAX_OFFSET);
-            let mut t = tally.borrow_mut();
-            t.points += 1;
-            t.lost += lost;
+            let found = verify(d.crash(&mut rng), oracle, seed, MAX_OFFSET);
+            let problem = tally.borrow_mut().point(found);
             if let Some(p) = problem {
-                if lost == 0 {
-                    t.corruptions += 1;
-                }
                 let msg = format!("crash during step {step} {op:?}: {p}");
-                t.first.get_or_insert_with(|| msg.clone());
+                tally.borrow_mut().first.get_or_insert_with(|| msg.clone());
                 failures.push(msg);
             }
         };

@@ -124,6 +124,9 @@ impl Image {
                         count: touched,
                         state: AllocState::Io,
                         io_pending: 1,
+                        joinable: false,
+                        joined: ArrayVec::new(),
+                        deferred: None,
                     });
                     let mut segs = ArrayVec::new();
                     segs.push(Segment::Buf(buf));

@@ -11,7 +11,8 @@
 //! 2. Refcount increments happen in the cache before any entry referencing the cluster is
 //!    changed; decrements are queued (`pending_frees`) and applied only after a write-back
 //!    cycle made the dropping entry durable (rules A and B).
-//! 3. L2 entries are linked only after the data write completed (rule C); write-back writes
+//! 3. L2 entries are linked only after the data write completed (rule C), including the
+//!    writes of other tasks that joined the allocation (`Alloc::joined`); write-back writes
 //!    refblocks, syncs, then refcount-table entries, syncs, then L2 slices, syncs, then L1
 //!    entries, syncs, then the header, syncs (rules A, C, D; a count is durable only once
 //!    the refcount-table entry reaching its block is).
@@ -78,6 +79,12 @@ enum Purpose {
     /// The data write of allocation `alloc`.
     AllocWrite {
         alloc: u32,
+    },
+    /// Task `task`'s write into the clusters of allocation `alloc` while it is in flight
+    /// (see [`Alloc::joined`]).
+    JoinWrite {
+        alloc: u32,
+        task: u32,
     },
     /// Copy-on-write read (part 0 = head, 1 = tail) for allocation `alloc`.
     CowRead {
@@ -245,6 +252,11 @@ struct Task {
     error: Option<RequestError>,
     /// The data allocation this task waits on (at most one at a time).
     alloc: Option<u32>,
+    /// The allocation of another task this one wrote into (see [`Alloc::joined`]): the
+    /// task is finished only once that allocation is linked or given up.
+    join: Option<u32>,
+    /// A write that starts where the previous one ended (more are likely to follow).
+    sequential: bool,
     /// Finished once `cycles_done` reaches this.
     wait_cycle: Option<u64>,
     /// Sub-state of multi-step tasks.
@@ -308,15 +320,52 @@ struct Alloc {
     host: u64,
     count: u64,
     state: AllocState,
-    /// Data-side ops (write, edge allocations) still outstanding.
+    /// Data-side ops (write, edge allocations, joined writes) still outstanding.
     io_pending: u8,
+    /// Whether other writes may go into the new clusters while the allocation's own write
+    /// is in flight: set when that write covers only its guest data (no copy-on-write, no
+    /// zeroes: the rest of the clusters reads as zero in the file already).
+    joinable: bool,
+    /// Tasks whose writes went into these clusters while the allocation was in flight.
+    /// Their data is written before the clusters are linked (the allocation waits for those
+    /// writes like for its own), and each task finishes only after the link, so a
+    /// sequential writer's next requests in a fresh cluster run in parallel instead of
+    /// waiting one allocation each. If the allocation fails, they fail with it.
+    joined: ArrayVec<u32, MAX_JOINS>,
+    /// Copy-on-write put off for joins, until its writes are issued.
+    deferred: Option<Deferred>,
 }
+
+/// Copy-on-write put off so that writes can join: the guest data of the allocation goes
+/// out at once, alone; `cover` (bytes from the allocation's first cluster) is what it and
+/// the joined writes have written, one contiguous range that joins may only extend. When
+/// the copy-on-write reads are in, only the parts of the head and tail outside `cover` are
+/// written, so a sequential writer's next requests replace the copy instead of waiting for
+/// it. Chosen for sequential writes only: otherwise one write of head, data and tail
+/// costs fewer ops.
+#[derive(Debug)]
+struct Deferred {
+    cover: (u64, u64),
+    /// While other requests are in flight, the reads wait too: these are the sources of
+    /// head and tail, read once the guest data is written, and then only what `cover`
+    /// does not reach by then (a sequential stream's next writes often replace the whole
+    /// copy, read included).
+    later: Option<[Option<tasks::Cow>; 2]>,
+    /// The guest data is written (the put-off reads may go).
+    body_done: bool,
+    /// Where each staged copy-on-write buffer starts, in bytes from the first cluster.
+    from: [u64; 2],
+}
+
+/// Writes that may join one allocation (see [`Alloc::joined`]).
+const MAX_JOINS: usize = 32;
 
 impl Alloc {
     /// Whether any of its I/O (copy-on-write reads, data write, edge allocations) is in
     /// flight.
     fn busy(&self) -> bool {
         self.io_pending > 0
+            || self.deferred.is_some()
             || matches!(self.what, AllocWhat::Data { cow_pending, .. } if cow_pending > 0)
     }
 }
@@ -379,6 +428,9 @@ pub struct Image {
     free_list: Vec<u64>,
     pending_frees: VecDeque<Free>,
     staging: Vec<IoBuf>,
+    /// Guest offset just past the last write submitted: a write starting there continues
+    /// a sequential stream (see [`Alloc::cover`]).
+    last_write_end: u64,
 
     tasks: Vec<Option<Task>>,
     task_free: Vec<u32>,
@@ -492,6 +544,7 @@ impl Image {
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
             staging: Vec::new(),
+            last_write_end: 0,
             tasks: (0..max_requests).map(|_| None).collect(),
             task_free: (0..max_requests as u32).rev().collect(),
             task_seq: 0,
@@ -674,6 +727,10 @@ impl Image {
         }
         self.task_seq += 1;
         let req = ReqId(t);
+        let sequential = kind == Kind::Write && offset == self.last_write_end;
+        if kind == Kind::Write {
+            self.last_write_end = offset + len;
+        }
         self.tasks[t as usize] = Some(Task {
             req,
             seq: self.task_seq,
@@ -684,6 +741,8 @@ impl Image {
             inflight: 0,
             error: None,
             alloc: None,
+            join: None,
+            sequential,
             wait_cycle: None,
             sub: 0,
             aux: 0,
@@ -746,6 +805,7 @@ impl Image {
                 self.task_io_done(task, result);
             }
             Purpose::AllocWrite { alloc } => self.alloc_write_done(alloc, op, result),
+            Purpose::JoinWrite { alloc, task } => self.join_write_done(alloc, task, result),
             Purpose::CowRead { alloc, part } => self.cow_read_done(alloc, part, op, result),
             Purpose::TableRead { alloc } => self.table_read_done(alloc, op, result),
             Purpose::TableWrite { alloc } => self.table_write_done(alloc, op, result),
@@ -843,7 +903,10 @@ impl Image {
         let id = self.op_free.pop().expect("callers check op_room first");
         let data = matches!(
             purpose,
-            Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::CowRead { .. }
+            Purpose::Guest { .. }
+                | Purpose::AllocWrite { .. }
+                | Purpose::JoinWrite { .. }
+                | Purpose::CowRead { .. }
         );
         if data && target == Target::Image && kind != IoKind::ZeroFill && self.has_data_file() {
             target = Target::DataFile;

@@ -665,6 +665,8 @@ impl Image {
             inflight: 0,
             error: None,
             alloc: None,
+            join: None,
+            sequential: false,
             wait_cycle: None,
             sub: 0,
             aux: 0,

@@ -230,7 +230,7 @@ impl Image {
             return None;
         }
         let (own, structure) = match purpose {
-            Purpose::Guest { .. } | Purpose::AllocWrite { .. } => {
+            Purpose::Guest { .. } | Purpose::AllocWrite { .. } | Purpose::JoinWrite { .. } => {
                 (Own::Nothing, Structure::DataCluster)
             }
             Purpose::TableWrite { .. } => (Own::Nothing, Structure::L2Table),

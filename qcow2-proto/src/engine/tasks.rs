@@ -15,7 +15,8 @@ use crate::request::{Allocation, BlockStatus};
 use super::alloc::PENDING_FREES_CAP;
 use super::overlap::Own;
 use super::{
-    be64, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Image, Kind, Purpose, TABLE_CHUNK,
+    be64, put_be64, Alloc, AllocState, AllocWhat, Block, Body, Deferred, Image, Kind, Purpose,
+    TABLE_CHUNK,
 };
 
 /// Where an extent of a read comes from.
@@ -33,7 +34,7 @@ enum Src {
 
 /// Where a copy-on-write head or tail comes from.
 #[derive(Debug, Clone, Copy, Eq, PartialEq)]
-enum Cow {
+pub(super) enum Cow {
     /// The old host cluster, at this offset.
     Host(u64),
     /// The backing file, at this guest offset.
@@ -298,9 +299,17 @@ impl Image {
         i
     }
 
+    /// Ends allocation `a` (linked or given up); the tasks that joined it may finish.
     fn drop_alloc(&mut self, a: u32) -> Alloc {
         self.alloc_free.push(a);
-        self.allocs[a as usize].take().expect("live allocation")
+        let alloc = self.allocs[a as usize].take().expect("live allocation");
+        for &t in &alloc.joined {
+            if let Some(task) = self.tasks[t as usize].as_mut() {
+                task.join = None;
+            }
+            self.make_runnable(t);
+        }
+        alloc
     }
 
     // ---- read ----
@@ -638,7 +647,7 @@ impl Image {
             let task = self.task(t);
             let (pos, end, kind) = (task.pos, task.end, task.kind);
             if task.error.is_some() || pos >= end {
-                if task.inflight > 0 {
+                if task.inflight > 0 || task.join.is_some() {
                     return false;
                 }
                 let wrote = task.wrote && task.error.is_none();
@@ -656,6 +665,9 @@ impl Image {
             }
             let gc = pos >> cb;
             if self.alloc_covering(gc) {
+                if kind == Kind::Write && self.try_join(t, gc) {
+                    continue;
+                }
                 return false;
             }
             // (A v2 image cannot hide its backing file behind zero flags: it writes zeroes.)
@@ -736,6 +748,9 @@ impl Image {
         let Some(a) = self.task(t).alloc else {
             return true;
         };
+        if !self.issue_later_reads(a) {
+            return false;
+        }
         let alloc = self.allocs[a as usize]
             .as_ref()
             .expect("task allocations are live");
@@ -748,7 +763,7 @@ impl Image {
         match alloc.state {
             AllocState::Io => false,
             AllocState::Failed(e) => {
-                self.abort_alloc(a);
+                self.abort_alloc(a, e);
                 let task = self.task(t);
                 task.alloc = None;
                 task.error.get_or_insert(e);
@@ -761,7 +776,7 @@ impl Image {
                 }
                 Err(Block::Park) => false,
                 Err(Block::Fail(e)) => {
-                    self.abort_alloc(a);
+                    self.abort_alloc(a, e);
                     let task = self.task(t);
                     task.alloc = None;
                     task.error.get_or_insert(e);
@@ -771,9 +786,15 @@ impl Image {
         }
     }
 
-    /// Gives back the clusters of an allocation that will never be linked.
-    fn abort_alloc(&mut self, a: u32) {
+    /// Gives back the clusters of an allocation that will never be linked; the writes
+    /// that joined it fail with `err`.
+    fn abort_alloc(&mut self, a: u32, err: RequestError) {
         let alloc = self.drop_alloc(a);
+        for &t in &alloc.joined {
+            if let Some(task) = self.tasks[t as usize].as_mut() {
+                task.error.get_or_insert(err);
+            }
+        }
         if let AllocWhat::Data { in_place: true, .. } = alloc.what {
             // Written in place: the cluster stays where it is.
         } else {
@@ -1123,8 +1144,32 @@ impl Image {
     /// write.
     fn start_alloc(&mut self, t: u32, body: Body, plan: Plan) {
         let task = self.task(t);
-        let (pos, origin) = (task.pos, task.origin);
+        let (pos, origin, sequential) = (task.pos, task.origin, task.sequential);
         let [cow_head, cow_tail] = plan.cow;
+        let g0 = plan.gc << self.geo.cluster_bits;
+        // Copy-on-write deferred for joins (see `Alloc::cover`): a sequential guest write
+        // over standard entries, with every edge to copy read from somewhere (each read
+        // frees the op slot its trimmed write takes later).
+        let defer = sequential
+            && body == Body::Guest
+            && !plan.in_place
+            && !self.geo.extended_l2()
+            && plan.body_end > pos
+            && (cow_head.is_some() || cow_tail.is_some())
+            && (plan.head == 0 || cow_head.is_some())
+            && (plan.tail == 0 || cow_tail.is_some());
+        // Reads put off too when other requests are in flight (the stream's next writes
+        // are likely among them), from sources read directly (no nested backing request,
+        // no decompression, which need room reserved now).
+        let raw_backing = self.backing.as_ref().is_some_and(|b| b.is_raw());
+        let later = defer
+            && self.task_free.len() + 1 < self.tasks.len()
+            && [cow_head, cow_tail].iter().all(|c| match c {
+                None | Some(Cow::Host(_)) => true,
+                Some(Cow::Backing(_)) => raw_backing,
+                Some(Cow::Compressed { .. }) => false,
+            });
+        let tail_start = plan.body_end - g0;
         let a = self.new_alloc(Alloc {
             task: t,
             what: AllocWhat::Data {
@@ -1144,12 +1189,39 @@ impl Image {
             count: plan.count,
             state: AllocState::Io,
             io_pending: 0,
+            joinable: false,
+            joined: ArrayVec::new(),
+            deferred: defer.then_some(Deferred {
+                cover: (pos - g0, tail_start),
+                later: later.then_some(plan.cow),
+                body_done: false,
+                from: [plan.lead, tail_start],
+            }),
         });
         let task = self.task(t);
         task.alloc = Some(a);
         task.pos = plan.body_end;
         task.wrote = true;
-        for (part, src, len) in [(0u8, cow_head, plan.head), (1, cow_tail, plan.tail)] {
+        if !later {
+            self.issue_cow_reads(a, [(cow_head, plan.head), (cow_tail, plan.tail)]);
+        }
+        if defer {
+            let mut segs = ArrayVec::new();
+            segs.push(self.body_seg(t, body, pos, plan.body_end - pos));
+            let host = plan.host + (pos - g0);
+            self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
+            let alloc = self.allocs[a as usize].as_mut().expect("just made");
+            alloc.io_pending = 1;
+            alloc.joinable = true;
+        } else if cow_head.is_none() && cow_tail.is_none() {
+            self.issue_alloc_write(a);
+        }
+    }
+
+    /// Issues allocation `a`'s copy-on-write reads: head and tail, each a source and a
+    /// length (parts without a source read nothing).
+    fn issue_cow_reads(&mut self, a: u32, parts: [(Option<Cow>, u64); 2]) {
+        for (part, (src, len)) in (0u8..).zip(parts) {
             match src {
                 Some(Cow::Host(src)) => {
                     let buf = self.staging_buf(len as usize);
@@ -1173,9 +1245,117 @@ impl Image {
                 None => {}
             }
         }
-        if cow_head.is_none() && cow_tail.is_none() {
-            self.issue_alloc_write(a);
+    }
+
+    /// The put-off copy-on-write reads of allocation `a`, now that its guest data is
+    /// written: only what the cover does not reach yet. False while there is no room for
+    /// them.
+    fn issue_later_reads(&mut self, a: u32) -> bool {
+        let room = self.op_room(2);
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        let failed = alloc.state != AllocState::Io;
+        let Some(d) = alloc.deferred.as_mut().filter(|d| d.body_done) else {
+            return true;
+        };
+        if !room && !failed {
+            return false;
         }
+        let Some([head_src, tail_src]) = d.later.take() else {
+            return true;
+        };
+        let (lo, hi) = d.cover;
+        let AllocWhat::Data {
+            lead,
+            head,
+            body_len,
+            tail,
+            cow_pending,
+            ..
+        } = &mut alloc.what
+        else {
+            unreachable!("deferred copy-on-write is for data allocations");
+        };
+        let tail_start = *lead + *head + *body_len as u64;
+        let head_len = lo.min(*lead + *head).saturating_sub(*lead);
+        let skip = hi.max(tail_start) - tail_start;
+        let tail_len = tail.saturating_sub(skip);
+        let shift = |c: Option<Cow>, by: u64| match c {
+            Some(Cow::Host(h)) => Some(Cow::Host(h + by)),
+            Some(Cow::Backing(g)) => Some(Cow::Backing(g + by)),
+            other => other,
+        };
+        let head_src = head_src.filter(|_| head_len > 0 && !failed);
+        let tail_src = shift(tail_src, skip).filter(|_| tail_len > 0 && !failed);
+        *cow_pending = u8::from(head_src.is_some()) + u8::from(tail_src.is_some());
+        d.from[1] = tail_start + skip;
+        if *cow_pending == 0 {
+            // The writes covered both edges (nothing to copy at all), or the allocation
+            // failed.
+            self.issue_cow_writes(a);
+            return true;
+        }
+        self.issue_cow_reads(a, [(head_src, head_len), (tail_src, tail_len)]);
+        true
+    }
+
+    /// The copy-on-write reads of an allocation with deferred copy-on-write are in: the
+    /// joins stop, and the parts of the head and tail no write covered go out.
+    fn issue_cow_writes(&mut self, a: u32) {
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        alloc.joinable = false;
+        let d = alloc
+            .deferred
+            .take()
+            .expect("deferred copy-on-write is deferred");
+        let (host, state, owner) = (alloc.host, alloc.state, alloc.task);
+        let (lo, hi) = d.cover;
+        let [head_from, tail_from] = d.from;
+        let AllocWhat::Data { staged, .. } = &mut alloc.what else {
+            unreachable!("deferred copy-on-write is for data allocations");
+        };
+        let mut parts = [staged[0].take(), staged[1].take()];
+        let mut writes = ArrayVec::<(u64, IoBuf), 2>::new();
+        if state == AllocState::Io {
+            if let Some(mut b) = parts[0].take() {
+                // The head runs up to the data; the cover may reach down into it.
+                let end = (head_from + b.len() as u64).min(lo);
+                let len = end.saturating_sub(head_from) as usize;
+                if len > 0 {
+                    b.resize(len);
+                    writes.push((host + head_from, b));
+                } else {
+                    parts[0] = Some(b);
+                }
+            }
+            if let Some(mut b) = parts[1].take() {
+                // The tail runs on from the data; the cover may reach up into it.
+                let skip = (hi.max(tail_from) - tail_from) as usize;
+                let len = b.len().saturating_sub(skip);
+                if len > 0 {
+                    b.as_mut_slice().copy_within(skip.., 0);
+                    b.resize(len);
+                    writes.push((host + tail_from + skip as u64, b));
+                } else {
+                    parts[1] = Some(b);
+                }
+            }
+        }
+        for b in parts.into_iter().flatten() {
+            self.put_staging(b);
+        }
+        let n = writes.len() as u8;
+        for (at, b) in writes {
+            let mut segs = ArrayVec::new();
+            segs.push(Segment::Buf(b));
+            self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, at, segs);
+        }
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        alloc.io_pending += n;
+        if alloc.io_pending == 0 && alloc.state == AllocState::Io {
+            alloc.state = AllocState::Ready;
+            self.unsynced_data = true;
+        }
+        self.make_runnable(owner);
     }
 
     /// The single vectored write of an allocation: COW head, body, COW tail.
@@ -1242,6 +1422,7 @@ impl Image {
         if segs.is_empty() {
             segs.push(Segment::Zeroes(0));
         }
+        let guest_only = matches!(segs.as_slice(), [Segment::Guest { .. }]);
         self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
         let mut pending = 1;
         for (offset, len) in edges.into_iter().flatten() {
@@ -1257,21 +1438,153 @@ impl Image {
                 pending += 1;
             }
         }
-        self.allocs[a as usize]
-            .as_mut()
-            .expect("live allocation")
-            .io_pending = pending;
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        alloc.io_pending = pending;
+        alloc.joinable = guest_only
+            && pending == 1
+            && matches!(
+                alloc.what,
+                AllocWhat::Data {
+                    in_place: false,
+                    ..
+                }
+            );
+    }
+
+    /// Writes task `t`'s piece at guest cluster `gc` into the clusters of the allocation
+    /// in flight there, if it takes joins (see [`Alloc::joined`]); false when the task
+    /// has to wait for it instead.
+    fn try_join(&mut self, t: u32, gc: u64) -> bool {
+        let (cb, scb) = (self.geo.cluster_bits, self.geo.subcluster_bits);
+        let ext = self.geo.extended_l2();
+        let size = self.hdr.size;
+        let task = self.task(t);
+        let (pos, end) = (task.pos, task.end);
+        if task.join.is_some() || task.inflight >= MAX_TASK_OPS {
+            return false;
+        }
+        let Some(a) = self.allocs.iter().position(|x| {
+            x.as_ref().is_some_and(|x| match x.what {
+                AllocWhat::Data { guest_cluster, .. } => {
+                    (guest_cluster..guest_cluster + x.count).contains(&gc)
+                }
+                _ => false,
+            })
+        }) else {
+            return false;
+        };
+        let alloc = self.allocs[a].as_ref().expect("found live");
+        let AllocWhat::Data { guest_cluster, .. } = alloc.what else {
+            return false;
+        };
+        if !alloc.joinable
+            || alloc.state != AllocState::Io
+            || alloc.joined.is_full()
+            || alloc.io_pending >= u8::MAX - 1
+        {
+            return false;
+        }
+        // With extended L2 entries the piece stays in one cluster and covers whole
+        // subclusters, which become allocated: the rest of a partly written one would read
+        // what the new cluster holds there (old bytes of a reused cluster), not what it
+        // read before (zeros, or the backing file).
+        let piece_end = if ext {
+            end.min((gc + 1) << cb)
+        } else {
+            end.min((guest_cluster + alloc.count) << cb)
+        };
+        let scs = 1u64 << scb;
+        if ext && (pos % scs != 0 || piece_end % scs != 0 && piece_end != size) {
+            return false;
+        }
+        let g0 = guest_cluster << cb;
+        let cover = match alloc.deferred.as_ref().map(|d| d.cover) {
+            // Deferred copy-on-write: only a piece that extends the written range.
+            Some((lo, hi)) if pos - g0 == hi => Some((lo, piece_end - g0)),
+            Some((lo, hi)) if piece_end - g0 == lo => Some((pos - g0, hi)),
+            Some(_) => return false,
+            None => None,
+        };
+        let host = alloc.host + (pos - g0);
+        let a = a as u32;
+        let body = self.body_seg(t, Body::Guest, pos, piece_end - pos);
+        let mut segs = ArrayVec::new();
+        segs.push(body);
+        self.issue(
+            Purpose::JoinWrite { alloc: a, task: t },
+            IoKind::Write,
+            host,
+            segs,
+        );
+        let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
+        alloc.io_pending += 1;
+        alloc.joined.push(t);
+        if let (Some(d), Some(c)) = (alloc.deferred.as_mut(), cover) {
+            d.cover = c;
+        }
+        let count = alloc.count;
+        if let AllocWhat::Data { bitmaps, .. } = &mut alloc.what {
+            if ext {
+                let (from, to) = (pos - (gc << cb), piece_end - (gc << cb));
+                let mask = entry::subcluster_mask((from >> scb) as u32, ((to - 1) >> scb) as u32);
+                let i = gc - guest_cluster;
+                let which: &[usize] = match (i, count) {
+                    (_, 1) => &[0, 1, 2],
+                    (0, _) => &[0],
+                    (i, c) if i + 1 == c => &[2],
+                    _ => &[],
+                };
+                for &w in which {
+                    bitmaps[w] = (bitmaps[w] & !(mask | mask << 32)) | mask;
+                }
+            }
+        }
+        let task = self.task(t);
+        task.inflight += 1;
+        task.pos = piece_end;
+        task.wrote = true;
+        task.join = Some(a);
+        true
+    }
+
+    /// A joined write of task `t` into allocation `a`'s clusters is done.
+    pub(super) fn join_write_done(&mut self, a: u32, t: u32, result: Result<(), IoError>) {
+        let result = result.map_err(|e| self.io_error(e));
+        if result.is_ok() {
+            self.unsynced_data = true;
+        }
+        self.task_io_done(t, result);
+        // (A failed joined write fails its own request; the allocation goes on.)
+        self.alloc_io_done(a, Ok(()), false);
     }
 
     pub(super) fn alloc_write_done(&mut self, a: u32, op: IoOp, result: Result<(), IoError>) {
         self.recycle(op);
         let result = result.map_err(|e| self.io_error(e));
+        self.alloc_io_done(a, result, true);
+    }
+
+    /// One of allocation `a`'s data-side ops is done (`own`: one of its own writes, not a
+    /// joined one).
+    fn alloc_io_done(&mut self, a: u32, result: Result<(), RequestError>, own: bool) {
         let alloc = self.allocs[a as usize].as_mut().expect("live allocation");
         alloc.io_pending -= 1;
         if let Err(err) = result {
             alloc.state = AllocState::Failed(err);
         }
-        if alloc.io_pending > 0 {
+        if let Some(d) = alloc.deferred.as_mut().filter(|d| own && !d.body_done) {
+            // While copy-on-write is deferred, its own first write is the guest data.
+            d.body_done = true;
+            if d.later.is_some() {
+                let owner = alloc.task;
+                if !self.issue_later_reads(a) {
+                    // No room for the reads now: the owner retries as it settles.
+                    self.make_runnable(owner);
+                }
+                return;
+            }
+        }
+        if alloc.io_pending > 0 || alloc.deferred.is_some() {
             return;
         }
         if alloc.state == AllocState::Io {
@@ -1335,7 +1648,9 @@ impl Image {
         if *cow_pending > 0 {
             return;
         }
-        if alloc.state == AllocState::Io {
+        if alloc.deferred.is_some() {
+            self.issue_cow_writes(a);
+        } else if alloc.state == AllocState::Io {
             self.issue_alloc_write(a);
         } else {
             let t = alloc.task;
@@ -1432,6 +1747,9 @@ impl Image {
             count: 1,
             state: AllocState::Io,
             io_pending: 0,
+            joinable: false,
+            joined: ArrayVec::new(),
+            deferred: None,
         });
         let cs = self.geo.cluster_size() as usize;
         if old == 0 {
@@ -1484,7 +1802,7 @@ impl Image {
             .as_ref()
             .expect("live allocation")
             .task;
-        self.abort_alloc(a);
+        self.abort_alloc(a, err);
         if let Some(task) = self.tasks[t as usize].as_mut() {
             task.error.get_or_insert(err);
         }
@@ -1799,6 +2117,9 @@ impl Image {
                     count: got,
                     state: AllocState::Ready,
                     io_pending: 0,
+                    joinable: false,
+                    joined: ArrayVec::new(),
+                    deferred: None,
                 });
                 let len = got << cb;
                 match mode {
