@@ -2122,7 +2122,21 @@ impl Image {
                     deferred: None,
                 });
                 let len = got << cb;
+                // A standard entry makes the guest read the host cluster: one the file may
+                // hold old bytes in (below `zero_from`: freed metadata, say a refcount
+                // table that moved while preallocating) is zeroed, not just allocated.
+                let stale =
+                    !self.geo.extended_l2() && !self.has_data_file() && host < self.zero_from;
                 match mode {
+                    Preallocation::Falloc | Preallocation::Metadata if stale => {
+                        let alloc = self.allocs[a as usize].as_mut().expect("just made");
+                        (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
+                        self.issue_bare(
+                            Purpose::AllocWrite { alloc: a },
+                            IoKind::WriteZeroes { len },
+                            host,
+                        );
+                    }
                     Preallocation::Falloc => {
                         let alloc = self.allocs[a as usize].as_mut().expect("just made");
                         (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
