@@ -2128,23 +2128,17 @@ impl Image {
                 let stale =
                     !self.geo.extended_l2() && !self.has_data_file() && host < self.zero_from;
                 match mode {
-                    Preallocation::Falloc | Preallocation::Metadata if stale => {
+                    Preallocation::Falloc | Preallocation::Metadata
+                        if stale || mode == Preallocation::Falloc =>
+                    {
                         let alloc = self.allocs[a as usize].as_mut().expect("just made");
                         (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
-                        self.issue_bare(
-                            Purpose::AllocWrite { alloc: a },
-                            IoKind::WriteZeroes { len },
-                            host,
-                        );
-                    }
-                    Preallocation::Falloc => {
-                        let alloc = self.allocs[a as usize].as_mut().expect("just made");
-                        (alloc.state, alloc.io_pending) = (AllocState::Io, 1);
-                        self.issue_bare(
-                            Purpose::AllocWrite { alloc: a },
-                            IoKind::Allocate { len },
-                            host,
-                        );
+                        let kind = if stale {
+                            IoKind::WriteZeroes { len }
+                        } else {
+                            IoKind::Allocate { len }
+                        };
+                        self.issue_bare(Purpose::AllocWrite { alloc: a }, kind, host);
                     }
                     Preallocation::Full => {
                         let alloc = self.allocs[a as usize].as_mut().expect("just made");
