@@ -657,7 +657,7 @@ impl<F: HostFile> Image<F> {
     }
 
     /// Changes format options as `qemu-img amend -o` does (compat upgrade, lazy refcounts,
-    /// refcount width, compat downgrade, in that order), durably. A refusal
+    /// `refcount_bits`, compat downgrade, in that order), durably. A refusal
     /// ([`RequestError::Amend`]) leaves the image as it
     /// was. [`info`](Self::info) shows the new options afterwards.
     pub fn amend(&mut self, options: AmendOptions) -> Result<(), Error> {
@@ -753,7 +753,7 @@ impl<F: HostFile> Image<F> {
     }
 
     /// Drives the engine until request `id` (a snapshot operation or an amend, which may
-    /// change the size, the version or the refcount width) is done, then takes the
+    /// change the size, the version or `refcount_bits`) is done, then takes the
     /// engine's info anew.
     fn wait_and_refresh_info(&mut self, id: qcow2_proto::ReqId) -> Result<(), Error> {
         self.wait_done(id)?;
