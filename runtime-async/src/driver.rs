@@ -11,7 +11,7 @@ use hashbrown::HashMap;
 use qcow2_proto::{Event, ImageInfo, IoOp, Outcome, ReqId, Request, Segment, SubmitError};
 
 use crate::buf::GuestBuf;
-use crate::handle::{Cmd, Image, Reply, Shared, Wake};
+use crate::handle::{Cmd, Image, Pump, Reply, Shared};
 use crate::Error;
 
 /// The request whose guest buffer `op` reads into or writes from, if any.
@@ -99,6 +99,8 @@ pub struct Driver {
     /// runtime has let go of the file (and so of its locks).
     closed: Option<Pending>,
     close_id: Option<ReqId>,
+    /// Requests answered so far.
+    answered: u64,
 }
 
 impl std::fmt::Debug for Driver {
@@ -113,13 +115,13 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// Wraps an engine that finished opening (`info` from its `Opened` event) and makes the
-    /// first handle. `wake` is called after each command is sent (and when a handle drops).
+    /// first handle. `pump`, if any, is how callers drive the runtime (see [`Pump`]).
     pub fn start(
         engine: qcow2_proto::Image,
         info: ImageInfo,
-        wake: Option<Box<dyn Wake>>,
+        pump: Option<Box<dyn Pump>>,
     ) -> (Self, Image) {
-        let (image, rx) = Image::new(info, wake);
+        let (image, rx) = Image::new(info, pump);
         let driver = Self {
             engine,
             rx,
@@ -130,6 +132,7 @@ impl Driver {
             close_sent: false,
             closed: None,
             close_id: None,
+            answered: 0,
         };
         (driver, image)
     }
@@ -261,6 +264,7 @@ impl Driver {
         while let Some(ev) = self.engine.poll_event() {
             if let Event::Done { req, result } = ev {
                 any = true;
+                self.answered += 1;
                 let Some(mut p) = self.reqs.remove(&req) else {
                     continue;
                 };
@@ -273,6 +277,11 @@ impl Driver {
             }
         }
         any
+    }
+
+    /// How many requests the engine has finished so far (a counter to compare).
+    pub fn answered(&self) -> u64 {
+        self.answered
     }
 
     /// The guest buffer slot of request `req`, and the offset into the buffer of the

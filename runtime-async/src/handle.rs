@@ -1,9 +1,11 @@
 //! [`Image`]: the cloneable handle callers hold; every method is one command to the driver.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_channel::{Receiver, Sender};
+use async_channel::{Receiver, Sender, TryRecvError};
 use qcow2_proto::{BlockStatus, CheckReport, ImageInfo, Outcome, Repair, Request};
 
 use crate::buf::{unbox, BufResult, GuestBuf};
@@ -12,11 +14,22 @@ use crate::Error;
 /// Largest piece of a guest buffer sent as one engine request (below the engine's limit).
 const MAX_PIECE: usize = 256 << 20;
 
-/// Wakes a driver that does not sleep on the command channel alone (a ring thread blocked
-/// in `io_uring_enter`).
-pub trait Wake: Send + Sync {
-    /// Called after every command is queued.
-    fn wake(&self);
+/// One step of a runtime's progress, driven by a waiting caller (see [`Pump::step`]).
+pub type Step<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// How a runtime whose driver does not just sleep on the command channel makes progress for
+/// its callers (the io_uring runtime: callers submit and reap themselves).
+pub trait Pump: Send + Sync {
+    /// A command was queued, or a handle dropped: take it in now.
+    fn kick(&self);
+    /// Called again and again while a caller waits for its reply: a future that drives the
+    /// runtime and resolves after a step that may have answered requests. `None` (the
+    /// default): the driver makes progress by itself, the caller just waits.
+    fn step(&self) -> Option<Step<'_>> {
+        None
+    }
+    /// A caller got its reply and stops driving.
+    fn leave(&self) {}
 }
 
 /// Counters and facts shared by the handles and the driver.
@@ -25,7 +38,7 @@ pub(crate) struct Shared {
     pub(crate) size: AtomicU64,
     pub(crate) syncs: AtomicU64,
     pub(crate) bounced: AtomicU64,
-    pub(crate) wake: Option<Box<dyn Wake>>,
+    pub(crate) pump: Option<Box<dyn Pump>>,
 }
 
 /// One request on its way to the driver.
@@ -76,8 +89,9 @@ impl Clone for Image {
 impl Drop for Image {
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(w) = &self.shared.wake {
-            w.wake();
+        if let Some(p) = &self.shared.pump {
+            p.kick();
+            p.leave();
         }
     }
 }
@@ -91,14 +105,14 @@ impl std::fmt::Debug for Image {
 }
 
 impl Image {
-    pub(crate) fn new(info: ImageInfo, wake: Option<Box<dyn Wake>>) -> (Self, Receiver<Cmd>) {
+    pub(crate) fn new(info: ImageInfo, pump: Option<Box<dyn Pump>>) -> (Self, Receiver<Cmd>) {
         let (tx, rx) = async_channel::unbounded();
         let shared = Arc::new(Shared {
             size: AtomicU64::new(info.size),
             info,
             syncs: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
-            wake,
+            pump,
         });
         (
             Self {
@@ -130,14 +144,36 @@ impl Image {
         if let Err(e) = tx.try_send(cmd) {
             return (Err(Error::Closed), e.into_inner().buf);
         }
-        if let Some(w) = &self.shared.wake {
-            w.wake();
+        let pump = self.shared.pump.as_deref();
+        if let Some(p) = pump {
+            p.kick();
         }
-        match rx.recv().await {
-            Ok(r) => (r.result, r.buf),
+        let reply = loop {
+            match rx.try_recv() {
+                Ok(r) => break Some(r),
+                Err(TryRecvError::Closed) => break None,
+                Err(TryRecvError::Empty) => {}
+            }
+            let Some(step) = pump.and_then(|p| p.step()) else {
+                break rx.recv().await.ok();
+            };
+            let replied = async { Some(rx.recv().await.ok()) };
+            let stepped = async {
+                step.await;
+                None
+            };
+            if let Some(r) = futures_lite::future::or(replied, stepped).await {
+                break r;
+            }
+        };
+        if let Some(p) = pump {
+            p.leave();
+        }
+        match reply {
+            Some(r) => (r.result, r.buf),
             // The driver drops a request only by replying (its pending entry replies on
             // drop), so this is a driver that died with the buffer: nothing to give back.
-            Err(_) => (Err(Error::Closed), None),
+            None => (Err(Error::Closed), None),
         }
     }
 

@@ -7,7 +7,7 @@
 //! - [`Driver`], the single owner of the engine (quinn's driver-task pattern). The runtime's
 //!   loop waits for a command or a finished I/O, feeds it in, starts the ops the engine
 //!   yields, and calls [`Driver::events`] to answer finished requests. Where a runtime puts
-//!   that loop (a smol task, a ring thread) is its own business.
+//!   that loop (a smol task; the callers themselves, through a [`Pump`]) is its own business.
 //!
 //! Options, cache modes and errors are the blocking runtime's, re-exported.
 //!
@@ -58,7 +58,7 @@ mod handle;
 
 pub use buf::{BufResult, GuestBuf};
 pub use driver::{guest_req, Driver, GuestSlot};
-pub use handle::{Cmd, Image, Wake};
+pub use handle::{Cmd, Image, Pump, Step};
 pub use qcow2_proto::{
     Allocation, BlockStatus, CheckReport, CreateOptions, ImageInfo, IoBuf, Preallocation, Repair,
     RequestError,

@@ -8,17 +8,26 @@
 //! pinning them per request costs more than the lookup it saves; the core's metadata buffers
 //! are off the hot path.
 //!
-//! # Where progress happens: a ring thread per image
-//! Each open image has one thread that owns the engine and the ring. [`Image`] handles
-//! (`Clone + Send + Sync`) send it commands and wake it through an eventfd the ring polls;
-//! replies come back through channels, so the same `async fn`s work
+//! # Where progress happens: on the callers' threads
+//! One loop per open image owns the engine and the ring, behind a lock. [`Image`] handles
+//! (`Clone + Send + Sync`) queue a command and then run the loop themselves, on the caller's
+//! thread: the command goes into the engine and its ops into the ring at once. While a
+//! caller waits for its reply, it drives the ring: one waiting caller at a time reaps,
+//! waiting for the ring's descriptor in its own reactor (async-io's, which `smol::block_on`
+//! runs on the calling thread) and feeding completions back. The kernel posts a completion
+//! from the thread that submitted it, so a request submitted and reaped by its caller never
+//! crosses threads: at queue depth 1 it costs about what a blocking `pread` costs. The same
+//! `async fn`s work
 //! - from async code on any executor (`img.read_at(buf, 0).await`), and
-//! - from blocking code (`futures_lite::future::block_on(img.read_at(buf, 0))`).
+//! - from blocking code (`futures_lite::future::block_on(img.read_at(buf, 0))`); there the
+//!   async-io reactor thread watches the ring, one hand-off per wait.
 //!
-//! Why a thread rather than caller-driven progress: completions must be reaped and buffers
-//! kept alive even when no caller is polling (a dropped future, an idle executor), and a
-//! single owner keeps the core single-threaded without locks. The cost is one cross-thread
-//! wake-up per batch of requests.
+//! A ring thread per image covers what no caller waits for: ops of futures dropped before
+//! their reply, write-back after the last reply, the close after the last handle. It reaps
+//! only while I/O is in flight and no caller does, looks in every 10 ms while a caller holds
+//! the reaper role (a future that is never polled again slows the others, never stalls
+//! them), and ends the loop. Ops the kernel cancelled because the thread that submitted them
+//! exited (they had not started) are submitted again. `hub.rs` has the details.
 //!
 //! # Buffers
 //! Guest buffers are moved into the driver and boxed, so their memory stays at one address
@@ -47,6 +56,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod hub;
 mod ring;
 
 use std::fs::File;
@@ -106,13 +116,14 @@ fn start(
     exec: Executor,
     options: &OpenOptions,
 ) -> Result<Image, Error> {
-    let wake = ring::EventWake::new()?;
-    let (driver, image) = Driver::start(engine, info, Some(Box::new(wake.clone())));
+    let hub = hub::Hub::new(&ring)?;
+    let pump = hub::RingPump(hub.clone());
+    let (driver, image) = Driver::start(engine, info, Some(Box::new(pump)));
     driver.count(exec.syncs, exec.bounced);
-    let cache = options.cache;
+    hub.install(ring::Loop::new(ring, driver, files, options.cache));
     std::thread::Builder::new()
         .name("qcow2-uring".into())
-        .spawn(move || ring::run(ring, driver, files, wake, cache))
+        .spawn(move || hub::run(hub))
         .map_err(|source| Error::Runtime {
             what: "spawning the ring thread",
             source,

@@ -1,30 +1,21 @@
-//! The ring thread: the engine's single owner. It turns every op into a submission entry,
+//! The loop around the engine and the ring. It turns every op into a submission entry,
 //! submits them in batches, and feeds completions back. All of the crate's unsafe code is
 //! here; `UNSAFE.md` lists each block.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use qcow2_async::{guest_req, Driver, GuestSlot, Wake};
+use qcow2_async::{guest_req, Driver, GuestSlot};
 use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment, Target};
 use qcow2_sync::exec::{Executor, Guest};
 use qcow2_sync::{Cache, Chain, Error, HostFile};
 
-/// `user_data` of the eventfd poll; ops use their slot index.
-const WAKE: u64 = u64::MAX;
 /// Memory alignment O_DIRECT gets from us (the core's pages).
 const ALIGN: usize = 4096;
 /// Offset and length granularity of O_DIRECT.
 const SECTOR: u64 = 512;
-/// How long the ring thread polls for completions and commands after its last piece of work
-/// before sleeping in the kernel: a few I/O latencies, so that queue-depth-1 callers do not
-/// pay a wake-up per request.
-const POLL: Duration = Duration::from_micros(50);
 
 /// Builds an entry against the image file (or, with a target, the file of the backing
 /// chain it names): the registered index when registration worked, the raw descriptor
@@ -47,6 +38,36 @@ macro_rules! on_file {
 
 /// A ring that passed the probe.
 pub(crate) struct Ring(IoUring);
+
+impl std::os::fd::AsFd for Ring {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Waits in `io_uring_enter` until the ring behind `fd` holds a completion, submitting
+/// nothing (so it may run beside a thread that pushes entries).
+pub(crate) fn wait_for_completion(fd: &impl AsRawFd) -> io::Result<()> {
+    const GETEVENTS: libc::c_uint = 1;
+    // SAFETY: nothing to submit and no argument: the kernel reads and writes no memory of
+    // ours; the descriptor is the caller's, open for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_enter,
+            fd.as_raw_fd(),
+            0 as libc::c_uint,
+            1 as libc::c_uint,
+            GETEVENTS,
+            std::ptr::null::<libc::c_void>(),
+            0 as libc::size_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
 
 impl Ring {
     /// Sets up a ring of `entries` and checks every opcode the runtime uses.
@@ -83,60 +104,10 @@ fn missing_opcode(supported: impl Fn(u8) -> bool) -> Option<&'static str> {
             opcode::Fallocate::CODE,
             "io_uring lacks IORING_OP_FALLOCATE (needs Linux 5.6)",
         ),
-        (opcode::PollAdd::CODE, "io_uring lacks IORING_OP_POLL_ADD"),
     ]
     .into_iter()
     .find(|(code, _)| !supported(*code))
     .map(|(_, what)| what)
-}
-
-/// Wakes the ring thread: handles write its eventfd, which the ring polls, but only when the
-/// thread says it is about to sleep (while it polls, it sees commands by itself).
-#[derive(Clone)]
-pub(crate) struct EventWake(Arc<WakeState>);
-
-struct WakeState {
-    fd: OwnedFd,
-    sleeping: AtomicBool,
-}
-
-impl EventWake {
-    pub(crate) fn new() -> Result<Self, Error> {
-        use rustix::event::{eventfd, EventfdFlags};
-        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
-            Error::Runtime {
-                what: "eventfd",
-                source: e.into(),
-            }
-        })?;
-        Ok(Self(Arc::new(WakeState {
-            fd,
-            sleeping: AtomicBool::new(false),
-        })))
-    }
-
-    /// Resets the counter after the poll fired.
-    fn drain(&self) {
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&self.0.fd, &mut b);
-    }
-
-    /// Announces (or ends) a sleep. After announcing, the thread must look for news once
-    /// more before sleeping: either it sees a command sent meanwhile, or the sender sees the
-    /// flag and writes the eventfd (both sides fence, Dekker-style).
-    fn set_sleeping(&self, sleeping: bool) {
-        self.0.sleeping.store(sleeping, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-    }
-}
-
-impl Wake for EventWake {
-    fn wake(&self) {
-        fence(Ordering::SeqCst);
-        if self.0.sleeping.load(Ordering::SeqCst) {
-            let _ = rustix::io::write(&self.0.fd, &1u64.to_ne_bytes());
-        }
-    }
 }
 
 /// A read or write in flight: its op, the iovecs the kernel reads (boxed: stable address),
@@ -157,7 +128,21 @@ struct Flight {
     /// Bounce buffer covering `offset..offset + len`; the op's bytes start `head` into it.
     bounce: Option<IoBuf>,
     head: usize,
+    /// Times the kernel cancelled it (see [`RESUBMIT`]).
+    cancelled: u8,
 }
+
+/// A non-I/O op in flight (flush, fallocate).
+struct Plain {
+    op: IoOp,
+    entry: squeue::Entry,
+    cancelled: u8,
+}
+
+/// How often an op the kernel cancelled is submitted again. The kernel cancels the ops a
+/// thread submitted that had not started when the thread exited (callers submit; see
+/// `hub.rs`); they did not happen, and go again from the thread reaping them.
+const RESUBMIT: u8 = 8;
 
 fn iovec(ptr: *mut u8, len: usize) -> libc::iovec {
     libc::iovec {
@@ -177,7 +162,8 @@ fn os_error(res: i32) -> IoError {
     IoError::from(&io::Error::from_raw_os_error(-res))
 }
 
-struct Loop {
+/// The engine (in its driver), the ring, and the ops in flight.
+pub(crate) struct Loop {
     ring: IoUring,
     d: Driver,
     file: File,
@@ -186,129 +172,153 @@ struct Loop {
     /// Registered index of the data file (after the image and the backing chain).
     data_index: u32,
     fixed: bool,
-    wake: EventWake,
     direct: bool,
     ignore_flush: bool,
     /// Runs the few ops io_uring does not take (set-len, fallocate fallbacks) in-thread.
     exec: Executor,
     /// Ops in flight by slot; `None` for free slots and for non-I/O ops (flush, fallocate)
-    /// whose `IoOp` sits in `plain`.
+    /// whose `IoOp` sits in `plain` with its entry (kept to resubmit).
     flights: Vec<Option<Box<Flight>>>,
-    plain: Vec<Option<IoOp>>,
+    plain: Vec<Option<Plain>>,
     free: Vec<usize>,
     inflight: usize,
     /// Zeroes for `Segment::Zeroes` in writes; grows, never shrinks while in use.
     zeroes: Vec<IoBuf>,
+    /// Completions taken from the ring in a turn (kept for its capacity).
+    cqes: Vec<(u64, i32)>,
     syncs: u64,
     bounced: u64,
 }
 
-/// Aborts if the ring thread unwinds with I/O in flight: the kernel may still write into
-/// buffers the unwinding would free.
-struct AbortOnUnwind;
+// SAFETY: the raw pointers in `flights` (iovecs) point into memory the loop or the driver's
+// request table owns (bounce buffers, op buffers, boxed guest buffers), none of it tied to a
+// thread; every access to the loop goes through the hub's mutex.
+unsafe impl Send for Loop {}
+
+/// Aborts if a thread unwinds out of the loop with I/O in flight: the kernel may still write
+/// into buffers the unwinding would free (or the loop's state may be half updated).
+/// (A thread already unwinding when the guard is made, dropping a handle, is let through.)
+pub(crate) struct AbortOnUnwind(bool);
+
+impl AbortOnUnwind {
+    pub(crate) fn new() -> Self {
+        Self(std::thread::panicking())
+    }
+}
 
 impl Drop for AbortOnUnwind {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.0 {
             eprintln!(
-                "qcow2-uring: the ring thread panicked; aborting to keep in-flight I/O sound"
+                "qcow2-uring: a panic inside the ring loop; aborting to keep in-flight I/O sound"
             );
             std::process::abort();
         }
     }
 }
 
-/// The ring thread's body: runs until every handle is gone and nothing is in flight.
-pub(crate) fn run(ring: Ring, d: Driver, files: (File, Chain), wake: EventWake, cache: Cache) {
-    let _guard = AbortOnUnwind;
-    let (file, chain) = files;
-    let mut fds: Vec<_> = std::iter::once(file.as_raw_fd())
-        .chain((1..).map_while(|d| chain.file(d).map(|f| f.as_raw_fd())))
-        .collect();
-    let data_index = fds.len() as u32;
-    if let Some(f) = chain.data_file() {
-        fds.push(f.as_raw_fd());
-    }
-    let fixed = ring.0.submitter().register_files(&fds).is_ok();
-    let mut l = Loop {
-        ring: ring.0,
-        d,
-        file,
-        chain,
-        data_index,
-        fixed,
-        wake,
-        direct: cache.direct(),
-        ignore_flush: cache == Cache::Unsafe,
-        exec: Executor::for_cache(cache),
-        flights: Vec::new(),
-        plain: Vec::new(),
-        free: Vec::new(),
-        inflight: 0,
-        zeroes: Vec::new(),
-        syncs: 0,
-        bounced: 0,
-    };
-    let mut armed = false;
-    let mut cqes: Vec<(u64, i32)> = Vec::new();
-    loop {
-        if !armed {
-            let poll =
-                opcode::PollAdd::new(types::Fd(l.wake.0.fd.as_raw_fd()), libc::POLLIN as u32)
-                    .build()
-                    .user_data(WAKE);
-            l.push(poll);
-            armed = true;
+impl Loop {
+    /// The loop for an image that finished opening.
+    pub(crate) fn new(ring: Ring, d: Driver, files: (File, Chain), cache: Cache) -> Self {
+        let (file, chain) = files;
+        let mut fds: Vec<_> = std::iter::once(file.as_raw_fd())
+            .chain((1..).map_while(|d| chain.file(d).map(|f| f.as_raw_fd())))
+            .collect();
+        let data_index = fds.len() as u32;
+        if let Some(f) = chain.data_file() {
+            fds.push(f.as_raw_fd());
         }
-        l.d.accept_ready();
+        let fixed = ring.0.submitter().register_files(&fds).is_ok();
+        Self {
+            ring: ring.0,
+            d,
+            file,
+            chain,
+            data_index,
+            fixed,
+            direct: cache.direct(),
+            ignore_flush: cache == Cache::Unsafe,
+            exec: Executor::for_cache(cache),
+            flights: Vec::new(),
+            plain: Vec::new(),
+            free: Vec::new(),
+            inflight: 0,
+            zeroes: Vec::new(),
+            cqes: Vec::new(),
+            syncs: 0,
+            bounced: 0,
+        }
+    }
+
+    /// Ops in flight in the ring.
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// Whether the loop may end (see [`Driver::finished`]).
+    pub(crate) fn finished(&self) -> bool {
+        self.d.finished(self.inflight)
+    }
+
+    /// One turn: with `reap`, feeds every completion the ring holds to the engine; then takes
+    /// the queued commands, starts every op the engine yields, answers finished requests and
+    /// submits. Returns whether it answered any request.
+    pub(crate) fn turn(&mut self, reap: bool) -> bool {
+        let answered = self.d.answered();
+        if reap {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for (slot, res) in cqes.drain(..) {
+                self.finish(slot as usize, res);
+            }
+            self.cqes = cqes;
+        }
+        self.d.accept_ready();
         // Until quiet: commands taken from the backlog may have made more ops.
         loop {
-            while let Some(op) = l.d.engine.poll_io() {
-                l.start(op);
+            while let Some(op) = self.d.engine.poll_io() {
+                self.start(op);
             }
             // Counts first: a caller that sees its request done sees its syncs counted.
-            l.flush_counts();
-            if !l.d.events() {
+            self.flush_counts();
+            if !self.d.events() {
                 break;
             }
         }
-        if l.d.finished(l.inflight) {
-            break;
-        }
-        l.wait();
-        cqes.clear();
-        cqes.extend(l.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(token, res) in &cqes {
-            if token == WAKE {
-                l.wake.drain();
-                armed = false;
-            } else {
-                l.finish(token as usize, res);
+        if !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                // Entries stay queued; the next turn submits them (EBUSY: completions must
+                // be reaped first, and something is in flight to reap).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => panic!("io_uring_enter failed: {e}"),
             }
         }
+        self.d.answered() != answered
     }
-    // Nothing is in flight but the eventfd poll, which holds no memory of ours. The ring
-    // goes first (registered files hold a reference), then the file and its locks, then
-    // `close` is answered.
-    let Loop {
-        d,
-        file,
-        chain,
-        ring,
-        fixed,
-        ..
-    } = l;
-    if fixed {
-        // Synchronous, unlike the ring's own teardown: the file reference goes now.
-        let _ = ring.submitter().unregister_files();
-    }
-    drop(ring);
-    drop(file);
-    drop(chain);
-    d.shutdown();
-}
 
-impl Loop {
+    /// Ends the loop once [`finished`](Self::finished): the ring lets go of the files first
+    /// (registered files hold a reference), then the files and their locks go, then `close`
+    /// is answered.
+    pub(crate) fn shutdown(self) {
+        let Loop {
+            d,
+            file,
+            chain,
+            ring,
+            fixed,
+            ..
+        } = self;
+        if fixed {
+            // Synchronous, unlike the ring's own teardown: the file reference goes now.
+            let _ = ring.submitter().unregister_files();
+        }
+        drop(ring);
+        drop(file);
+        drop(chain);
+        d.shutdown();
+    }
+
     /// The registered index of `target`'s file: 0 the image, then the backing chain by
     /// depth, then the data file.
     fn index(&self, target: Target) -> u32 {
@@ -326,42 +336,6 @@ impl Loop {
             0 => self.file.as_raw_fd(),
             i if i == self.data_index => self.chain.data_file().map_or(-1, |f| f.as_raw_fd()),
             d => self.chain.file(d).map_or(-1, |f| f.as_raw_fd()),
-        }
-    }
-
-    /// Waits for a completion or a command: polls for [`POLL`], then sleeps in the kernel
-    /// (the eventfd poll wakes it for commands).
-    fn wait(&mut self) {
-        self.enter(false);
-        let deadline = Instant::now() + POLL;
-        while Instant::now() < deadline {
-            if self.news() {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-        self.wake.set_sleeping(true);
-        if !self.news() {
-            self.enter(true);
-        }
-        self.wake.set_sleeping(false);
-    }
-
-    fn news(&mut self) -> bool {
-        !self.ring.completion().is_empty() || self.d.has_news()
-    }
-
-    /// Submits what is queued; with `wait`, sleeps until a completion arrives.
-    fn enter(&mut self, wait: bool) {
-        let r = if wait {
-            self.ring.submit_and_wait(1)
-        } else {
-            self.ring.submit()
-        };
-        match r {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
-            Err(e) => panic!("io_uring_enter failed: {e}"),
         }
     }
 
@@ -483,8 +457,13 @@ impl Loop {
 
     fn start_plain(&mut self, op: IoOp, entry: squeue::Entry) {
         let slot = self.slot();
-        self.plain[slot] = Some(op);
-        self.push(entry.user_data(slot as u64));
+        let entry = entry.user_data(slot as u64);
+        self.plain[slot] = Some(Plain {
+            op,
+            entry: entry.clone(),
+            cancelled: 0,
+        });
+        self.push(entry);
     }
 
     /// The request's guest memory: the start of byte 0 of the request, and the bytes there.
@@ -598,6 +577,7 @@ impl Loop {
             len: total,
             bounce: None,
             head: 0,
+            cancelled: 0,
         });
         if self.direct && !aligned {
             if let Err(e) = self.bounce(&mut f) {
@@ -666,14 +646,25 @@ impl Loop {
     }
 
     fn finish(&mut self, slot: usize, res: i32) {
-        if let Some(op) = self.plain[slot].take() {
+        if let Some(mut p) = self.plain[slot].take() {
+            if res == -libc::ECANCELED && p.cancelled < RESUBMIT {
+                p.cancelled += 1;
+                let entry = p.entry.clone();
+                self.plain[slot] = Some(p);
+                return self.push(entry);
+            }
             self.release(slot);
-            return self.finish_plain(op, res);
+            return self.finish_plain(p.op, res);
         }
         let mut f = self.flights[slot]
             .take()
             .expect("a completion for a slot in flight");
         let read = f.op.kind == IoKind::Read;
+        if res == -libc::ECANCELED && f.cancelled < RESUBMIT {
+            f.cancelled += 1;
+            self.flights[slot] = Some(f);
+            return self.submit_rw(slot);
+        }
         let result = if res < 0 {
             Err(os_error(res))
         } else if res == 0 && f.done < f.len && !read {

@@ -6,7 +6,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use futures_lite::future::block_on;
-use qcow2_uring::{Cache, CreateOptions, GuestBuf, IoBuf, OpenOptions};
+use qcow2_uring::{Cache, CreateOptions, GuestBuf, Image, IoBuf, OpenOptions};
 
 /// A buffer whose bytes start one byte past a page boundary: never O_DIRECT-ready.
 struct Misaligned {
@@ -32,6 +32,14 @@ impl GuestBuf for Misaligned {
     }
 }
 
+/// A new image of `size` bytes in a temporary directory (kept while the first value lives).
+fn scratch(size: u64, options: &OpenOptions) -> (tempfile::TempDir, std::path::PathBuf, Image) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qcow2");
+    let img = qcow2_uring::create(&path, &CreateOptions::new(size), options).unwrap();
+    (dir, path, img)
+}
+
 fn direct() -> OpenOptions {
     OpenOptions {
         cache: Cache::None,
@@ -41,9 +49,7 @@ fn direct() -> OpenOptions {
 
 #[test]
 fn aligned_buffers_skip_the_bounce_and_others_are_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.qcow2");
-    let img = qcow2_uring::create(&path, &CreateOptions::new(16 << 20), &direct()).unwrap();
+    let (_dir, _path, img) = scratch(16 << 20, &direct());
     // Creating patches a few header bytes in place (a sector read-modify-write).
     let base = img.bounced_bytes();
     let mut buf = IoBuf::zeroed(65536);
@@ -83,9 +89,7 @@ fn aligned_buffers_skip_the_bounce_and_others_are_counted() {
 
 #[test]
 fn abandoned_requests_finish_and_keep_the_image_sound() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.qcow2");
-    let img = qcow2_uring::create(&path, &CreateOptions::new(64 << 20), &direct()).unwrap();
+    let (_dir, _path, img) = scratch(64 << 20, &direct());
     let mut cx = Context::from_waker(Waker::noop());
     for i in 0..64u64 {
         // Sent on the first poll, then dropped: the ring keeps each buffer until its I/O ends.
@@ -115,14 +119,7 @@ fn abandoned_requests_finish_and_keep_the_image_sound() {
 
 #[test]
 fn handles_are_shared_across_threads() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.qcow2");
-    let img = qcow2_uring::create(
-        &path,
-        &CreateOptions::new(64 << 20),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let (_dir, path, img) = scratch(64 << 20, &OpenOptions::default());
     std::thread::scope(|s| {
         for t in 0..4u64 {
             let img = img.clone();
@@ -148,10 +145,7 @@ fn handles_are_shared_across_threads() {
 
 #[test]
 fn requests_after_close_fail_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.qcow2");
-    let img =
-        qcow2_uring::create(&path, &CreateOptions::new(1 << 20), &OpenOptions::default()).unwrap();
+    let (_dir, _path, img) = scratch(1 << 20, &OpenOptions::default());
     let other = img.clone();
     block_on(img.close()).unwrap();
     let (r, buf) = block_on(other.write_at(vec![1u8; 512], 0));
@@ -163,14 +157,7 @@ fn requests_after_close_fail_cleanly() {
 fn more_requests_than_the_engine_takes_at_once() {
     // The engine takes 64 requests at a time; the rest wait in the driver's backlog and go
     // in as room appears.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.qcow2");
-    let img = qcow2_uring::create(
-        &path,
-        &CreateOptions::new(64 << 20),
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let (_dir, _path, img) = scratch(64 << 20, &OpenOptions::default());
     let writes: Vec<_> = (0..300u64)
         .map(|i| img.write_at(vec![(i % 251) as u8 + 1; 4096], i * 65536 + 512))
         .collect();
@@ -187,5 +174,67 @@ fn more_requests_than_the_engine_takes_at_once() {
         r.unwrap();
         assert!(buf.iter().all(|&b| b == (i % 251) as u8 + 1), "request {i}");
     }
+    block_on(img.close()).unwrap();
+}
+
+#[test]
+fn threads_that_submit_and_exit_lose_no_op() {
+    // Callers submit from their own threads, and the kernel cancels what an exiting thread
+    // submitted that had not started (often another caller's ops, write-back, or a flush).
+    // Cancelled ops go again; every write here must land and every flush succeed.
+    let (_dir, _path, img) = scratch(64 << 20, &OpenOptions::default());
+    let at = |round: u64, t: u64| (round * 8 + t) << 16;
+    for round in 0..8u64 {
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let img = img.clone();
+                s.spawn(move || {
+                    let fill = (round * 8 + t) as u8 + 1;
+                    if t % 2 == 0 {
+                        // Sent on the first poll, then the thread is gone.
+                        let mut cx = Context::from_waker(Waker::noop());
+                        let mut w = pin!(img.write_at(vec![fill; 65536], at(round, t)));
+                        let _ = w.as_mut().poll(&mut cx);
+                    } else {
+                        let (r, _) = block_on(img.write_at(vec![fill; 65536], at(round, t)));
+                        r.unwrap();
+                    }
+                });
+            }
+        });
+    }
+    block_on(img.flush()).unwrap();
+    for (round, t) in (0..8u64).flat_map(|r| (0..8u64).map(move |t| (r, t))) {
+        let (r, back) = block_on(img.read_at(vec![0u8; 65536], at(round, t)));
+        r.unwrap();
+        let fill = (round * 8 + t) as u8 + 1;
+        assert!(back.iter().all(|&b| b == fill), "write {round}/{t} lost");
+    }
+    let report = block_on(img.check(None)).unwrap();
+    assert_eq!((report.corruptions, report.leaks), (0, 0), "{report:?}");
+    block_on(img.close()).unwrap();
+}
+
+#[test]
+fn a_reaper_nobody_polls_does_not_stall_other_callers() {
+    let (_dir, _path, img) = scratch(64 << 20, &direct());
+    // Polled once (so it submitted and became the one reaping the ring), then left alone.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut stalled = Box::pin(img.write_at(IoBuf::zeroed(65536), 0));
+    let _ = stalled.as_mut().poll(&mut cx);
+    let (done, finished) = std::sync::mpsc::channel();
+    let other = img.clone();
+    std::thread::spawn(move || {
+        for i in 0..16u64 {
+            let (r, _) = block_on(other.write_at(IoBuf::zeroed(65536), (i + 1) << 20));
+            r.unwrap();
+        }
+        block_on(other.flush()).unwrap();
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("requests of other callers finish while a reaper is not polled");
+    drop(stalled);
     block_on(img.close()).unwrap();
 }

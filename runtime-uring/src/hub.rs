@@ -1,0 +1,254 @@
+//! Who drives the ring: the callers themselves, with the ring thread covering the rest.
+//!
+//! A caller whose command is queued takes it into the engine and submits the ops at once,
+//! on its own thread ([`Pump::kick`]). While it waits for its reply it drives the ring
+//! ([`Pump::step`]): one waiting caller at a time is the *reaper*, which waits for the ring's
+//! descriptor to turn readable in the caller's own reactor and feeds the completions back.
+//! The kernel posts a completion from the thread that submitted it, so a caller that submits
+//! and reaps its own request never hands it to another thread.
+//!
+//! The ring thread covers what no caller waits for: ops of futures dropped before their
+//! reply, write-back after the last reply, the close after the last handle. It reaps (in
+//! `io_uring_enter`) only while I/O is in flight and nobody is the reaper, and lets go of the
+//! role after each batch so that a waiting caller can take it. While a caller is the reaper
+//! it looks in every 10 ms and reaps whatever is ready, so a reaper whose future is not
+//! polled slows the others down but never stalls them. It also ends the loop once the image
+//! is closed or every handle is gone.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_io::Async;
+use event_listener::Event;
+use qcow2_async::{Pump, Step};
+use qcow2_sync::Error;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+
+use crate::ring::{AbortOnUnwind, Loop};
+
+/// How often the ring thread looks in while a caller is the reaper.
+const WATCH: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 10_000_000,
+};
+
+/// The state callers and the ring thread share.
+pub(crate) struct Hub {
+    /// The loop; `None` before it is installed and after it ended.
+    state: Mutex<Option<Loop>>,
+    /// A duplicate of the ring's descriptor: the reaper's reactor watches it, the ring
+    /// thread waits on it in `io_uring_enter`.
+    ring: Async<OwnedFd>,
+    /// Whether someone (a caller or the ring thread) is the reaper.
+    reaper: AtomicBool,
+    /// Signalled when the reaper lets go of the role.
+    reaper_free: Event,
+    /// The loop's ops in flight, readable without the lock.
+    inflight: AtomicUsize,
+    /// The ring thread's doorbell (an eventfd).
+    bell: OwnedFd,
+    /// Set while the ring thread sleeps without looking in: a caller that finds the reaper
+    /// role taken rings the bell then, so that a reaper nobody polls is watched over.
+    unwatched: AtomicBool,
+}
+
+fn runtime_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Runtime { what, source }
+}
+
+impl Hub {
+    /// A hub for the ring whose descriptor is `ring_fd`; the loop comes with [`install`](Self::install).
+    pub(crate) fn new(ring_fd: impl AsFd) -> Result<Arc<Self>, Error> {
+        let dup = rustix::io::fcntl_dupfd_cloexec(ring_fd, 0)
+            .map_err(|e| runtime_error("duplicating the ring's descriptor")(e.into()))?;
+        let ring = Async::new_nonblocking(dup).map_err(runtime_error(
+            "registering the ring with the async-io reactor",
+        ))?;
+        let bell = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| runtime_error("eventfd")(e.into()))?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(None),
+            ring,
+            reaper: AtomicBool::new(false),
+            reaper_free: Event::new(),
+            inflight: AtomicUsize::new(0),
+            bell,
+            unwatched: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn install(&self, l: Loop) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(l);
+    }
+
+    /// One turn of the loop (see [`Loop::turn`]); returns whether it answered a request.
+    /// Rings the ring thread's bell when the loop may end.
+    fn turn(&self, reap: bool) -> bool {
+        let _abort = AbortOnUnwind::new();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(l) = state.as_mut() else {
+            return false;
+        };
+        let answered = l.turn(reap);
+        self.inflight.store(l.inflight(), Ordering::SeqCst);
+        if l.finished() {
+            self.ring_bell();
+        }
+        answered
+    }
+
+    fn take_reaper(&self) -> bool {
+        self.reaper
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Lets go of the reaper role: to a waiting caller, else (with I/O in flight) to the
+    /// ring thread.
+    fn release_reaper(&self) {
+        self.reaper.store(false, Ordering::SeqCst);
+        if self.reaper_free.notify(1) == 0 {
+            self.leave();
+        }
+    }
+
+    /// Rings the bell when I/O is in flight and nobody reaps or waits to.
+    fn leave(&self) {
+        if self.inflight.load(Ordering::SeqCst) > 0
+            && !self.reaper.load(Ordering::SeqCst)
+            && self.reaper_free.total_listeners() == 0
+        {
+            self.ring_bell();
+        }
+    }
+
+    fn ring_bell(&self) {
+        let _ = rustix::io::write(&self.bell, &1u64.to_ne_bytes());
+    }
+
+    /// A caller's step: become the reaper (or wait until the role is free), then reap until
+    /// a turn answers a request.
+    async fn step(&self) {
+        loop {
+            let free = self.reaper_free.listen();
+            if self.take_reaper() {
+                break;
+            }
+            if self.unwatched.swap(false, Ordering::SeqCst) {
+                self.ring_bell();
+            }
+            free.await;
+        }
+        let _role = Role(self);
+        // Completions may have come while nobody reaped.
+        if self.turn(true) {
+            return;
+        }
+        loop {
+            if self.ring.readable().await.is_err() {
+                // No reactor to wait in: leave the reaping to the ring thread.
+                return std::future::pending().await;
+            }
+            if self.turn(true) {
+                return;
+            }
+        }
+    }
+}
+
+/// The reaper role, let go on drop (also when the caller's future is dropped).
+struct Role<'a>(&'a Hub);
+
+impl Drop for Role<'_> {
+    fn drop(&mut self) {
+        self.0.release_reaper();
+    }
+}
+
+/// The [`Pump`] the handles hold.
+pub(crate) struct RingPump(pub(crate) Arc<Hub>);
+
+impl Pump for RingPump {
+    fn kick(&self) {
+        self.0.turn(false);
+    }
+
+    fn step(&self) -> Option<Step<'_>> {
+        Some(Box::pin(self.0.step()))
+    }
+
+    fn leave(&self) {
+        self.0.leave();
+    }
+}
+
+/// The ring thread's body: runs until the loop is finished, then shuts it down.
+pub(crate) fn run(hub: Arc<Hub>) {
+    let _abort = AbortOnUnwind::new();
+    loop {
+        hub.turn(true);
+        let (finished, inflight) = {
+            let state = hub.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state
+                .as_ref()
+                .map_or((true, 0), |l| (l.finished(), l.inflight()))
+        };
+        if finished {
+            break;
+        }
+        if inflight > 0 && hub.take_reaper() {
+            wait_ring(&hub);
+            hub.turn(true);
+            hub.reaper.store(false, Ordering::SeqCst);
+            hub.reaper_free.notify(1);
+            continue;
+        }
+        // Looks in while anything is in flight or a caller reaps; else sleeps until the
+        // bell (announced first, then checked again: a caller taking the role meanwhile
+        // either is seen here or sees the announcement).
+        let watch = || hub.inflight.load(Ordering::SeqCst) > 0 || hub.reaper.load(Ordering::SeqCst);
+        let mut watching = inflight > 0 || watch();
+        if !watching {
+            hub.unwatched.store(true, Ordering::SeqCst);
+            watching = watch();
+        }
+        wait_bell(&hub, watching);
+        hub.unwatched.store(false, Ordering::SeqCst);
+    }
+    let l = hub
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(l) = l {
+        l.shutdown();
+    }
+}
+
+/// Sleeps in the kernel until a completion is ready.
+fn wait_ring(hub: &Hub) {
+    // The submitter reads no queue state (nothing is submitted), so it may run beside a lock
+    // holder pushing entries.
+    let r = crate::ring::wait_for_completion(hub.ring.get_ref());
+    if let Err(e) = r {
+        if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
+            panic!("io_uring_enter failed: {e}");
+        }
+    }
+}
+
+/// Sleeps until the bell rings (with a look every [`WATCH`] while `watch`).
+fn wait_bell(hub: &Hub, watch: bool) {
+    let mut fds = [PollFd::new(&hub.bell, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, watch.then_some(&WATCH)) {
+            // Interrupted (a completion's task work ran here): sleep on.
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(0) => return,
+            _ => break,
+        }
+    }
+    let mut b = [0u8; 8];
+    let _ = rustix::io::read(&hub.bell, &mut b);
+}
