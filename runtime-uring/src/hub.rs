@@ -48,6 +48,9 @@ pub(crate) struct Hub {
     inflight: AtomicUsize,
     /// The ring thread's doorbell (an eventfd).
     bell: OwnedFd,
+    /// Set once the reactor failed to watch the ring (callers then leave all reaping to the
+    /// ring thread).
+    no_reactor: AtomicBool,
     /// Set while the ring thread sleeps without looking in: a caller that finds the reaper
     /// role taken rings the bell then, so that a reaper nobody polls is watched over.
     unwatched: AtomicBool,
@@ -75,6 +78,7 @@ impl Hub {
             inflight: AtomicUsize::new(0),
             bell,
             unwatched: AtomicBool::new(false),
+            no_reactor: AtomicBool::new(false),
         }))
     }
 
@@ -130,6 +134,9 @@ impl Hub {
     /// A caller's step: become the reaper (or wait until the role is free), then reap until
     /// a turn answers a request.
     async fn step(&self) {
+        if self.no_reactor.load(Ordering::Relaxed) {
+            return self.leave_to_ring_thread().await;
+        }
         loop {
             let free = self.reaper_free.listen();
             if self.take_reaper() {
@@ -140,20 +147,28 @@ impl Hub {
             }
             free.await;
         }
-        let _role = Role(self);
+        let role = Role(self);
         // Completions may have come while nobody reaped.
         if self.turn(true) {
             return;
         }
         loop {
             if self.ring.readable().await.is_err() {
-                // No reactor to wait in: leave the reaping to the ring thread.
-                return std::future::pending().await;
+                self.no_reactor.store(true, Ordering::Relaxed);
+                drop(role);
+                return self.leave_to_ring_thread().await;
             }
             if self.turn(true) {
                 return;
             }
         }
+    }
+
+    /// The reactor failed to watch the ring: the ring thread reaps for everyone from now
+    /// on, and callers just wait for their replies.
+    async fn leave_to_ring_thread(&self) {
+        self.ring_bell();
+        std::future::pending().await
     }
 }
 
