@@ -22,9 +22,10 @@ pub type Step<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 pub trait Pump: Send + Sync {
     /// A command was queued, or a handle dropped: take it in now.
     fn kick(&self);
-    /// Called again and again while a caller waits for its reply: a future that drives the
-    /// runtime and resolves after a step that may have answered requests. `None` (the
-    /// default): the driver makes progress by itself, the caller just waits.
+    /// Called while a caller waits for its reply: a future that drives the runtime. The
+    /// caller polls its reply first and drops the future once the reply is there; a future
+    /// that resolves is asked for again. `None` (the default): the driver makes progress
+    /// by itself, the caller just waits.
     fn step(&self) -> Option<Step<'_>> {
         None
     }

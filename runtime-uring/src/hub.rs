@@ -132,7 +132,7 @@ impl Hub {
     }
 
     /// A caller's step: become the reaper (or wait until the role is free), then reap until
-    /// a turn answers a request.
+    /// the caller has its reply (the caller then drops this future, letting go of the role).
     async fn step(&self) {
         if self.no_reactor.load(Ordering::Relaxed) {
             return self.leave_to_ring_thread().await;
@@ -148,18 +148,17 @@ impl Hub {
             free.await;
         }
         let role = Role(self);
-        // Completions may have come while nobody reaped.
-        if self.turn(true) {
-            return;
-        }
         loop {
+            // (First: completions may have come while nobody reaped.)
+            if self.turn(true) {
+                // The caller looks for its reply before this goes on (it is polled first).
+                futures_lite::future::yield_now().await;
+                continue;
+            }
             if self.ring.readable().await.is_err() {
                 self.no_reactor.store(true, Ordering::Relaxed);
                 drop(role);
                 return self.leave_to_ring_thread().await;
-            }
-            if self.turn(true) {
-                return;
             }
         }
     }
