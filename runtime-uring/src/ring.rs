@@ -144,6 +144,13 @@ struct Plain {
 /// `hub.rs`); they did not happen, and go again from the thread reaping them.
 const RESUBMIT: u8 = 8;
 
+/// Whether an op that completed with `res` goes again (counted in `cancelled`).
+fn go_again(res: i32, cancelled: &mut u8) -> bool {
+    let again = res == -libc::ECANCELED && *cancelled < RESUBMIT;
+    *cancelled += u8::from(again);
+    again
+}
+
 fn iovec(ptr: *mut u8, len: usize) -> libc::iovec {
     libc::iovec {
         iov_base: ptr.cast(),
@@ -647,8 +654,7 @@ impl Loop {
 
     fn finish(&mut self, slot: usize, res: i32) {
         if let Some(mut p) = self.plain[slot].take() {
-            if res == -libc::ECANCELED && p.cancelled < RESUBMIT {
-                p.cancelled += 1;
+            if go_again(res, &mut p.cancelled) {
                 let entry = p.entry.clone();
                 self.plain[slot] = Some(p);
                 return self.push(entry);
@@ -660,8 +666,7 @@ impl Loop {
             .take()
             .expect("a completion for a slot in flight");
         let read = f.op.kind == IoKind::Read;
-        if res == -libc::ECANCELED && f.cancelled < RESUBMIT {
-            f.cancelled += 1;
+        if go_again(res, &mut f.cancelled) {
             self.flights[slot] = Some(f);
             return self.submit_rw(slot);
         }
