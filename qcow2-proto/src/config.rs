@@ -66,7 +66,8 @@ pub struct ImageConfig {
     /// so that writes into new clusters do not extend the file one at a time (which
     /// filesystems serialize); the file is cut back to its last used cluster at
     /// [`Request::Close`](crate::Request::Close). A crash may leave the unused tail,
-    /// which holds nothing. 0: off (the default here; the runtimes turn it on).
+    /// which holds nothing. A step never exceeds the guest disk's size (rounded up to a
+    /// MiB). 0: off (the default here; the runtimes turn it on).
     pub grow_step: u64,
 }
 

@@ -192,7 +192,11 @@ impl Image {
     fn allocated_up_to(&mut self, end: u64) {
         let end = end << self.geo.cluster_bits;
         self.alloc_high = self.alloc_high.max(end);
-        let step = self.config.grow_step;
+        // (Never more than the guest disk itself: a small image gets small steps.)
+        let step = self
+            .config
+            .grow_step
+            .min(self.hdr.size.next_multiple_of(1 << 20));
         if step == 0 || self.read_only || self.has_data_file() {
             return;
         }
