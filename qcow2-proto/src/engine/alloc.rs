@@ -193,10 +193,12 @@ impl Image {
         let end = end << self.geo.cluster_bits;
         self.alloc_high = self.alloc_high.max(end);
         // (Never more than the guest disk itself: a small image gets small steps.)
-        let step = self
-            .config
-            .grow_step
-            .min(self.hdr.size.next_multiple_of(1 << 20));
+        let step = self.config.grow_step.min(
+            self.hdr
+                .size
+                .checked_next_multiple_of(1 << 20)
+                .unwrap_or(u64::MAX),
+        );
         if step == 0 || self.read_only || self.has_data_file() {
             return;
         }
