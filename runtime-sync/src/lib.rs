@@ -130,9 +130,10 @@ pub struct OpenOptions {
 /// Not less: ext4 caps an unwritten extent at 32,767 blocks (128 MiB less 4 KiB), so a step
 /// this large lays out at least two extents, which moves a fresh file's extent tree out of
 /// the inode (it holds four). With a 64 MiB step a fresh image's file sat at exactly four
-/// extents while its first step filled, and each 8 KiB write that converted its blocks
-/// split the tree out and merged it back: sequential writes at depth 1 ran at 4.0-4.8k a
-/// second, against 10.4-11.2k with this step (BENCHMARKS.md, "Host allocation").
+/// extents while its first step filled, and (as far as measurements show) each 8 KiB write
+/// that converted its blocks pushed the tree out and folded it back: sequential writes at
+/// depth 1 ran at 4.0-4.8k a second, against 10.4-11.2k with this step (BENCHMARKS.md,
+/// "Host allocation").
 pub const DEFAULT_GROW_STEP: u64 = 128 << 20;
 
 impl OpenOptions {
