@@ -154,11 +154,6 @@ impl Driver {
         }
     }
 
-    /// Whether a command (or the last handle's departure) waits to be taken.
-    pub fn has_news(&self) -> bool {
-        !self.disconnected && (!self.rx.is_empty() || self.rx.is_closed())
-    }
-
     /// Accepts every command already queued, without waiting.
     pub fn accept_ready(&mut self) {
         while !self.disconnected {

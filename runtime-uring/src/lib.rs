@@ -16,7 +16,8 @@
 //! waiting for the ring's descriptor in its own reactor (async-io's, which `smol::block_on`
 //! runs on the calling thread) and feeding completions back. The kernel posts a completion
 //! from the thread that submitted it, so a request submitted and reaped by its caller never
-//! crosses threads: at queue depth 1 it costs about what a blocking `pread` costs. The same
+//! crosses threads. What a request still pays at queue depth 1 is the reactor's wait (about
+//! ten system calls, against one for a blocking `pread`; BENCHMARKS.md). The same
 //! `async fn`s work
 //! - from async code on any executor (`img.read_at(buf, 0).await`), and
 //! - from blocking code (`futures_lite::future::block_on(img.read_at(buf, 0))`); there the
