@@ -595,6 +595,10 @@ pub struct BenchArgs {
     /// Seed of the random offsets and of the run order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// The uring runtime's poll maximum in microseconds: waits for a completion up to this
+    /// long are polled for rather than slept through (default 256; 0: never poll).
+    #[arg(long = "poll-max-us")]
+    pub poll_max_us: Option<u64>,
 }
 
 /// `bench` subcommands.
@@ -642,6 +646,9 @@ pub struct BenchRunArgs {
     /// has io_uring, else sync).
     #[arg(long)]
     pub engine: Option<String>,
+    /// The uring runtime's poll maximum in microseconds (default 256; 0: never poll).
+    #[arg(long = "poll-max-us")]
+    pub poll_max_us: Option<u64>,
 }
 
 fn run(cli: Cli) -> Result<i32, CliError> {

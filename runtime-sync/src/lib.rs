@@ -122,6 +122,12 @@ pub struct OpenOptions {
     /// Host space allocated ahead of new clusters, in steps of this many bytes (see
     /// [`ImageConfig::grow_step`]); `None`: [`DEFAULT_GROW_STEP`], `Some(0)`: off.
     pub grow_step: Option<u64>,
+    /// The io_uring runtime only: the longest wait for a completion that a waiting caller
+    /// polls for (yielding to its executor between looks) before it sleeps; the poll
+    /// window adapts to the waits seen, as QEMU's `poll-max-ns` does. `None`: the runtime's
+    /// default (`qcow2_uring::DEFAULT_POLL_MAX`, 256 µs); `Some(Duration::ZERO)`: never
+    /// poll (least CPU, more latency). The other runtimes ignore it.
+    pub poll_max: Option<std::time::Duration>,
 }
 
 /// The default step of host space allocated ahead of new clusters: 128 MiB (QEMU's

@@ -2,8 +2,9 @@
 //!
 //! A caller whose command is queued takes it into the engine and submits the ops at once,
 //! on its own thread ([`Pump::kick`]). While it waits for its reply it drives the ring
-//! ([`Pump::step`]): one waiting caller at a time is the *reaper*, which waits for the ring's
-//! descriptor to turn readable in the caller's own reactor and feeds the completions back.
+//! ([`Pump::step`]): one waiting caller at a time is the *reaper*, which polls the completion
+//! queue for the poll window (`window.rs`), then waits for the ring's descriptor to turn
+//! readable in the caller's own reactor, and feeds the completions back.
 //! The kernel posts a completion from the thread that submitted it, so a caller that submits
 //! and reaps its own request never hands it to another thread.
 //!
@@ -18,6 +19,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_io::Async;
 use event_listener::Event;
@@ -26,6 +28,7 @@ use qcow2_sync::Error;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::ring::{AbortOnUnwind, Loop};
+use crate::window::Window;
 
 /// How often the ring thread looks in while a caller is the reaper.
 const WATCH: Timespec = Timespec {
@@ -54,6 +57,8 @@ pub(crate) struct Hub {
     /// Set while the ring thread sleeps without looking in: a caller that finds the reaper
     /// role taken rings the bell then, so that a reaper nobody polls is watched over.
     unwatched: AtomicBool,
+    /// How long the reaper polls the completion queue before it waits in the reactor.
+    window: Window,
 }
 
 fn runtime_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -62,7 +67,7 @@ fn runtime_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 
 impl Hub {
     /// A hub for the ring whose descriptor is `ring_fd`; the loop comes with [`install`](Self::install).
-    pub(crate) fn new(ring_fd: impl AsFd) -> Result<Arc<Self>, Error> {
+    pub(crate) fn new(ring_fd: impl AsFd, poll_max: Duration) -> Result<Arc<Self>, Error> {
         let dup = rustix::io::fcntl_dupfd_cloexec(ring_fd, 0)
             .map_err(|e| runtime_error("duplicating the ring's descriptor")(e.into()))?;
         let ring = Async::new_nonblocking(dup).map_err(runtime_error(
@@ -79,6 +84,7 @@ impl Hub {
             bell,
             unwatched: AtomicBool::new(false),
             no_reactor: AtomicBool::new(false),
+            window: Window::new(poll_max),
         }))
     }
 
@@ -155,10 +161,34 @@ impl Hub {
                 futures_lite::future::yield_now().await;
                 continue;
             }
-            if self.ring.readable().await.is_err() {
+            let waited = Instant::now();
+            if !self.poll_ring().await && self.ring.readable().await.is_err() {
                 self.no_reactor.store(true, Ordering::Relaxed);
                 drop(role);
                 return self.leave_to_ring_thread().await;
+            }
+            self.window.record(waited.elapsed());
+        }
+    }
+
+    /// Looks at the completion queue, yielding to the executor between looks, for as long
+    /// as the poll window; returns whether a completion came. (A look skips while someone
+    /// else holds the loop: a caller submitting is never made to wait for it.)
+    async fn poll_ring(&self) -> bool {
+        let window = self.window.get();
+        if window.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        loop {
+            futures_lite::future::yield_now().await;
+            if let Ok(mut state) = self.state.try_lock() {
+                if state.as_mut().is_some_and(Loop::has_completions) {
+                    return true;
+                }
+            }
+            if start.elapsed() >= window {
+                return false;
             }
         }
     }

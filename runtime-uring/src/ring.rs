@@ -262,6 +262,11 @@ impl Loop {
         self.inflight
     }
 
+    /// Whether the ring holds completions not yet fed back (one load of the queue's tail).
+    pub(crate) fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Whether the loop may end (see [`Driver::finished`]).
     pub(crate) fn finished(&self) -> bool {
         self.d.finished(self.inflight)

@@ -2,7 +2,8 @@
 //! mode's flags, as fio's psync engine with `numjobs=depth`), through the blocking runtime
 //! (one request at a time), or through an async runtime (`depth` tasks on one executor, a
 //! request each in flight). The clock runs from the first submission to the last completion;
-//! opening, the final flush and closing are outside it.
+//! opening, the final flush and closing are outside it. The CPU time of the process (every
+//! thread, the runtime's own among them) is taken over the same span.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use qcow2_proto::IoBuf;
 use qcow2_sync::{Cache, Image, OpenOptions};
 
+use super::cpu;
 use super::workload::{Measured, Spec, Tally, Workload};
 use crate::disk::{engine_error, Disk};
 use crate::error::strerror;
@@ -29,16 +31,18 @@ pub enum Engine {
 /// Byte written by every write request.
 const PATTERN: u8 = 0xa5;
 
-/// Runs `spec` on the image at `path` and returns its figures.
-pub fn run(engine: Engine, path: &Path, cache: Cache, spec: Spec) -> Result<Measured, String> {
-    let options = OpenOptions {
-        cache,
-        ..OpenOptions::default()
-    };
+/// Runs `spec` on the image at `path`, opened with `options` (the raw file takes only
+/// their cache mode), and returns its figures.
+pub fn run(
+    engine: Engine,
+    path: &Path,
+    options: &OpenOptions,
+    spec: Spec,
+) -> Result<Measured, String> {
     match engine {
-        Engine::Raw => run_raw(path, cache, spec).map_err(|e| strerror(&e)),
-        Engine::Qcow2(Runtime::Sync) => run_sync(path, &options, spec),
-        Engine::Qcow2(rt) => run_async(path, &options, rt, spec),
+        Engine::Raw => run_raw(path, options.cache, spec).map_err(|e| strerror(&e)),
+        Engine::Qcow2(Runtime::Sync) => run_sync(path, options, spec),
+        Engine::Qcow2(rt) => run_async(path, options, rt, spec),
     }
 }
 
@@ -60,6 +64,7 @@ fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
         }
         Ok(())
     };
+    let cpu = cpu::own();
     let start = Instant::now();
     let tally = std::thread::scope(|s| {
         let workers: Vec<_> = (0..spec.depth)
@@ -93,8 +98,9 @@ fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
             .map(|w| w.join().expect("bench worker panicked"))
             .try_fold(Tally::default(), |acc, t| t.map(|t| acc.merge(t)))
     })?;
+    let cpu = cpu::own().saturating_sub(cpu);
     let syncs = syncs.load(std::sync::atomic::Ordering::Relaxed);
-    let m = Measured::from_tally(tally, spec.bs, start, Some(syncs));
+    let m = Measured::from_tally(tally, spec.bs, start, Some(syncs)).with_cpu(cpu);
     if tally.writes > 0 && cache != Cache::Unsafe {
         file.sync_data()?;
     }
@@ -110,6 +116,7 @@ fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, 
     let mut buf = AlignedBuf::new(spec.bs as usize);
     buf.as_mut_slice().fill(PATTERN);
     let mut t = Tally::default();
+    let cpu = cpu::own();
     let start = Instant::now();
     while let Some(req) = work.next() {
         if req.write {
@@ -123,7 +130,9 @@ fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, 
             t.flushed();
         }
     }
+    let cpu = cpu::own().saturating_sub(cpu);
     let m = Measured::from_tally(t, spec.bs, start, Some(img.flush_count() - before));
+    let m = m.with_cpu(cpu);
     img.close()?;
     Ok(m)
 }
@@ -142,6 +151,7 @@ fn run_async(
     let before = img.flush_count();
     let work = Workload::new(spec, img.len());
     let ex = smol::LocalExecutor::new();
+    let cpu = cpu::own();
     let start = Instant::now();
     let workers: Vec<_> = (0..spec.depth)
         .map(|_| {
@@ -175,7 +185,9 @@ fn run_async(
         }
         Ok::<Tally, String>(sum)
     }))?;
+    let cpu = cpu::own().saturating_sub(cpu);
     let m = Measured::from_tally(tally, spec.bs, start, Some(img.flush_count() - before));
+    let m = m.with_cpu(cpu);
     drop(ex);
     smol::block_on(async {
         if tally.writes > 0 {

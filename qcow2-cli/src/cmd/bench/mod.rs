@@ -9,6 +9,7 @@
 //! of ratios taken within a round. `bench run` is one run on a given image, for scripts.
 //! See BENCHMARKS.md for the method.
 
+mod cpu;
 mod drivers;
 mod images;
 mod names;
@@ -21,6 +22,7 @@ mod table;
 mod workload;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use qcow2_sync::Cache;
 use serde_json::json;
@@ -86,6 +88,7 @@ fn settings(a: &BenchArgs) -> Result<Settings, CliError> {
         states: parse_list(a.states.as_deref(), "state", states)?,
         columns,
         cache: parse_cache(a.cache.as_deref(), Cache::None)?,
+        poll_max: a.poll_max_us.map(Duration::from_micros),
         seed: a.seed,
     })
 }

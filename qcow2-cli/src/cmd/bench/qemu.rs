@@ -8,6 +8,7 @@ use std::process::Command;
 
 use qcow2_sync::Cache;
 
+use super::cpu;
 use super::names::{Pattern, Scenario};
 use super::workload::Measured;
 
@@ -97,10 +98,13 @@ pub fn run(
     if scenario.writes() {
         cmd.arg("-w");
     }
+    let cpu = cpu::children();
     let out = cmd
         .arg(path)
         .output()
         .map_err(|e| format!("qemu-img bench: {e}"))?;
+    // The whole process: start-up and opening the image too (a few ms).
+    let cpu = cpu.zip(cpu::children()).map(|(a, b)| b.saturating_sub(a));
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
@@ -117,6 +121,7 @@ pub fn run(
         bytes: count * bs,
         secs,
         syncs: None,
+        cpu,
     })
 }
 

@@ -10,8 +10,8 @@ fn opt(x: Option<f64>, places: usize) -> String {
     x.map_or_else(|| "-".to_owned(), |x| format!("{x:.places$}"))
 }
 
-/// One text table per scenario that has rows: MB/s, IOPS, the ratios and, for scenarios
-/// that write, `fdatasync`s per write.
+/// One text table per scenario that has rows: MB/s, IOPS, the ratios, CPU microseconds per
+/// request and, for scenarios that write, `fdatasync`s per write.
 pub fn tables(rows: &[Row]) -> String {
     let mut out = String::new();
     for scenario in Scenario::ALL {
@@ -24,8 +24,8 @@ pub fn tables(rows: &[Row]) -> String {
         }
         out.push_str(&format!("\n{}: {}\n", scenario.name(), scenario.describe()));
         out.push_str(&format!(
-            "{:>4}  {:<14} {:<6} {:>9} {:>9} {:>6} {:>7}",
-            "QD", "state", "column", "MB/s", "IOPS", "x raw", "x qemu"
+            "{:>4}  {:<14} {:<6} {:>9} {:>9} {:>6} {:>7} {:>8}",
+            "QD", "state", "column", "MB/s", "IOPS", "x raw", "x qemu", "cpu us"
         ));
         if scenario.writes() {
             out.push_str(&format!(" {:>12}", "syncs/write"));
@@ -33,7 +33,7 @@ pub fn tables(rows: &[Row]) -> String {
         out.push('\n');
         for r in mine {
             out.push_str(&format!(
-                "{:>4}  {:<14} {:<6} {:>9.1} {:>9.0} {:>6} {:>7}",
+                "{:>4}  {:<14} {:<6} {:>9.1} {:>9.0} {:>6} {:>7} {:>8}",
                 r.cell.depth,
                 r.cell.state_name(),
                 r.cell.column.name(),
@@ -41,6 +41,7 @@ pub fn tables(rows: &[Row]) -> String {
                 r.iops,
                 opt(r.x_raw, 2),
                 opt(r.x_qemu, 2),
+                opt(r.cpu_us, 1),
             ));
             if scenario.writes() {
                 out.push_str(&format!(" {:>12}", opt(r.syncs_per_write, 3)));
@@ -52,7 +53,8 @@ pub fn tables(rows: &[Row]) -> String {
 }
 
 /// The rows as JSON objects (`scenario`, `depth`, `state`, `column`, `mbps`, `iops`, and the
-/// ratios, `syncs_per_write` and `rounds`; `null` where there is no figure).
+/// ratios, `syncs_per_write`, `cpu_us_per_op` and `rounds`; `null` where there is no
+/// figure).
 pub fn json_rows(rows: &[Row]) -> Vec<Value> {
     rows.iter()
         .map(|r| {
@@ -66,6 +68,7 @@ pub fn json_rows(rows: &[Row]) -> Vec<Value> {
                 "x_raw": r.x_raw,
                 "x_qemu": r.x_qemu,
                 "syncs_per_write": r.syncs_per_write,
+                "cpu_us_per_op": r.cpu_us,
                 "rounds": r.rounds,
             })
         })
@@ -91,6 +94,7 @@ mod tests {
             x_raw: Some(0.5),
             x_qemu: None,
             syncs_per_write: Some(0.25),
+            cpu_us: Some(12.5),
             rounds: 3,
         }
     }
@@ -121,6 +125,7 @@ mod tests {
                 "x_raw",
                 "x_qemu",
                 "syncs_per_write",
+                "cpu_us_per_op",
                 "rounds"
             ]
         );
@@ -129,6 +134,7 @@ mod tests {
         assert_eq!(v[1]["depth"], 16);
         assert!(v[1]["x_qemu"].is_null());
         assert_eq!(v[1]["mbps"], 123.45);
+        assert_eq!(v[1]["cpu_us_per_op"], 12.5);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qcow2_sync::Cache;
+use qcow2_sync::{Cache, OpenOptions};
 
 use super::drivers::{self, Engine};
 use super::names::Pattern;
@@ -59,7 +59,12 @@ pub fn run(a: &BenchRunArgs) -> CmdResult {
         read_pct: a.read_pct,
         flush_every: a.flush_every,
     };
-    let m = drivers::run(engine, &a.image, cache, spec)
+    let options = OpenOptions {
+        cache,
+        poll_max: a.poll_max_us.map(Duration::from_micros),
+        ..OpenOptions::default()
+    };
+    let m = drivers::run(engine, &a.image, &options, spec)
         .map_err(|e| CliError::new(format!("bench run: {}: {e}", a.image.display())))?;
     println!("{}", result_line(m.mbps(), m.iops(), m.secs));
     Ok(0)

@@ -51,6 +51,9 @@ pub struct Row {
     pub x_qemu: Option<f64>,
     /// Median `fdatasync`s per write (write cells of our columns and raw).
     pub syncs_per_write: Option<f64>,
+    /// Median microseconds of CPU time per request (every thread of the process; for
+    /// `qemu`, the whole `qemu-img` process).
+    pub cpu_us: Option<f64>,
     /// Rounds measured.
     pub rounds: usize,
 }
@@ -127,6 +130,7 @@ pub fn rows(samples: &[Sample]) -> Vec<Row> {
                     None
                 },
                 syncs_per_write: median(own.iter().filter_map(|s| s.m.syncs_per_write()).collect()),
+                cpu_us: median(own.iter().filter_map(|s| s.m.cpu_us_per_op()).collect()),
                 rounds: own.len(),
             }
         })
@@ -160,6 +164,7 @@ mod tests {
                 bytes: mb * 1_000_000,
                 secs: 1.0,
                 syncs: Some(mb / 2),
+                cpu: Some(std::time::Duration::from_micros(3 * mb)),
             },
         }
     }
@@ -188,6 +193,7 @@ mod tests {
         assert_eq!(uring.x_raw, Some(0.5)); // 0.5, 0.5, 0.8
         assert_eq!(uring.x_qemu, Some(2.0)); // 2, 1, 4
         assert_eq!(uring.syncs_per_write, Some(0.5));
+        assert_eq!(uring.cpu_us, Some(3.0));
         assert_eq!(uring.rounds, 3);
         let order: Vec<Column> = rows.iter().map(|r| r.cell.column).collect();
         assert_eq!(order, [Column::Raw, Column::Uring, Column::Qemu]);

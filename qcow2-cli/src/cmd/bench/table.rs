@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use qcow2_sync::Cache;
+use qcow2_sync::{Cache, OpenOptions};
 
 use super::drivers::{self, Engine};
 use super::images::Scratch;
@@ -38,6 +38,8 @@ pub struct Settings {
     pub columns: Vec<Column>,
     /// Cache mode of every run.
     pub cache: Cache,
+    /// The uring runtime's poll maximum (`None`: its default).
+    pub poll_max: Option<Duration>,
     /// Seed of the random offsets and of the run order.
     pub seed: u64,
 }
@@ -179,15 +181,21 @@ fn run_cell(
     done: &[Sample],
 ) -> Result<Measured, String> {
     let spec = spec(s, cell.scenario, cell.depth);
+    let options = OpenOptions {
+        cache: s.cache,
+        poll_max: s.poll_max,
+        ..OpenOptions::default()
+    };
     let Some(state) = cell.state else {
-        return drivers::run(Engine::Raw, &scratch.raw(), s.cache, spec);
+        return drivers::run(Engine::Raw, &scratch.raw(), &options, spec);
     };
     let path = scratch.image_for(state).map_err(|e| e.message)?;
+    let ours = |rt| drivers::run(Engine::Qcow2(rt), &path, &options, spec);
     let r = match cell.column {
         Column::Raw => unreachable!("raw cells have no state"),
-        Column::Sync => drivers::run(Engine::Qcow2(Runtime::Sync), &path, s.cache, spec),
-        Column::Smol => drivers::run(Engine::Qcow2(Runtime::Smol), &path, s.cache, spec),
-        Column::Uring => drivers::run(Engine::Qcow2(Runtime::Uring), &path, s.cache, spec),
+        Column::Sync => ours(Runtime::Sync),
+        Column::Smol => ours(Runtime::Smol),
+        Column::Uring => ours(Runtime::Uring),
         Column::Qemu => qemu::run(
             &path,
             s.cache,
@@ -215,6 +223,7 @@ mod tests {
             states: State::ALL.to_vec(),
             columns: Column::ALL.to_vec(),
             cache: Cache::None,
+            poll_max: None,
             seed: 42,
         }
     }
@@ -275,6 +284,7 @@ mod tests {
             bytes: ops * 8192,
             secs: 1.0,
             syncs: None,
+            cpu: None,
         };
         assert_eq!(qemu_count(&s, qemu, &[]), 500);
         let mut done = vec![

@@ -159,6 +159,8 @@ pub struct Measured {
     pub secs: f64,
     /// `fdatasync`s issued while the requests ran (`None`: not counted).
     pub syncs: Option<u64>,
+    /// CPU time used while the requests ran, every thread (`None`: not measured).
+    pub cpu: Option<Duration>,
 }
 
 impl Measured {
@@ -172,6 +174,23 @@ impl Measured {
             bytes: ops * bs,
             secs: end.duration_since(start).as_secs_f64(),
             syncs,
+            cpu: None,
+        }
+    }
+
+    /// The same, with the CPU time the run used.
+    pub fn with_cpu(self, cpu: Duration) -> Self {
+        Self {
+            cpu: Some(cpu),
+            ..self
+        }
+    }
+
+    /// Microseconds of CPU time per request, for runs that measured it.
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        match self.cpu {
+            Some(c) if self.ops > 0 => Some(c.as_secs_f64() * 1e6 / self.ops as f64),
+            _ => None,
         }
     }
 
