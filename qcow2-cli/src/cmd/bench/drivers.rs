@@ -7,13 +7,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Instant;
 
 use qcow2_proto::IoBuf;
 use qcow2_sync::{Cache, Image, OpenOptions};
 
-use super::cpu;
-use super::workload::{Measured, Spec, Tally, Workload};
+use super::workload::{Measured, Spec, Start, Tally, Workload};
 use crate::disk::{engine_error, Disk};
 use crate::error::strerror;
 use crate::raw::{open_file, AlignedBuf};
@@ -64,8 +62,7 @@ fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
         }
         Ok(())
     };
-    let cpu = cpu::own();
-    let start = Instant::now();
+    let start = Start::now();
     let tally = std::thread::scope(|s| {
         let workers: Vec<_> = (0..spec.depth)
             .map(|_| {
@@ -98,9 +95,8 @@ fn run_raw(path: &Path, cache: Cache, spec: Spec) -> std::io::Result<Measured> {
             .map(|w| w.join().expect("bench worker panicked"))
             .try_fold(Tally::default(), |acc, t| t.map(|t| acc.merge(t)))
     })?;
-    let cpu = cpu::own().saturating_sub(cpu);
     let syncs = syncs.load(std::sync::atomic::Ordering::Relaxed);
-    let m = Measured::from_tally(tally, spec.bs, start, Some(syncs)).with_cpu(cpu);
+    let m = Measured::from_tally(tally, spec.bs, start, Some(syncs));
     if tally.writes > 0 && cache != Cache::Unsafe {
         file.sync_data()?;
     }
@@ -116,8 +112,7 @@ fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, 
     let mut buf = AlignedBuf::new(spec.bs as usize);
     buf.as_mut_slice().fill(PATTERN);
     let mut t = Tally::default();
-    let cpu = cpu::own();
-    let start = Instant::now();
+    let start = Start::now();
     while let Some(req) = work.next() {
         if req.write {
             img.write_at(buf.as_slice(), req.offset)?;
@@ -130,9 +125,7 @@ fn run_sync(path: &Path, options: &OpenOptions, spec: Spec) -> Result<Measured, 
             t.flushed();
         }
     }
-    let cpu = cpu::own().saturating_sub(cpu);
     let m = Measured::from_tally(t, spec.bs, start, Some(img.flush_count() - before));
-    let m = m.with_cpu(cpu);
     img.close()?;
     Ok(m)
 }
@@ -151,8 +144,7 @@ fn run_async(
     let before = img.flush_count();
     let work = Workload::new(spec, img.len());
     let ex = smol::LocalExecutor::new();
-    let cpu = cpu::own();
-    let start = Instant::now();
+    let start = Start::now();
     let workers: Vec<_> = (0..spec.depth)
         .map(|_| {
             let (img, work) = (&img, &work);
@@ -185,9 +177,7 @@ fn run_async(
         }
         Ok::<Tally, String>(sum)
     }))?;
-    let cpu = cpu::own().saturating_sub(cpu);
     let m = Measured::from_tally(tally, spec.bs, start, Some(img.flush_count() - before));
-    let m = m.with_cpu(cpu);
     drop(ex);
     smol::block_on(async {
         if tally.writes > 0 {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::cpu;
 use super::names::Pattern;
 
 /// What a run does, whoever runs it.
@@ -163,26 +164,38 @@ pub struct Measured {
     pub cpu: Option<Duration>,
 }
 
+/// When a run started, on the wall clock and on the process's CPU clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    at: Instant,
+    cpu: Duration,
+}
+
+impl Start {
+    /// Now.
+    pub fn now() -> Self {
+        let cpu = cpu::own();
+        Self {
+            at: Instant::now(),
+            cpu,
+        }
+    }
+}
+
 impl Measured {
-    /// From the workers' tallies, timed from `start`.
-    pub fn from_tally(t: Tally, bs: u64, start: Instant, syncs: Option<u64>) -> Self {
-        let end = t.last.unwrap_or(start);
+    /// From the workers' tallies (call it as they finish), timed from `start`: the wall
+    /// clock to the last completion, the CPU clock to now.
+    pub fn from_tally(t: Tally, bs: u64, start: Start, syncs: Option<u64>) -> Self {
+        let cpu = cpu::own().saturating_sub(start.cpu);
+        let end = t.last.unwrap_or(start.at);
         let ops = t.reads + t.writes;
         Self {
             ops,
             writes: t.writes,
             bytes: ops * bs,
-            secs: end.duration_since(start).as_secs_f64(),
+            secs: end.duration_since(start.at).as_secs_f64(),
             syncs,
-            cpu: None,
-        }
-    }
-
-    /// The same, with the CPU time the run used.
-    pub fn with_cpu(self, cpu: Duration) -> Self {
-        Self {
             cpu: Some(cpu),
-            ..self
         }
     }
 
@@ -266,7 +279,7 @@ mod tests {
 
     #[test]
     fn figures_come_from_the_tally() {
-        let start = Instant::now();
+        let start = Start::now();
         let mut t = Tally::default();
         t.done(Req {
             offset: 0,
