@@ -94,6 +94,9 @@ pub struct Mode {
     pub check_only: bool,
     /// Refuse to open backing files named inside the image (the untrusted-image policy).
     pub refuse_backing: bool,
+    /// Host space allocated ahead ([`ImageConfig::grow_step`](qcow2_proto::ImageConfig));
+    /// `None`: the runtime's default (on), `Some(0)`: off.
+    pub grow_step: Option<u64>,
 }
 
 impl Mode {

@@ -93,6 +93,7 @@ macro_rules! instantiate {
             }
             flush {
                 writeback_batch_costs_two_syncs,
+                writeback_growing_batch_costs_one_sync,
                 writeback_new_l2_tables_cost_three_syncs,
                 writethrough_makes_each_write_durable,
             }

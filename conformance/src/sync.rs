@@ -29,6 +29,7 @@ pub fn options(mode: Mode) -> OpenOptions {
             (Durability::WriteBack, true) => Cache::None,
             (Durability::WriteThrough, true) => Cache::DirectSync,
         },
+        grow_step: mode.grow_step,
         ..OpenOptions::default()
     }
 }

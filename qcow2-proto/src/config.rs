@@ -68,6 +68,13 @@ pub struct ImageConfig {
     /// [`Request::Close`](crate::Request::Close). A crash may leave the unused tail,
     /// which holds nothing. A step never exceeds the guest disk's size (rounded up to a
     /// MiB). 0: off (the default here; the runtimes turn it on).
+    ///
+    /// While it is on, a flush after allocating writes costs one `fdatasync` instead of
+    /// two: the refcounts of the next clusters (an eighth of a step) are written ahead of
+    /// their allocation, and data going into space never written before, for clusters
+    /// that read as zero, need not be durable before the L2 entries that map it. A crash
+    /// then leaves the clusters counted ahead and not yet used as leaked (`qemu-img check`
+    /// reports them; `-r leaks` repairs them); a clean close leaves none.
     pub grow_step: u64,
 }
 

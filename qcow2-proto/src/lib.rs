@@ -25,7 +25,12 @@
 //! * Crash safety: refcounts before references, references dropped before refcounts,
 //!   data before mappings, tables before pointers (rules A-D of DESIGN.md), enforced by the
 //!   order in which cached metadata is written back; a guest flush costs two `fdatasync`s in
-//!   steady state.
+//!   steady state, one while the image grows ahead
+//!   ([`ImageConfig::grow_step`]): then the refcounts of the next clusters are written ahead
+//!   of their allocation, and data going into host space never written before, for
+//!   clusters that read as zero, may reach the disk after the L2 entry that maps it (without
+//!   the data, the cluster still reads as zero: nothing readable changes but what the guest
+//!   wrote).
 //!
 //! # Format features
 //!

@@ -4,11 +4,20 @@
 //! scan that starts at cluster 1 when the image opens and only moves forward (`next_free`):
 //! holes left by earlier sessions are reused, and past the last used cluster sequential
 //! allocations get contiguous host space. Every candidate's refcount is read before use (a
-//! crash may leave refcounted clusters past the end of the file). Decrements wait in `pending_frees` until a write-back cycle made the
-//! dropping entry durable (rule B).
+//! crash may leave refcounted clusters past the end of the file). Decrements wait in
+//! `pending_frees` until a write-back cycle made the dropping entry durable (rule B).
+//!
+//! While the image grows, refcounts are written ahead of allocation ([`Reserve`]): the
+//! write-back copies of the refcount block at the allocation point count the next clusters
+//! as used too, so that allocating them later changes nothing on disk. A flush cycle after
+//! allocating writes then writes no refcount block and needs no barrier before the L2
+//! tables (rule A holds: the counts are durable already).
+
+use std::ops::Range;
 
 use crate::error::{CorruptReason, RequestError, Structure, Table};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::format::Geometry;
 use crate::format::MAX_REFTABLE_BYTES;
 use crate::io::{IoError, IoKind, IoOp, Segment};
 
@@ -22,6 +31,32 @@ const MAX_HOST: u64 = 1 << 56;
 const FREE_LIST_CAP: usize = 4096;
 /// Pending decrement runs before writers wait for a write-back cycle.
 pub(super) const PENDING_FREES_CAP: usize = 16384;
+
+/// Refcounts written ahead of allocation: clusters `next_free..end`, all free in memory
+/// and all in the refcount block `block`, are counted as used in that block's write-back
+/// copies. In memory every count stays exact (checks, snapshots and repairs see the truth);
+/// only the disk is ahead. A crash leaks the clusters counted ahead and not used (at most
+/// an eighth of [`ImageConfig::grow_step`](crate::ImageConfig::grow_step), inside the file;
+/// `qemu-img check` reports them as leaked). Image operations and close drop the
+/// reservation first, and the block is written again with its true counts.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Reserve {
+    /// Cache key (host offset) of the refcount block; 0: no reservation.
+    block: u64,
+    /// The reservation is clusters `next_free..end`.
+    end: u64,
+    /// The last write-back copy of `block` counted the clusters from `next_free` (as it was
+    /// then) up to here: allocating them needs no refcount write.
+    written: u64,
+}
+
+/// Sets the counts of host `clusters` (all covered by refcount block `block`) to `v`.
+fn set_counts(geo: Geometry, block: &mut [u8], clusters: Range<u64>, v: u64) {
+    for c in clusters {
+        let idx = (c & (geo.rb_entries() - 1)) as usize;
+        refcount::set(block, geo.refcount_order, idx, v);
+    }
+}
 
 impl Image {
     /// The refcount cache slot of the block covering host cluster `c`; `None` when no block
@@ -90,8 +125,12 @@ impl Image {
         let Some(Segment::Buf(buf)) = op.segments.into_iter().next() else {
             return;
         };
+        let ok = result.is_ok();
         let cache = if rb { &mut self.rb } else { &mut self.l2 };
         cache.finish_load(slot, buf, result);
+        if rb && ok {
+            self.uncount_reserve(slot);
+        }
     }
 
     pub(super) fn refcount(&self, slot: u32, c: u64) -> u64 {
@@ -151,7 +190,7 @@ impl Image {
                         count = 0;
                         continue;
                     }
-                    self.set_refcount(slot, c, 1);
+                    self.count_new(slot, c);
                     count += 1;
                     c += 1;
                 }
@@ -183,7 +222,118 @@ impl Image {
             self.forget_cluster(start + i);
         }
         self.allocated_up_to(self.next_free);
+        self.extend_reserve();
         Ok((start << cb, count))
+    }
+
+    /// Counts cluster `c` (at `next_free` or past it, in slot `slot`) as used by a new
+    /// allocation; without dirtying the block when its last write-back copy counted it.
+    fn count_new(&mut self, slot: u32, c: u64) {
+        let r = self.reserve;
+        let s = &self.rb.slots[slot as usize];
+        if r.block != 0 && s.key == r.block && c < r.written && !s.dirty {
+            set_counts(self.geo, self.rb.data_as_on_disk(slot), c..c + 1, 1);
+        } else {
+            self.set_refcount(slot, c, 1);
+        }
+    }
+
+    /// Keeps the reservation at least half of an eighth of the grow step ahead of
+    /// `next_free`, inside the host space allocated ahead (what a crash leaks lies inside
+    /// the file once a barrier covered that space) and in the block holding `next_free` when it is cached (nothing is
+    /// loaded for it). The block is marked dirty: its next write-back copy counts the new
+    /// clusters.
+    fn extend_reserve(&mut self) {
+        let want = (self.grow_step() / 8) >> self.geo.cluster_bits;
+        if want == 0 || self.exclusive_tasks > 0 || self.poisoned.is_some() {
+            return;
+        }
+        let c = self.next_free;
+        let r = self.reserve;
+        if r.block != 0 && r.end >= c + want / 2 {
+            return;
+        }
+        let ri = c >> self.geo.rb_bits;
+        let Some(key) = self
+            .reftable
+            .get(ri as usize)
+            .map(|&e| e & REFTABLE_OFFSET_MASK)
+            .filter(|&k| k != 0)
+        else {
+            return;
+        };
+        let Lookup::Hit(slot) = self.rb.lookup(key) else {
+            return;
+        };
+        if r.block != 0 && r.block != key {
+            // On to the next block: the old one is written again with its true counts.
+            let Lookup::Hit(old) = self.rb.lookup(r.block) else {
+                return;
+            };
+            self.rb.data_mut(old);
+            self.reserve = Reserve::default();
+        }
+        let cap = (c + want)
+            .min((ri + 1) << self.geo.rb_bits)
+            .min(self.file_end >> self.geo.cluster_bits);
+        let from = if self.reserve.block == key {
+            self.reserve.end.max(c)
+        } else {
+            c
+        };
+        let mut end = from;
+        while end < cap && self.refcount(slot, end) == 0 {
+            end += 1;
+        }
+        if end > from {
+            self.reserve.block = key;
+            self.reserve.end = end;
+            self.rb.data_mut(slot);
+        }
+    }
+
+    /// Ends the reservation: when a copy counting it went out, the block is marked dirty,
+    /// so that the next cycle writes its true counts (loaded first if need be when `load`;
+    /// else, when it is not cached, the clusters stay counted on disk: leaked).
+    pub(super) fn drop_reserve(&mut self, load: bool) -> Result<(), Block> {
+        let r = self.reserve;
+        if r.block != 0 && r.written != 0 {
+            let slot = if load {
+                self.cached(true, r.block)?
+            } else {
+                match self.rb.lookup(r.block) {
+                    Lookup::Hit(i) => Some(i),
+                    _ => None,
+                }
+            };
+            if let Some(slot) = slot {
+                self.rb.data_mut(slot);
+            }
+        }
+        self.reserve = Reserve::default();
+        Ok(())
+    }
+
+    /// A write-back copy of refcount block `key` is about to go out in `buf`: the
+    /// reservation's clusters are counted in it.
+    pub(super) fn count_reserve(&mut self, key: u64, buf: &mut [u8]) {
+        let r = self.reserve;
+        if r.block == 0 || r.block != key || r.end <= self.next_free || self.read_only {
+            return;
+        }
+        set_counts(self.geo, buf, self.next_free..r.end, 1);
+        self.reserve.written = r.end;
+    }
+
+    /// Refcount block `slot` was just loaded: the counts its written copies hold ahead of
+    /// allocation are free in memory.
+    fn uncount_reserve(&mut self, slot: u32) {
+        let r = self.reserve;
+        if r.block == 0 || self.rb.slots[slot as usize].key != r.block {
+            return;
+        }
+        let (geo, clusters) = (self.geo, self.next_free..r.written);
+        set_counts(geo, self.rb.data_as_on_disk(slot), clusters, 0);
     }
 
     /// Clusters below `end` may be in use: the file keeps them at close; and when they
@@ -192,14 +342,8 @@ impl Image {
     fn allocated_up_to(&mut self, end: u64) {
         let end = end << self.geo.cluster_bits;
         self.alloc_high = self.alloc_high.max(end);
-        // (Never more than the guest disk itself: a small image gets small steps.)
-        let step = self.config.grow_step.min(
-            self.hdr
-                .size
-                .checked_next_multiple_of(1 << 20)
-                .unwrap_or(u64::MAX),
-        );
-        if step == 0 || self.read_only || self.has_data_file() {
+        let step = self.grow_step();
+        if step == 0 {
             return;
         }
         if end.saturating_add(step / 2) <= self.file_end || !self.op_room(1) {
@@ -211,6 +355,20 @@ impl Image {
         self.issue_bare(Purpose::Mark, IoKind::Allocate { len: to - from }, from);
         self.grew = true;
         self.ahead_end = to;
+    }
+
+    /// The step host space is allocated ahead in: never more than the guest disk itself (a
+    /// small image gets small steps); 0 when the image does not grow ahead.
+    fn grow_step(&self) -> u64 {
+        if self.read_only || self.has_data_file() {
+            return 0;
+        }
+        self.config.grow_step.min(
+            self.hdr
+                .size
+                .checked_next_multiple_of(1 << 20)
+                .unwrap_or(u64::MAX),
+        )
     }
 
     /// Host space for a compressed stream of `n` bytes (less than a cluster): after the

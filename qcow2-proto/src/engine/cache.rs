@@ -186,6 +186,15 @@ impl Cache {
             .as_mut_slice()
     }
 
+    /// The data of slot `i` for a change the disk holds already (the slot stays clean).
+    pub(super) fn data_as_on_disk(&mut self, i: u32) -> &mut [u8] {
+        self.slots[i as usize]
+            .buf
+            .as_mut()
+            .expect("ready slots hold their buffer")
+            .as_mut_slice()
+    }
+
     /// Whether any slot is dirty.
     pub(super) fn any_dirty(&self) -> bool {
         self.slots.iter().any(|s| s.dirty)

@@ -127,6 +127,7 @@ impl Image {
                         joinable: false,
                         joined: ArrayVec::new(),
                         deferred: None,
+                        fresh: false,
                     });
                     let mut segs = ArrayVec::new();
                     segs.push(Segment::Buf(buf));

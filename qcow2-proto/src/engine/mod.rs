@@ -334,6 +334,12 @@ struct Alloc {
     joined: ArrayVec<u32, MAX_JOINS>,
     /// Copy-on-write put off for joins, until its writes are issued.
     deferred: Option<Deferred>,
+    /// The clusters read as zero before this allocation (no data, no backing data under
+    /// them) and are host space never written, inside the durable file length: should
+    /// the new L2 entry reach the disk and the data not, they read as zero, as before the
+    /// write. So the data need not be durable before the entry (rule C holds: nothing
+    /// becomes readable that was not there), only by the end of the cycle.
+    fresh: bool,
 }
 
 /// Copy-on-write put off so that writes can join: the guest data of the allocation goes
@@ -425,6 +431,12 @@ pub struct Image {
     /// From here on the file holds nothing but zeros (past the end, or allocated ahead
     /// and never written).
     zero_from: u64,
+    /// File length reached by completed `Allocate` ops (and at open).
+    len_done: u64,
+    /// File length a completed barrier made durable: a crash keeps at least this much.
+    len_durable: u64,
+    /// Refcounts written ahead of allocation (see [`alloc`]).
+    reserve: alloc::Reserve,
     free_list: Vec<u64>,
     pending_frees: VecDeque<Free>,
     staging: Vec<IoBuf>,
@@ -459,7 +471,13 @@ pub struct Image {
     cycles_done: u64,
     cycle_wanted: bool,
     window: bool,
+    /// Guest data (or a new table) completed since the last barrier: the next guest flush
+    /// needs a barrier even when no metadata changed.
     unsynced_data: bool,
+    /// Part of that data must be durable before the mappings the next cycle writes
+    /// (rule C); the rest reads as zero until then whichever reaches the disk first (see
+    /// [`Alloc::fresh`]).
+    ordered_data: bool,
     poisoned: Option<RequestError>,
     /// Set when a cache had no slot to load into (every slot dirty): only write-back helps.
     cache_full: bool,
@@ -541,6 +559,9 @@ impl Image {
             grew: false,
             ahead_end: 0,
             zero_from: 0,
+            len_done: 0,
+            len_durable: 0,
+            reserve: alloc::Reserve::default(),
             free_list: Vec::with_capacity(4096),
             pending_frees: VecDeque::with_capacity(1024),
             staging: Vec::new(),
@@ -567,6 +588,7 @@ impl Image {
             cycle_wanted: false,
             window: false,
             unsynced_data: false,
+            ordered_data: false,
             poisoned: None,
             cache_full: false,
             checker: None,
@@ -799,7 +821,13 @@ impl Image {
             Purpose::Open => self.open_complete(op, result),
             Purpose::Guest { task, write } => {
                 if write && result.is_ok() {
-                    self.unsynced_data = true;
+                    // In place: a guest write waits only for the next guest flush; an image
+                    // operation's (a resize zeroing the old last cluster's tail) comes
+                    // before the metadata written after it (the new size).
+                    let guest = self.tasks[task as usize]
+                        .as_ref()
+                        .is_some_and(|t| matches!(t.kind, Kind::Write | Kind::Zeroes { .. }));
+                    self.data_done(!guest);
                 }
                 let result = result.map_err(|e| self.io_error(e));
                 self.task_io_done(task, result);
@@ -853,6 +881,7 @@ impl Image {
                     // A new table (a grown L1): the next cycle's first barrier makes it
                     // durable before the header points at it (rule D).
                     self.unsynced_data = true;
+                    self.ordered_data = true;
                 }
                 self.recycle(op);
                 let result = result.map_err(|e| self.io_error(e));
@@ -869,7 +898,13 @@ impl Image {
                 }
                 self.task_io_done(task, Ok(()));
             }
-            Purpose::Mark => self.recycle(op),
+            Purpose::Mark => {
+                if let (IoKind::Allocate { len }, Ok(())) = (op.kind, result) {
+                    // Host space allocated ahead: durable with the next barrier.
+                    self.len_done = self.len_done.max(op.offset + len);
+                }
+                self.recycle(op);
+            }
             Purpose::Nested { inner, nreq } => {
                 self.nested_complete(op, (inner, nreq, slot.nested_start), result)
             }
@@ -926,6 +961,8 @@ impl Image {
             }
             IoKind::Allocate { len } => self.file_end = self.file_end.max(offset + len),
             IoKind::SetLen => {
+                self.len_done = self.len_done.min(offset);
+                self.len_durable = self.len_durable.min(offset);
                 self.file_end = offset;
                 self.zero_from = self.zero_from.min(offset);
                 self.ahead_end = self.ahead_end.min(offset);
@@ -1100,6 +1137,14 @@ impl Image {
                 .any(|o| o.seq < seq && o.kind.exclusive());
             if exclusive_before || (kind.exclusive() && older_busy) {
                 return false;
+            }
+        }
+        if kind.exclusive() && self.poisoned.is_none() {
+            // Image operations (and close) see refcounts on disk as they are in memory.
+            match self.drop_reserve(true) {
+                Ok(()) => {}
+                Err(Block::Park) => return false,
+                Err(Block::Fail(_)) => self.reserve = alloc::Reserve::default(),
             }
         }
         if let Some(e) = self.poisoned {
@@ -1385,6 +1430,10 @@ impl Image {
             offset,
             reason,
         };
+        if !self.read_only {
+            // (Nothing more is allocated: the counts written ahead are taken back.)
+            let _ = self.drop_reserve(false);
+        }
         if !self.read_only && self.hdr.version >= 3 {
             self.hdr.incompatible_features |= incompat::CORRUPT;
             self.hdr.encode(self.header_buf.as_mut_slice());

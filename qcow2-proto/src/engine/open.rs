@@ -618,6 +618,11 @@ impl Image {
         self.next_free = 1;
         self.file_end = self.file_end.max(self.config.file_len);
         self.zero_from = self.zero_from.max(self.config.file_len);
+        self.len_done = self.len_done.max(self.config.file_len);
+        if self.create.is_none() {
+            // (A file just created is durable only after its first barrier.)
+            self.len_durable = self.len_durable.max(self.config.file_len);
+        }
         self.hdr_disk = self.hdr;
         self.index_metadata();
     }

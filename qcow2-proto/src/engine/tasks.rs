@@ -71,6 +71,8 @@ struct Plan {
     bitmaps: [u64; 3],
     /// Into the clusters the entries map already (no new clusters, nothing to free).
     in_place: bool,
+    /// See [`Alloc::fresh`](super::Alloc).
+    fresh: bool,
 }
 
 /// Ops one task may have outstanding at once.
@@ -209,6 +211,42 @@ impl Image {
         let data = self.l2.data_mut(slot);
         put_be64(data, idx * 2, e.0);
         put_be64(data, idx * 2 + 1, bitmap);
+    }
+
+    /// Data (or a new table) is written: the next guest flush needs a barrier, and when
+    /// `ordered`, the next cycle's first barrier comes before its mappings (rules C and D).
+    pub(super) fn data_done(&mut self, ordered: bool) {
+        self.unsynced_data = true;
+        self.ordered_data |= ordered;
+    }
+
+    /// Whether host clusters `host..` (`count` of them, for the guest clusters from `g0`
+    /// whose entries start at `idx` of L2 slot `slot`) are fresh (see
+    /// [`Alloc::fresh`](super::Alloc)).
+    fn fresh_clusters(&self, host: u64, count: u64, (slot, idx): (u32, usize), g0: u64) -> bool {
+        let (cb, scb) = (self.geo.cluster_bits, self.geo.subcluster_bits);
+        if host < self.zero_from
+            || host + (count << cb) > self.len_durable
+            || self.has_data_file()
+            || self.names_backing() && self.backing.is_none()
+        {
+            return false;
+        }
+        (0..count as usize).all(|k| {
+            let (m, bitmap) = (
+                self.decode(self.entry(slot, idx + k)),
+                self.bitmap(slot, idx + k),
+            );
+            let g = g0 + ((k as u64) << cb);
+            (0..1u32 << (cb - scb)).all(|sc| match self.sub(m, bitmap, sc) {
+                Sub::Zero => true,
+                Sub::Unallocated => self
+                    .backing
+                    .as_ref()
+                    .is_none_or(|b| g + (u64::from(sc) << scb) >= b.size),
+                Sub::Data(_) | Sub::Compressed => false,
+            })
+        })
     }
 
     fn per_slice(&self) -> usize {
@@ -1030,6 +1068,7 @@ impl Image {
                     return Err(e.into());
                 }
             };
+        let fresh = self.fresh_clusters(host, got, (slot, idx), g0);
         let bitmaps = if got == 1 {
             let b = self.written_bitmap(first, bitmap0, lead, tail_end);
             [b, b, b]
@@ -1054,6 +1093,7 @@ impl Image {
                 cow: [cow_head, cow_tail],
                 bitmaps,
                 in_place: false,
+                fresh,
             },
         );
         Ok(())
@@ -1107,6 +1147,7 @@ impl Image {
                 cow: [cow_head, cow_tail],
                 bitmaps: [b, b, b],
                 in_place: true,
+                fresh: false,
             },
         );
         Ok(())
@@ -1135,6 +1176,7 @@ impl Image {
                 cow: [Some(Cow::Host(old)), None],
                 bitmaps: [bitmap; 3],
                 in_place: false,
+                fresh: false,
             },
         );
         Ok(())
@@ -1191,6 +1233,7 @@ impl Image {
             io_pending: 0,
             joinable: false,
             joined: ArrayVec::new(),
+            fresh: plan.fresh,
             deferred: defer.then_some(Deferred {
                 cover: (pos - g0, tail_start),
                 later: later.then_some(plan.cow),
@@ -1353,7 +1396,8 @@ impl Image {
         alloc.io_pending += n;
         if alloc.io_pending == 0 && alloc.state == AllocState::Io {
             alloc.state = AllocState::Ready;
-            self.unsynced_data = true;
+            let ordered = !alloc.fresh;
+            self.data_done(ordered);
         }
         self.make_runnable(owner);
     }
@@ -1551,6 +1595,7 @@ impl Image {
     pub(super) fn join_write_done(&mut self, a: u32, t: u32, result: Result<(), IoError>) {
         let result = result.map_err(|e| self.io_error(e));
         if result.is_ok() {
+            // (Ordered or not with the allocation, which waits for it.)
             self.unsynced_data = true;
         }
         self.task_io_done(t, result);
@@ -1587,11 +1632,12 @@ impl Image {
         if alloc.io_pending > 0 || alloc.deferred.is_some() {
             return;
         }
-        if alloc.state == AllocState::Io {
+        let (t, ready) = (alloc.task, alloc.state == AllocState::Io);
+        if ready {
             alloc.state = AllocState::Ready;
-            self.unsynced_data = true;
+            let ordered = !alloc.fresh;
+            self.data_done(ordered);
         }
-        let t = alloc.task;
         self.make_runnable(t);
     }
 
@@ -1750,6 +1796,7 @@ impl Image {
             joinable: false,
             joined: ArrayVec::new(),
             deferred: None,
+            fresh: false,
         });
         let cs = self.geo.cluster_size() as usize;
         if old == 0 {
@@ -1788,7 +1835,7 @@ impl Image {
         // Like completed data, the new table must be made durable by the next cycle's first
         // barrier before its L1 entry is written (rule D): that cycle may have nothing else
         // to write before it, when the table's refcount went out in an earlier cycle.
-        self.unsynced_data = true;
+        self.data_done(true);
         self.allocs[a as usize]
             .as_mut()
             .expect("live allocation")
@@ -2120,6 +2167,7 @@ impl Image {
                     joinable: false,
                     joined: ArrayVec::new(),
                     deferred: None,
+                    fresh: false,
                 });
                 let len = got << cb;
                 // A standard entry makes the guest read the host cluster: one the file may

@@ -18,7 +18,13 @@
 //!
 //! Empty levels are skipped with their barrier, so any number of allocating writes followed
 //! by one guest flush costs two `fdatasync`s once the L2 tables exist; a cycle that links a
-//! new refcount block costs one more.
+//! new refcount block costs one more. While the image grows into fresh space it costs one:
+//! the counts were written ahead ([`Reserve`](super::alloc::Reserve)), and data whose
+//! clusters read as zero either way ([`Alloc::fresh`](super::Alloc)) need not be durable
+//! before the L2 slices, so the first barrier is skipped and the last covers that data.
+//! A guest's writes in place wait for the cycle's last barrier too (no mapping depends on
+//! them); an image operation's stay ordered (a resize's zeroes past the old end come before
+//! the new size).
 //!
 //! Refcount-table entries get a level of their own: an L2 entry written next to the
 //! refcount-table entry of the block holding its cluster's count could reach the disk
@@ -61,6 +67,8 @@ pub(super) struct Cycle {
     /// Whether this cycle wrote a relocated refcount table (the header switches to it in
     /// the refcount-table level).
     rt_moved: bool,
+    /// File length the barrier in flight makes durable (`len_done` when it was issued).
+    covers: u64,
 }
 
 impl Image {
@@ -92,6 +100,7 @@ impl Image {
                     issued: false,
                     wrote: false,
                     rt_moved: false,
+                    covers: 0,
                 });
                 continue;
             };
@@ -129,7 +138,7 @@ impl Image {
                 Level::L1 => self.wb_table(true),
                 Level::Header => self.wb_header(),
                 Level::Sync1 | Level::SyncRt | Level::Sync2 | Level::Sync3 | Level::Sync4 => {
-                    self.wb_sync(level == Level::Sync1)
+                    self.wb_sync(level)
                 }
                 Level::Frees => {
                     let no = self.cycle.as_ref().map_or(0, |c| c.no);
@@ -210,7 +219,10 @@ impl Image {
                 return false;
             }
             let cache = if rb { &mut self.rb } else { &mut self.l2 };
-            let (key, buf) = cache.take_dirty_copy(i);
+            let (key, mut buf) = cache.take_dirty_copy(i);
+            if rb {
+                self.count_reserve(key, buf.as_mut_slice());
+            }
             self.wb_issue(if rb { Pool::Rb } else { Pool::L2 }, i, key, buf);
         }
         true
@@ -293,21 +305,30 @@ impl Image {
         true
     }
 
-    /// A barrier, when something was written since the last one (the first barrier also
-    /// covers completed guest data).
-    fn wb_sync(&mut self, first: bool) -> bool {
+    /// A barrier, when something was written since the last one. Completed data needs
+    /// one too: before the mappings when it is ordered (rule C: the first barrier), else
+    /// by the end of the cycle (the last).
+    fn wb_sync(&mut self, level: Level) -> bool {
         let cycle = self.cycle.as_ref().expect("cycle in progress");
-        if !(cycle.wrote || (first && self.unsynced_data)) {
+        let data = match level {
+            Level::Sync1 => self.ordered_data || self.unsynced_data && self.has_data_file(),
+            Level::Sync4 => self.unsynced_data,
+            _ => false,
+        };
+        if !(cycle.wrote || data) {
             return true;
         }
         if !self.op_room(2) {
             return false;
         }
-        let data_file = first && self.unsynced_data && self.has_data_file();
+        let data_file = self.unsynced_data && self.has_data_file();
+        let covers = self.len_done;
         let cycle = self.cycle.as_mut().expect("cycle in progress");
         cycle.wrote = false;
         cycle.pending += 1;
+        cycle.covers = covers;
         self.unsynced_data = false;
+        self.ordered_data = false;
         self.issue_bare(Purpose::Sync, IoKind::Flush, 0);
         if data_file {
             // Guest data in the external data file is durable before the metadata that
@@ -349,6 +370,9 @@ impl Image {
     pub(super) fn sync_done(&mut self, result: Result<(), IoError>) {
         if let Some(c) = self.cycle.as_mut() {
             c.pending -= 1;
+            if result.is_ok() {
+                self.len_durable = self.len_durable.max(c.covers);
+            }
         }
         if let Err(e) = result {
             self.poison(e);
