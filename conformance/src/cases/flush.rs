@@ -8,6 +8,26 @@ use crate::verify::{matches_model, our_check_clean, scratch};
 /// Allocating writes in one batch.
 const BATCH: u64 = 64;
 
+/// A new image of `size` bytes with clusters of `cluster_size`, opened in `mode`, whose
+/// first write (its first L2 table, and the host space and counts ahead when growing) is
+/// flushed already.
+fn warmed_up<H: Harness>(
+    h: &H,
+    path: &std::path::Path,
+    (size, cluster_size): (u64, u32),
+    mode: Mode,
+) -> (H::Disk, Model) {
+    let mut disk = must(
+        h.create(path, &layout(size, 3, cluster_size, 16), mode),
+        "create",
+    );
+    let mut model = Model::new(size);
+    must(disk.write_at(&[0xaa; 512], 0), "warm-up write");
+    model.write(0, &[0xaa; 512]);
+    must(disk.flush(), "warm-up flush");
+    (disk, model)
+}
+
 /// Writes `BATCH` 4 KiB pieces into new clusters starting at cluster `first`, checks that
 /// they cost no flush, and returns what the guest flush after them cost.
 fn batch<D: Disk>(disk: &mut D, model: &mut Model, first: u64, what: &str) -> u64 {
@@ -45,12 +65,8 @@ pub fn writeback_batch_costs_two_syncs<H: Harness>(h: &H) {
         grow_step: Some(0),
         ..Mode::writable()
     };
-    let mut disk = must(h.create(&path, &layout(size, 3, 65536, 16), mode), "create");
-    let mut model = Model::new(size);
-    // Warm-up: the first write allocates the only L2 table.
-    must(disk.write_at(&[0xaa; 512], 0), "warm-up write");
-    model.write(0, &[0xaa; 512]);
-    must(disk.flush(), "warm-up flush");
+    // The first write allocates the only L2 table.
+    let (mut disk, mut model) = warmed_up(h, &path, (size, 65536), mode);
     for (first, what) in [(1, "first batch"), (1 + BATCH, "second batch")] {
         let n = batch(&mut disk, &mut model, first, what);
         assert_eq!(
@@ -85,15 +101,8 @@ pub fn writeback_growing_batch_costs_one_sync<H: Harness>(h: &H) {
     let dir = scratch();
     let path = dir.path().join("disk.qcow2");
     let size = 256 << 20;
-    let mut disk = must(
-        h.create(&path, &layout(size, 3, 65536, 16), Mode::writable()),
-        "create",
-    );
-    let mut model = Model::new(size);
-    // Warm-up: the L2 table, the host space ahead, and the counts ahead, made durable.
-    must(disk.write_at(&[0xaa; 512], 0), "warm-up write");
-    model.write(0, &[0xaa; 512]);
-    must(disk.flush(), "warm-up flush");
+    // The L2 table, the host space ahead, and the counts ahead, made durable.
+    let (mut disk, mut model) = warmed_up(h, &path, (size, 65536), Mode::writable());
     let n = batch(&mut disk, &mut model, 1, "first batch");
     assert_eq!(n, 1, "first batch: L2 -> fdatasync is one, not {n}");
     // 16 MiB counted ahead (grow_step / 8), topped up when half is used: at most one more
@@ -124,14 +133,7 @@ pub fn writeback_new_l2_tables_cost_three_syncs<H: Harness>(h: &H) {
     let path = dir.path().join("disk.qcow2");
     let size = 256 << 20;
     // 4 KiB clusters: one L2 table maps 2 MiB.
-    let mut disk = must(
-        h.create(&path, &layout(size, 3, 4096, 16), Mode::writable()),
-        "create",
-    );
-    let mut model = Model::new(size);
-    must(disk.write_at(&[0xaa; 512], 0), "warm-up write");
-    model.write(0, &[0xaa; 512]);
-    must(disk.flush(), "warm-up flush");
+    let (mut disk, mut model) = warmed_up(h, &path, (size, 4096), Mode::writable());
     let before = disk.flush_count();
     for i in 1..=BATCH {
         let offset = i * (2 << 20) + 512;
