@@ -320,4 +320,9 @@ impl Driver {
         self.shared.syncs.fetch_add(syncs, Ordering::Relaxed);
         self.shared.bounced.fetch_add(bounced, Ordering::Relaxed);
     }
+
+    /// Adds to the count of joined reads and writes the handles report.
+    pub fn count_joined(&self, ops: u64) {
+        self.shared.joined.fetch_add(ops, Ordering::Relaxed);
+    }
 }

@@ -39,6 +39,7 @@ pub(crate) struct Shared {
     pub(crate) size: AtomicU64,
     pub(crate) syncs: AtomicU64,
     pub(crate) bounced: AtomicU64,
+    pub(crate) joined: AtomicU64,
     pub(crate) pump: Option<Box<dyn Pump>>,
 }
 
@@ -113,6 +114,7 @@ impl Image {
             info,
             syncs: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
+            joined: AtomicU64::new(0),
             pump,
         });
         (
@@ -316,5 +318,12 @@ impl Image {
     /// Guest bytes copied through aligned bounce buffers for `O_DIRECT` so far.
     pub fn bounced_bytes(&self) -> u64 {
         self.shared.bounced.load(Ordering::Relaxed)
+    }
+
+    /// Reads and writes submitted joined with adjacent ones (one vectored entry for a run of
+    /// them) so far: the io_uring runtime joins what callers queue together while their
+    /// requests run sequentially; 0 on the other runtimes.
+    pub fn joined_ops(&self) -> u64 {
+        self.shared.joined.load(Ordering::Relaxed)
     }
 }

@@ -8,6 +8,13 @@
 //! The kernel posts a completion from the thread that submitted it, so a caller that submits
 //! and reaps its own request never hands it to another thread.
 //!
+//! Commands queued while the reaper is *awake* (between its turns, not asleep in the
+//! reactor) and the stream is sequential are left to its next turn ([`Hub::kick`]): the
+//! callers woken by one batch of completions queue their next requests, and one turn takes
+//! them all in, their adjacent reads and writes joined into one entry each (`join.rs`).
+//! The reaper takes in what was left before it sleeps or lets go of the role
+//! ([`Hub::doze`]); a reaper nobody polls leaves it to the ring thread's look (below).
+//!
 //! The ring thread covers what no caller waits for: ops of futures dropped before their
 //! reply, write-back after the last reply, the close after the last handle. It reaps (in
 //! `io_uring_enter`) only while I/O is in flight and nobody is the reaper, and lets go of the
@@ -45,6 +52,13 @@ pub(crate) struct Hub {
     ring: Async<OwnedFd>,
     /// Whether someone (a caller or the ring thread) is the reaper.
     reaper: AtomicBool,
+    /// Set while the reaper is a caller that turns the loop again before it sleeps or lets
+    /// go of the role: a command queued meanwhile waits for that turn (see `kick`).
+    awake: AtomicBool,
+    /// Set by a kick that left its command to the awake reaper.
+    deferred: AtomicBool,
+    /// The loop's [`Loop::sequential`], readable without the lock.
+    sequential: AtomicBool,
     /// Signalled when the reaper lets go of the role.
     reaper_free: Event,
     /// The loop's ops in flight, readable without the lock.
@@ -79,6 +93,9 @@ impl Hub {
             state: Mutex::new(None),
             ring,
             reaper: AtomicBool::new(false),
+            awake: AtomicBool::new(false),
+            deferred: AtomicBool::new(false),
+            sequential: AtomicBool::new(false),
             reaper_free: Event::new(),
             inflight: AtomicUsize::new(0),
             bell,
@@ -96,16 +113,46 @@ impl Hub {
     /// Rings the ring thread's bell when the loop may end.
     fn turn(&self, reap: bool) -> bool {
         let _abort = AbortOnUnwind::new();
+        // (Cleared before the commands are taken: a kick after this is seen later.)
+        self.deferred.store(false, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(l) = state.as_mut() else {
             return false;
         };
         let answered = l.turn(reap);
         self.inflight.store(l.inflight(), Ordering::SeqCst);
+        self.sequential.store(l.sequential(), Ordering::Relaxed);
         if l.finished() {
             self.ring_bell();
         }
         answered
+    }
+
+    /// A command was queued: take it in now, unless an awake reaper is about to and the
+    /// stream is sequential. Commands of callers woken by one batch of completions then go
+    /// into the engine in one turn and to the kernel with one `io_uring_enter`, adjacent
+    /// ones joined into one entry. (Random requests go at once: held, they would only wait.)
+    fn kick(&self) {
+        if self.sequential.load(Ordering::Relaxed) && self.awake.load(Ordering::SeqCst) {
+            self.deferred.store(true, Ordering::SeqCst);
+            // The reaper clears `awake` before it looks at `deferred` (`doze`): if it was
+            // still set after our mark, the reaper sees the mark.
+            if self.awake.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+        self.turn(false);
+    }
+
+    /// The reaper is about to sleep or let go of the role: takes in what kicks left to it.
+    /// Returns whether there was any.
+    fn doze(&self) -> bool {
+        self.awake.store(false, Ordering::SeqCst);
+        let any = self.deferred.load(Ordering::SeqCst);
+        if any {
+            self.turn(false);
+        }
+        any
     }
 
     fn take_reaper(&self) -> bool {
@@ -154,6 +201,7 @@ impl Hub {
             free.await;
         }
         let role = Role(self);
+        self.awake.store(true, Ordering::SeqCst);
         loop {
             // (First: completions may have come while nobody reaped.)
             if self.turn(true) {
@@ -162,33 +210,47 @@ impl Hub {
                 continue;
             }
             let waited = Instant::now();
-            if !self.poll_ring().await && self.ring.readable().await.is_err() {
-                self.no_reactor.store(true, Ordering::Relaxed);
-                drop(role);
-                return self.leave_to_ring_thread().await;
+            match self.poll_ring().await {
+                Polled::Commands => continue,
+                Polled::Completions => {}
+                Polled::Nothing => {
+                    if self.doze() {
+                        self.awake.store(true, Ordering::SeqCst);
+                        continue;
+                    }
+                    if self.ring.readable().await.is_err() {
+                        self.no_reactor.store(true, Ordering::Relaxed);
+                        drop(role);
+                        return self.leave_to_ring_thread().await;
+                    }
+                    self.awake.store(true, Ordering::SeqCst);
+                }
             }
             self.window.record(waited.elapsed());
         }
     }
 
-    /// Looks at the completion queue, yielding to the executor between looks, for as long
-    /// as the poll window; returns whether a completion came. (A look skips while someone
+    /// Looks at the completion queue and for commands left to the reaper, yielding to the
+    /// executor between looks, for as long as the poll window. (A look skips while someone
     /// else holds the loop: a caller submitting is never made to wait for it.)
-    async fn poll_ring(&self) -> bool {
+    async fn poll_ring(&self) -> Polled {
         let window = self.window.get();
         if window.is_zero() {
-            return false;
+            return Polled::Nothing;
         }
         let start = Instant::now();
         loop {
             futures_lite::future::yield_now().await;
+            if self.deferred.load(Ordering::SeqCst) {
+                return Polled::Commands;
+            }
             if let Ok(mut state) = self.state.try_lock() {
                 if state.as_mut().is_some_and(Loop::has_completions) {
-                    return true;
+                    return Polled::Completions;
                 }
             }
             if start.elapsed() >= window {
-                return false;
+                return Polled::Nothing;
             }
         }
     }
@@ -201,11 +263,21 @@ impl Hub {
     }
 }
 
+/// What the reaper's polling found.
+enum Polled {
+    Completions,
+    /// Commands that kicks left to the reaper.
+    Commands,
+    /// Nothing within the poll window.
+    Nothing,
+}
+
 /// The reaper role, let go on drop (also when the caller's future is dropped).
 struct Role<'a>(&'a Hub);
 
 impl Drop for Role<'_> {
     fn drop(&mut self) {
+        self.0.doze();
         self.0.release_reaper();
     }
 }
@@ -215,7 +287,7 @@ pub(crate) struct RingPump(pub(crate) Arc<Hub>);
 
 impl Pump for RingPump {
     fn kick(&self) {
-        self.0.turn(false);
+        self.0.kick();
     }
 
     fn step(&self) -> Option<Step<'_>> {

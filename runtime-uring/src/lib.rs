@@ -2,8 +2,11 @@
 //!
 //! Every op of the engine's plans becomes one submission entry (vectored reads and writes,
 //! `fdatasync`, `fallocate`), submitted in batches: everything the engine yields between two
-//! waits goes to the kernel with one `io_uring_enter`. Completions go straight back into the
-//! engine. The image file is registered with the ring (no descriptor lookup per entry).
+//! waits goes to the kernel with one `io_uring_enter`, adjacent reads (or writes) joined into
+//! one entry. Completions go straight back into the engine. While the requests run
+//! sequentially, the callers woken by one batch of completions have their next requests
+//! taken in together, so that they join ([`Image::joined_ops`] counts them): sequential
+//! 8 KiB writes into a growing image at depth 16 gained 25-55% (BENCHMARKS.md). The image file is registered with the ring (no descriptor lookup per entry).
 //! Buffers are not registered: guest buffers arrive with each request from the caller, and
 //! pinning them per request costs more than the lookup it saves; the core's metadata buffers
 //! are off the hot path.
@@ -66,6 +69,7 @@
 //! ```
 
 mod hub;
+mod join;
 mod ring;
 mod window;
 

@@ -12,6 +12,8 @@ use qcow2_proto::{IoBuf, IoError, IoKind, IoOp, Segment, Target};
 use qcow2_sync::exec::{Executor, Guest};
 use qcow2_sync::{Cache, Chain, Error, HostFile};
 
+use crate::join::{run_len, Span, Stream};
+
 /// Memory alignment O_DIRECT gets from us (the core's pages).
 const ALIGN: usize = 4096;
 /// Offset and length granularity of O_DIRECT.
@@ -132,6 +134,16 @@ struct Flight {
     cancelled: u8,
 }
 
+/// Adjacent reads (or writes) submitted as one entry (`join.rs`). Each member keeps its
+/// own `Flight` (its slot, iovecs and op); the group's slot holds the joined iovecs.
+struct Group {
+    members: Vec<usize>,
+    iov: Vec<libc::iovec>,
+    offset: u64,
+    len: usize,
+    cancelled: u8,
+}
+
 /// A non-I/O op in flight (flush, fallocate).
 struct Plain {
     op: IoOp,
@@ -187,7 +199,12 @@ pub(crate) struct Loop {
     /// whose `IoOp` sits in `plain` with its entry (kept to resubmit).
     flights: Vec<Option<Box<Flight>>>,
     plain: Vec<Option<Plain>>,
+    groups: Vec<Option<Group>>,
     free: Vec<usize>,
+    /// Reads and writes started in this turn (by slot), submitted at its end, joined
+    /// where adjacent.
+    started: Vec<(Span, usize)>,
+    stream: Stream,
     inflight: usize,
     /// Zeroes for `Segment::Zeroes` in writes; grows, never shrinks while in use.
     zeroes: Vec<IoBuf>,
@@ -197,7 +214,7 @@ pub(crate) struct Loop {
     bounced: u64,
 }
 
-// SAFETY: the raw pointers in `flights` (iovecs) point into memory the loop or the driver's
+// SAFETY: the raw pointers in `flights` and `groups` (iovecs) point into memory the loop or the driver's
 // request table owns (bounce buffers, op buffers, boxed guest buffers), none of it tied to a
 // thread; every access to the loop goes through the hub's mutex.
 unsafe impl Send for Loop {}
@@ -248,7 +265,10 @@ impl Loop {
             exec: Executor::for_cache(cache),
             flights: Vec::new(),
             plain: Vec::new(),
+            groups: Vec::new(),
             free: Vec::new(),
+            started: Vec::new(),
+            stream: Stream::default(),
             inflight: 0,
             zeroes: Vec::new(),
             cqes: Vec::new(),
@@ -265,6 +285,12 @@ impl Loop {
     /// Whether the ring holds completions not yet fed back (one load of the queue's tail).
     pub(crate) fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
+    }
+
+    /// Whether the reads and writes lately started where the last of their kind ended:
+    /// commands queued together are then worth taking in together (`hub.rs`).
+    pub(crate) fn sequential(&self) -> bool {
+        self.stream.sequential()
     }
 
     /// Whether the loop may end (see [`Driver::finished`]).
@@ -297,6 +323,7 @@ impl Loop {
                 break;
             }
         }
+        self.submit_started();
         if !self.ring.submission().is_empty() {
             match self.ring.submit() {
                 Ok(_) => {}
@@ -355,7 +382,8 @@ impl Loop {
         loop {
             // SAFETY: every entry points only at memory that stays valid and unmoved until
             // its completion is reaped: iovecs and bounce buffers in a boxed `Flight` kept in
-            // `flights`, guest buffers boxed in the driver's request table (a request is not
+            // `flights` (a group's iovecs in its vector, never grown, kept in `groups`; its
+            // members stay in `flights` until the group completes), guest buffers boxed in the driver's request table (a request is not
             // done, so its buffer not released, before all its ops complete), core buffers
             // inside the op the `Flight` holds. Entries without memory hold nothing.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -376,6 +404,7 @@ impl Loop {
         self.free.pop().unwrap_or_else(|| {
             self.flights.push(None);
             self.plain.push(None);
+            self.groups.push(None);
             self.flights.len() - 1
         })
     }
@@ -596,9 +625,89 @@ impl Loop {
                 return self.d.engine.complete(f.op, Err(e));
             }
         }
+        let span = Span {
+            read: f.op.kind == IoKind::Read,
+            file: self.index(f.op.target),
+            offset: f.offset,
+            len: f.len,
+            iovs: f.niov,
+        };
         let slot = self.slot();
         self.flights[slot] = Some(f);
-        self.submit_rw(slot);
+        self.started.push((span, slot));
+    }
+
+    /// Submits the reads and writes started in this turn, runs of adjacent ones as one
+    /// entry each (`join.rs`).
+    fn submit_started(&mut self) {
+        let mut started = std::mem::take(&mut self.started);
+        started.sort_unstable();
+        let mut rest = &started[..];
+        while !rest.is_empty() {
+            let n = run_len(rest, |&(span, _)| span);
+            for (span, _) in &rest[..n] {
+                self.stream.note(span);
+            }
+            if n == 1 {
+                self.submit_rw(rest[0].1);
+            } else {
+                self.submit_group(&rest[..n]);
+            }
+            rest = &rest[n..];
+        }
+        started.clear();
+        self.started = started;
+    }
+
+    /// Submits adjacent flights `members` (in file order) as one entry.
+    fn submit_group(&mut self, members: &[(Span, usize)]) {
+        let members: Vec<usize> = members.iter().map(|&(_, slot)| slot).collect();
+        let mut iov = Vec::with_capacity(members.len() * 2);
+        let mut len = 0;
+        for &m in &members {
+            let f = self.flights[m].as_ref().expect("started");
+            iov.extend_from_slice(&f.iov[..f.niov]);
+            len += f.len;
+        }
+        let first = self.flights[members[0]].as_ref().expect("started");
+        let (offset, read, target) = (first.offset, first.op.kind == IoKind::Read, first.op.target);
+        self.d.count_joined(members.len() as u64);
+        let slot = self.slot();
+        self.groups[slot] = Some(Group {
+            members,
+            iov,
+            offset,
+            len,
+            cancelled: 0,
+        });
+        self.push_group(slot, read, target);
+    }
+
+    fn push_group(&mut self, slot: usize, read: bool, target: Target) {
+        let g = self.groups[slot].as_ref().expect("in flight");
+        let iov = (g.iov.as_ptr(), g.iov.len() as u32);
+        self.push_vectored(slot, read, target, iov, g.offset);
+    }
+
+    /// A group's completion: all of it done completes each member; anything else (an
+    /// error, a short transfer) sends each member again on its own, to end as it would have.
+    fn finish_group(&mut self, slot: usize, mut g: Group, res: i32) {
+        if go_again(res, &mut g.cancelled) {
+            let f = self.flights[g.members[0]].as_ref().expect("a member");
+            let (read, target) = (f.op.kind == IoKind::Read, f.op.target);
+            self.groups[slot] = Some(g);
+            return self.push_group(slot, read, target);
+        }
+        self.release(slot);
+        let whole = usize::try_from(res).is_ok_and(|n| n == g.len);
+        for &m in &g.members {
+            if whole {
+                let len = self.flights[m].as_ref().expect("a member").len;
+                self.finish(m, len as i32);
+            } else {
+                self.submit_rw(m);
+            }
+        }
     }
 
     /// Routes the op through an aligned buffer spanning whole sectors: writes copy their
@@ -642,10 +751,21 @@ impl Loop {
 
     fn submit_rw(&mut self, slot: usize) {
         let f = self.flights[slot].as_ref().expect("in flight");
-        let at = f.offset + f.done as u64;
-        let (iov, n) = (f.iov.as_ptr(), f.niov as u32);
-        let target = f.op.target;
-        let entry = if f.op.kind == IoKind::Read {
+        let (read, target) = (f.op.kind == IoKind::Read, f.op.target);
+        let iov = (f.iov.as_ptr(), f.niov as u32);
+        self.push_vectored(slot, read, target, iov, f.offset + f.done as u64);
+    }
+
+    /// Pushes a vectored read or write of `iov` (pointer, count) at `at`, for `slot`.
+    fn push_vectored(
+        &mut self,
+        slot: usize,
+        read: bool,
+        target: Target,
+        (iov, n): (*const libc::iovec, u32),
+        at: u64,
+    ) {
+        let entry = if read {
             on_file!(self, target, |fd| opcode::Readv::new(fd, iov, n)
                 .offset(at)
                 .build())
@@ -658,6 +778,9 @@ impl Loop {
     }
 
     fn finish(&mut self, slot: usize, res: i32) {
+        if let Some(g) = self.groups[slot].take() {
+            return self.finish_group(slot, g, res);
+        }
         if let Some(mut p) = self.plain[slot].take() {
             if go_again(res, &mut p.cancelled) {
                 let entry = p.entry.clone();
