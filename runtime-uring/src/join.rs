@@ -16,10 +16,12 @@ const MAX_BYTES: usize = 1 << 20;
 /// The most iovecs one entry joins (`IOV_MAX` is 1024).
 const MAX_IOVS: usize = 256;
 
-/// A read or write as the joining sees it. The field order is the sort order.
+/// A read or write as the joining sees it. The field order is the sort order: reads go
+/// first (a request usually waits for its reads, and a write into space not yet written
+/// may take long to issue; a copy-on-write's read behind it waited as long).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Span {
-    pub(crate) read: bool,
+    pub(crate) write: bool,
     /// Registered index of the file.
     pub(crate) file: u32,
     pub(crate) offset: u64,
@@ -46,7 +48,7 @@ pub(crate) fn run_len<T>(items: &[T], span: impl Fn(&T) -> Span) -> usize {
         .iter()
         .map(span)
         .take_while(|s| {
-            let next = (s.read, s.file, s.offset) == (first.read, first.file, end)
+            let next = (s.write, s.file, s.offset) == (first.write, first.file, end)
                 && bytes + s.len <= MAX_BYTES
                 && iovs + s.iovs <= MAX_IOVS;
             if next {
@@ -82,7 +84,7 @@ impl Default for Stream {
 impl Stream {
     /// Takes note of a read or write submitted.
     pub(crate) fn note(&mut self, s: &Span) {
-        let kind = usize::from(s.read);
+        let kind = usize::from(s.write);
         self.score = if s.offset == self.last_end[kind] {
             (self.score + 1).min(SEQ_MAX)
         } else {
@@ -104,7 +106,7 @@ mod tests {
 
     fn span(read: bool, offset: u64, len: usize) -> Span {
         Span {
-            read,
+            write: !read,
             file: 0,
             offset,
             len,
@@ -131,17 +133,17 @@ mod tests {
         let mut rest = &spans[..];
         while !rest.is_empty() {
             let n = run_len(rest, |s| *s);
-            runs.push((rest[0].read, rest[0].offset, n));
+            runs.push((!rest[0].write, rest[0].offset, n));
             rest = &rest[n..];
         }
-        // Writes 0..24K, then 32K alone (a gap); reads of file 0, then file 1's.
+        // Reads first, of file 0, then file 1's; writes 0..24K, then 32K alone (a gap).
         assert_eq!(
             runs,
             [
-                (false, 0, 3),
-                (false, 32768, 1),
                 (true, 40960, 2),
-                (true, 49152, 1)
+                (true, 49152, 1),
+                (false, 0, 3),
+                (false, 32768, 1)
             ]
         );
     }

@@ -626,7 +626,7 @@ impl Loop {
             }
         }
         let span = Span {
-            read: f.op.kind == IoKind::Read,
+            write: f.op.kind != IoKind::Read,
             file: self.index(f.op.target),
             offset: f.offset,
             len: f.len,
