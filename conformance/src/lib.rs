@@ -86,6 +86,7 @@ macro_rules! instantiate {
             }
             create {
                 preallocation_metadata,
+                metadata_preallocation_filled_ahead_of_sequential_writes,
                 preallocation_falloc,
                 preallocation_full,
                 lazy_refcounts,

@@ -75,8 +75,15 @@ fn preallocated<H: Harness>(h: &H, case: &str, mode: Preallocation) {
             covered += e["length"].as_u64().unwrap_or(0);
         }
         assert_eq!(covered, size, "{cell}: qemu-img map covers the disk: {map}");
-        if mode != Preallocation::Metadata {
-            let used = std::fs::metadata(&path).expect("metadata").blocks() * 512;
+        let used = std::fs::metadata(&path).expect("metadata").blocks() * 512;
+        if mode == Preallocation::Metadata {
+            // As qemu-img's: the clusters are mapped but the file holds only the metadata
+            // and what was written (no host space allocated ahead of never-written clusters).
+            assert!(
+                used < size / 2,
+                "{cell}: {mode:?} is not sparse ({used} bytes used for {size})"
+            );
+        } else {
             assert!(
                 used >= size,
                 "{cell}: {mode:?} left the data sparse ({used} bytes used for {size})"
@@ -88,6 +95,65 @@ fn preallocated<H: Harness>(h: &H, case: &str, mode: Preallocation) {
 /// `preallocation=metadata`: every cluster mapped, data sparse.
 pub fn preallocation_metadata<H: Harness>(h: &H) {
     preallocated(h, "create::preallocation_metadata", Preallocation::Metadata);
+}
+
+/// A metadata-preallocated image stays sparse at create (as qemu-img's), and in-place
+/// writes that run sequentially get host space allocated ahead of them, a step at a time,
+/// inside the file (the file system takes writes into allocated space faster than into
+/// holes); scattered writes do not. Contents and metadata stay what qemu-img expects.
+pub fn metadata_preallocation_filled_ahead_of_sequential_writes<H: Harness>(h: &H) {
+    crate::require!(h, real_files);
+    let case = "create::metadata_preallocation_filled_ahead_of_sequential_writes";
+    let Some(q) = Qemu::require(case) else { return };
+    let dir = scratch();
+    let path = dir.path().join("meta.qcow2");
+    let (size, step) = (64u64 << 20, 8u64 << 20);
+    let mut opts = layout(size, 3, 65536, 16);
+    opts.preallocation = Preallocation::Metadata;
+    let mode = Mode {
+        grow_step: Some(step),
+        ..Mode::writable()
+    };
+    let mut disk = must(h.create(&path, &opts, mode), format!("{case}: create"));
+    let used = || std::fs::metadata(&path).expect("metadata").blocks() * 512;
+    let mut model = Model::new(size);
+    assert!(
+        used() < 1 << 20,
+        "{case}: not sparse at create ({} bytes)",
+        used()
+    );
+    for (i, at) in [40u64 << 20, 10 << 20, 50 << 20].into_iter().enumerate() {
+        let data = pattern(i as u32 + 1, at, 4096);
+        must(disk.write_at(&data, at), format!("{case}: scattered write"));
+        model.write(at, &data);
+    }
+    assert!(
+        used() < 1 << 20,
+        "{case}: scattered writes allocated ahead ({} bytes)",
+        used()
+    );
+    for at in (0..1u64 << 20).step_by(65536) {
+        let data = pattern(7, at, 65536);
+        must(
+            disk.write_at(&data, at),
+            format!("{case}: sequential write"),
+        );
+        model.write(at, &data);
+    }
+    must(disk.flush(), format!("{case}: flush"));
+    let filled = used();
+    assert!(
+        filled >= step && filled < size / 2,
+        "{case}: a sequential stream should have a step ({step}) allocated ahead, not the \
+         disk ({filled} bytes used)"
+    );
+    must(matches_model(&mut disk, &model), format!("{case}: reads"));
+    must(disk.close(), format!("{case}: close"));
+    must(
+        qemu_agrees(&q, &path, &model, dir.path()),
+        format!("{case}: qemu"),
+    );
+    must(our_check_clean(h, &path), format!("{case}: our check"));
 }
 
 /// `preallocation=falloc`: every cluster mapped and allocated on the host.

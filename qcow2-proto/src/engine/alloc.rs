@@ -357,10 +357,34 @@ impl Image {
         self.ahead_end = to;
     }
 
+    /// An in-place guest write of `len` bytes at host `at`: when it continues a sequential
+    /// stream, host space inside the file is allocated ahead of it, a step at a time. The
+    /// clusters of a metadata-preallocated image are holes until written, and the file
+    /// system takes writes into space allocated but not yet written faster than into holes
+    /// (sequential 8 KiB writes at depth 1: about twice as fast here). Allocating changes no
+    /// content (written clusters keep theirs, holes still read as zero), so nothing orders
+    /// it; a failure shows, if anywhere, in the writes themselves.
+    pub(super) fn fill_ahead(&mut self, at: u64, len: u64) {
+        let end = at + len;
+        let sequential = at == self.inplace_end;
+        self.inplace_end = end;
+        let step = self.grow_step();
+        if !sequential || step == 0 || end.saturating_add(step / 2) <= self.fill_end {
+            return;
+        }
+        let from = self.fill_end.max(end);
+        let to = (from + step).next_multiple_of(1 << 20).min(self.file_end);
+        if to > from && self.op_room(1) {
+            self.issue_bare(Purpose::Mark, IoKind::Allocate { len: to - from }, from);
+        }
+        self.fill_end = to.max(end);
+    }
+
     /// The step host space is allocated ahead in: never more than the guest disk itself (a
-    /// small image gets small steps); 0 when the image does not grow ahead.
+    /// small image gets small steps); 0 when the image does not grow ahead (nor while a
+    /// metadata preallocation runs: its clusters are never written).
     fn grow_step(&self) -> u64 {
-        if self.read_only || self.has_data_file() {
+        if self.read_only || self.has_data_file() || self.sparse_prealloc {
             return 0;
         }
         self.config.grow_step.min(

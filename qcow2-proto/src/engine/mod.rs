@@ -428,6 +428,13 @@ pub struct Image {
     grew: bool,
     /// End of the host space allocated ahead (0: none).
     ahead_end: u64,
+    /// A metadata preallocation runs: its clusters stay unwritten, so no host space is
+    /// allocated ahead of them (the file stays sparse, as QEMU's).
+    sparse_prealloc: bool,
+    /// End of the last in-place guest write, and of the host space allocated ahead of a
+    /// sequential stream of them (see `Image::fill_ahead`).
+    inplace_end: u64,
+    fill_end: u64,
     /// From here on the file holds nothing but zeros (past the end, or allocated ahead
     /// and never written).
     zero_from: u64,
@@ -558,6 +565,9 @@ impl Image {
             alloc_high: 0,
             grew: false,
             ahead_end: 0,
+            sparse_prealloc: false,
+            inplace_end: 0,
+            fill_end: 0,
             zero_from: 0,
             len_done: 0,
             len_durable: 0,

@@ -660,6 +660,7 @@ impl Image {
         };
         self.task_seq += 1;
         self.exclusive_tasks += 1;
+        self.sparse_prealloc = mode == Preallocation::Metadata;
         self.tasks[t as usize] = Some(Task {
             req: super::ReqId(t),
             seq: self.task_seq,
@@ -686,6 +687,7 @@ impl Image {
 
     pub(super) fn open_prealloc_done(&mut self, err: Option<RequestError>) {
         self.phase = Phase::Opening;
+        self.sparse_prealloc = false;
         self.open.pending -= 1;
         if let Some(e) = err {
             self.fail_open(match e {

@@ -1011,6 +1011,7 @@ impl Image {
             let run_end = end.min(limit(n));
             let mut segs = ArrayVec::new();
             segs.push(self.body_seg(t, body, pos, run_end - pos));
+            self.fill_ahead(host + (pos - g0), run_end - pos);
             self.issue(
                 Purpose::Guest {
                     task: t,
