@@ -75,6 +75,14 @@ pub struct ImageConfig {
     /// that read as zero, need not be durable before the L2 entries that map it. A crash
     /// then leaves the clusters counted ahead and not yet used as leaked (`qemu-img check`
     /// reports them; `-r leaks` repairs them); a clean close leaves none.
+    ///
+    /// In-place writes that run sequentially get the same step of host space allocated
+    /// ahead of them inside the file (`fallocate` changes no content): a
+    /// metadata-preallocated image's clusters are holes until written, and the file
+    /// system takes writes into allocated space faster (sequential 8 KiB writes at depth 1
+    /// went from about 0.4x to about 1x of a raw file's). Creation with
+    /// [`Preallocation::Metadata`] allocates nothing ahead: the new file is as sparse as
+    /// qemu-img's.
     pub grow_step: u64,
 }
 
