@@ -1,11 +1,12 @@
 //! Joining adjacent reads and writes into one submission entry.
 //!
 //! The reads and writes started in one turn of the loop go to the kernel at its end, sorted
-//! by file and offset; each run of adjacent ones of the same kind goes as one vectored
+//! (reads first, then by file and offset); each run of adjacent ones of the same kind goes as one vectored
 //! entry. Fewer entries mean fewer block-layer requests, and for writes into space the file
 //! system has not written yet (a growing image's fresh clusters), one conversion of
 //! unwritten extents instead of one per op: sequential 8 KiB writes into a growing image at
-//! depth 16 went from 0.73x to 0.91x of an overwritten raw file's (BENCHMARKS.md).
+//! depth 16 went from 0.73x to 0.91x (and 0.66x to 1.05x in a second run) of an overwritten
+//! raw file's (BENCHMARKS.md).
 //!
 //! Only a turn that takes in several commands has anything to join; the hub holds commands
 //! for the reaper's next turn while the stream is [`sequential`](Stream::sequential)

@@ -1,12 +1,14 @@
 //! An io_uring runtime for the [`qcow2_proto`] engine.
 //!
-//! Every op of the engine's plans becomes one submission entry (vectored reads and writes,
+//! The ops of the engine's plans become submission entries (vectored reads and writes,
 //! `fdatasync`, `fallocate`), submitted in batches: everything the engine yields between two
-//! waits goes to the kernel with one `io_uring_enter`, adjacent reads (or writes) joined into
-//! one entry. Completions go straight back into the engine. While the requests run
+//! waits goes to the kernel with one `io_uring_enter`, adjacent reads (or writes) of a batch
+//! joined into one entry. Completions go straight back into the engine. While the requests run
 //! sequentially, the callers woken by one batch of completions have their next requests
 //! taken in together, so that they join ([`Image::joined_ops`] counts them): sequential
-//! 8 KiB writes into a growing image at depth 16 gained 25-55% (BENCHMARKS.md). The image file is registered with the ring (no descriptor lookup per entry).
+//! 8 KiB writes into a growing image at depth 16 gained 16-51% in two A/B runs
+//! (BENCHMARKS.md). The image file is registered with the ring (no descriptor lookup per
+//! entry).
 //! Buffers are not registered: guest buffers arrive with each request from the caller, and
 //! pinning them per request costs more than the lookup it saves; the core's metadata buffers
 //! are off the hot path.

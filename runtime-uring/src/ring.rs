@@ -139,6 +139,8 @@ struct Flight {
 struct Group {
     members: Vec<usize>,
     iov: Vec<libc::iovec>,
+    read: bool,
+    target: Target,
     offset: u64,
     len: usize,
     cancelled: u8,
@@ -214,9 +216,9 @@ pub(crate) struct Loop {
     bounced: u64,
 }
 
-// SAFETY: the raw pointers in `flights` and `groups` (iovecs) point into memory the loop or the driver's
-// request table owns (bounce buffers, op buffers, boxed guest buffers), none of it tied to a
-// thread; every access to the loop goes through the hub's mutex.
+// SAFETY: the raw pointers in `flights` and `groups` (iovecs) point into memory the loop or
+// the driver's request table owns (bounce buffers, op buffers, boxed guest buffers), none of
+// it tied to a thread; every access to the loop goes through the hub's mutex.
 unsafe impl Send for Loop {}
 
 /// Aborts if a thread unwinds out of the loop with I/O in flight: the kernel may still write
@@ -383,9 +385,10 @@ impl Loop {
             // SAFETY: every entry points only at memory that stays valid and unmoved until
             // its completion is reaped: iovecs and bounce buffers in a boxed `Flight` kept in
             // `flights` (a group's iovecs in its vector, never grown, kept in `groups`; its
-            // members stay in `flights` until the group completes), guest buffers boxed in the driver's request table (a request is not
-            // done, so its buffer not released, before all its ops complete), core buffers
-            // inside the op the `Flight` holds. Entries without memory hold nothing.
+            // members stay in `flights` until the group completes), guest buffers boxed in
+            // the driver's request table (a request is not done, so its buffer not released,
+            // before all its ops complete), core buffers inside the op the `Flight` holds.
+            // Entries without memory hold nothing.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -676,27 +679,27 @@ impl Loop {
         self.groups[slot] = Some(Group {
             members,
             iov,
+            read,
+            target,
             offset,
             len,
             cancelled: 0,
         });
-        self.push_group(slot, read, target);
+        self.push_group(slot);
     }
 
-    fn push_group(&mut self, slot: usize, read: bool, target: Target) {
+    fn push_group(&mut self, slot: usize) {
         let g = self.groups[slot].as_ref().expect("in flight");
         let iov = (g.iov.as_ptr(), g.iov.len() as u32);
-        self.push_vectored(slot, read, target, iov, g.offset);
+        self.push_vectored(slot, g.read, g.target, iov, g.offset);
     }
 
     /// A group's completion: all of it done completes each member; anything else (an
     /// error, a short transfer) sends each member again on its own, to end as it would have.
     fn finish_group(&mut self, slot: usize, mut g: Group, res: i32) {
         if go_again(res, &mut g.cancelled) {
-            let f = self.flights[g.members[0]].as_ref().expect("a member");
-            let (read, target) = (f.op.kind == IoKind::Read, f.op.target);
             self.groups[slot] = Some(g);
-            return self.push_group(slot, read, target);
+            return self.push_group(slot);
         }
         self.release(slot);
         let whole = usize::try_from(res).is_ok_and(|n| n == g.len);

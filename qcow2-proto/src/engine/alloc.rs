@@ -358,7 +358,8 @@ impl Image {
     }
 
     /// An in-place guest write of `len` bytes at host `at`: when it continues a sequential
-    /// stream, host space inside the file is allocated ahead of it, a step at a time. The
+    /// stream (one is followed: the last in-place write's), host space inside the file is
+    /// allocated ahead of it, a step at a time. The
     /// clusters of a metadata-preallocated image are holes until written, and the file
     /// system takes writes into space allocated but not yet written faster than into holes
     /// (sequential 8 KiB writes at depth 1: about twice as fast here). Allocating changes no
@@ -374,7 +375,10 @@ impl Image {
         }
         let from = self.fill_end.max(end);
         let to = (from + step).next_multiple_of(1 << 20).min(self.file_end);
-        if to > from && self.op_room(1) {
+        if to > from {
+            if !self.op_room(1) {
+                return; // (The next write of the stream tries again.)
+            }
             self.issue_bare(Purpose::Mark, IoKind::Allocate { len: to - from }, from);
         }
         self.fill_end = to.max(end);
