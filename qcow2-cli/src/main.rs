@@ -599,6 +599,10 @@ pub struct BenchArgs {
     /// long are polled for rather than slept through (default 256; 0: never poll).
     #[arg(long = "poll-max-us")]
     pub poll_max_us: Option<u64>,
+    /// The uring runtime: the kernel interrupts a submitting thread busy in user space to
+    /// post its completions (io_uring's default) instead of flagging them for it.
+    #[arg(long = "interrupt-submitters")]
+    pub interrupt_submitters: bool,
 }
 
 /// `bench` subcommands.
@@ -649,6 +653,10 @@ pub struct BenchRunArgs {
     /// The uring runtime's poll maximum in microseconds (default 256; 0: never poll).
     #[arg(long = "poll-max-us")]
     pub poll_max_us: Option<u64>,
+    /// The uring runtime: the kernel interrupts a submitting thread busy in user space to
+    /// post its completions (io_uring's default) instead of flagging them for it.
+    #[arg(long = "interrupt-submitters")]
+    pub interrupt_submitters: bool,
 }
 
 fn run(cli: Cli) -> Result<i32, CliError> {

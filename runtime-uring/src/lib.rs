@@ -31,7 +31,20 @@
 //! ones close the window. On this project's machine that took random 8 KiB reads at depth 1
 //! from 0.9-1.0x to 1.2-1.3x a raw file's `pread`, for 1.6-1.8x the CPU time per request
 //! (the thread does not sleep while its I/O is in flight); `Some(Duration::ZERO)` turns it
-//! off (BENCHMARKS.md, "Polling the completion queue"). The same `async fn`s work
+//! off (BENCHMARKS.md, "Polling the completion queue").
+//!
+//! The ring is cooperative (`IORING_SETUP_COOP_TASKRUN`): the kernel does not interrupt a
+//! thread busy in user space to post the completions of the ops it submitted, it flags
+//! them, and the polling reaper enters the kernel to post its own when it sees the flag. A
+//! thread that waits is woken at once; one busy elsewhere posts them at its next system
+//! call or timer tick. On this project's 2-vCPU guest, whose disk interrupts all land on one
+//! vCPU, the interrupt the kernel otherwise sends a reaper polling on the other cost about
+//! 20 µs a request: random 8 KiB I/O with a flush every 4th write at depth 1 went from 0.84x
+//! to 0.96x a raw file (BENCHMARKS.md, "Completions posted cooperatively").
+//! [`OpenOptions::interrupt_submitters`] asks for the interrupts back, for threads that spin
+//! in user space on tickless CPUs.
+//!
+//! The same `async fn`s work
 //! - from async code on any executor (`img.read_at(buf, 0).await`), and
 //! - from blocking code (`futures_lite::future::block_on(img.read_at(buf, 0))`); there the
 //!   async-io reactor thread watches the ring, one hand-off per wait.
@@ -92,7 +105,7 @@ pub use window::DEFAULT_POLL_MAX;
 pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image, Error> {
     let path = path.as_ref();
     // The ring first: a kernel without io_uring fails here, before anything else happens.
-    let ring = ring::Ring::new(256)?;
+    let ring = ring::Ring::new(256, options.interrupt_submitters)?;
     let file = open_file(path, options, false)?;
     let mut exec = Executor::for_cache(options.cache);
     let mut chain = Chain::new(Some(path));
@@ -107,7 +120,7 @@ pub fn create(
     options: &OpenOptions,
 ) -> Result<Image, Error> {
     let path = path.as_ref();
-    let ring = ring::Ring::new(256)?;
+    let ring = ring::Ring::new(256, options.interrupt_submitters)?;
     let file = open_file(path, options, true)?;
     let mut engine = qcow2_proto::Image::create(engine_config(&file, options)?, create.clone());
     let mut exec = Executor::for_cache(options.cache);
@@ -122,7 +135,7 @@ pub fn create(
 /// Whether this kernel lets us set up a ring with every opcode the runtime needs; the
 /// error names what is missing.
 pub fn probe() -> Result<(), Error> {
-    ring::Ring::new(4).map(drop)
+    ring::Ring::new(4, true).map(drop)
 }
 
 fn start(

@@ -72,9 +72,23 @@ pub(crate) fn wait_for_completion(fd: &impl AsRawFd) -> io::Result<()> {
 }
 
 impl Ring {
-    /// Sets up a ring of `entries` and checks every opcode the runtime uses.
-    pub(crate) fn new(entries: u32) -> Result<Self, Error> {
-        let ring = IoUring::new(entries).map_err(|source| Error::Runtime {
+    /// Sets up a ring of `entries` and checks every opcode the runtime uses. Unless
+    /// `interrupt`, completions for a thread busy in user space wait for it to enter the
+    /// kernel rather than interrupt it (`IORING_SETUP_COOP_TASKRUN`, with the flag that
+    /// tells a poller they wait: [`Loop::has_completions`]); a kernel older than 5.19
+    /// refuses those flags, and gets a ring without them.
+    pub(crate) fn new(entries: u32, interrupt: bool) -> Result<Self, Error> {
+        let coop = (!interrupt)
+            .then(|| {
+                IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .build(entries)
+                    .ok()
+            })
+            .flatten();
+        let ring = coop.map_or_else(|| IoUring::new(entries), Ok);
+        let ring = ring.map_err(|source| Error::Runtime {
             what: "io_uring_setup failed (this kernel lacks io_uring, or it is disabled by \
                    kernel.io_uring_disabled or a seccomp filter)",
             source,
@@ -285,7 +299,25 @@ impl Loop {
     }
 
     /// Whether the ring holds completions not yet fed back (one load of the queue's tail).
+    /// When the kernel flags completions of this thread's ops waiting for it to enter
+    /// (`IORING_SQ_TASKRUN`, cooperative rings), enters to post them first: a polling
+    /// reaper is busy in user space, and the kernel does not interrupt it for them.
     pub(crate) fn has_completions(&mut self) -> bool {
+        if !self.ring.completion().is_empty() {
+            return true;
+        }
+        if !self.ring.submission().taskrun() {
+            return false;
+        }
+        const GETEVENTS: u32 = 1;
+        // SAFETY: nothing to submit, no completion awaited and no argument: the kernel runs
+        // the thread's pending completion work, which writes only the ring's own queues.
+        // (An error leaves the completions to the next entry; nothing to handle here.)
+        let _ = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, GETEVENTS, None)
+        };
         !self.ring.completion().is_empty()
     }
 
@@ -908,7 +940,7 @@ mod tests {
     fn a_failed_setup_is_a_clear_error() {
         // Zero entries make io_uring_setup fail here as a kernel without io_uring would
         // (with another errno): the error must say what failed, not hang or panic.
-        let Err(e) = Ring::new(0) else {
+        let Err(e) = Ring::new(0, false) else {
             panic!("a ring of zero entries was set up")
         };
         let msg = e.to_string();

@@ -246,14 +246,21 @@ fn a_reaper_nobody_polls_does_not_stall_other_callers() {
 #[test]
 fn every_poll_window_serves_the_same_requests() {
     // Off (the reactor's wait only), the default, and a maximum so large that the reaper
-    // polls through every wait: the same writes from four threads land and read back.
-    for poll_max in [
+    // polls through every wait: the same writes from four threads land and read back,
+    // with completions posted cooperatively (the default) and by interrupting the
+    // submitting thread. (Four threads submit: completions of one thread's ops wait for
+    // that thread while another reaps.)
+    let windows = [
         Some(std::time::Duration::ZERO),
         None,
         Some(std::time::Duration::from_secs(1)),
-    ] {
+    ];
+    for (poll_max, interrupt_submitters) in
+        windows.into_iter().flat_map(|w| [(w, false), (w, true)])
+    {
         let options = OpenOptions {
             poll_max,
+            interrupt_submitters,
             ..direct()
         };
         let (_dir, path, img) = scratch(64 << 20, &options);
@@ -277,7 +284,7 @@ fn every_poll_window_serves_the_same_requests() {
             let fill = n as u8 + 1;
             assert!(
                 back.as_slice().iter().all(|&b| b == fill),
-                "{poll_max:?}: write {n}"
+                "{poll_max:?} interrupt {interrupt_submitters}: write {n}"
             );
         }
         block_on(img.close()).unwrap();

@@ -89,6 +89,7 @@ fn settings(a: &BenchArgs) -> Result<Settings, CliError> {
         columns,
         cache: parse_cache(a.cache.as_deref(), Cache::None)?,
         poll_max: a.poll_max_us.map(Duration::from_micros),
+        interrupt_submitters: a.interrupt_submitters,
         seed: a.seed,
     })
 }

@@ -62,6 +62,7 @@ pub fn run(a: &BenchRunArgs) -> CmdResult {
     let options = OpenOptions {
         cache,
         poll_max: a.poll_max_us.map(Duration::from_micros),
+        interrupt_submitters: a.interrupt_submitters,
         ..OpenOptions::default()
     };
     let m = drivers::run(engine, &a.image, &options, spec)

@@ -40,6 +40,8 @@ pub struct Settings {
     pub cache: Cache,
     /// The uring runtime's poll maximum (`None`: its default).
     pub poll_max: Option<Duration>,
+    /// The uring runtime interrupts submitting threads for their completions.
+    pub interrupt_submitters: bool,
     /// Seed of the random offsets and of the run order.
     pub seed: u64,
 }
@@ -184,6 +186,7 @@ fn run_cell(
     let options = OpenOptions {
         cache: s.cache,
         poll_max: s.poll_max,
+        interrupt_submitters: s.interrupt_submitters,
         ..OpenOptions::default()
     };
     let Some(state) = cell.state else {
@@ -224,6 +227,7 @@ mod tests {
             columns: Column::ALL.to_vec(),
             cache: Cache::None,
             poll_max: None,
+            interrupt_submitters: false,
             seed: 42,
         }
     }
