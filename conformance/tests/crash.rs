@@ -483,6 +483,47 @@ fn crash_while_sequential_streams_join_allocations() {
     }
 }
 
+/// Writes into a growing image racing flush cycles: streams of writes with a flush among
+/// them, so that allocations finish while a cycle takes its copies. Those into fresh space
+/// counted on disk ahead are linked then (instead of waiting for the cycle's barriers);
+/// the others wait. With steps of 64 MiB the counts are nearly always ahead; with steps of
+/// 16 clusters (two counted ahead at a time) allocations often outrun them.
+#[test]
+fn crash_while_growing_writes_race_flush_cycles() {
+    use qcow2_conformance::sim::streams::stream_crash_test;
+    for (name, cfg, rounds) in [
+        (
+            "streams_growing_v3_4k",
+            CrashConfig {
+                scripts: 6,
+                grow_step: 64 << 20,
+                ..config(3, 4096, false, false)
+            },
+            12,
+        ),
+        (
+            "streams_growing_small_steps_v3_4k",
+            CrashConfig {
+                scripts: 6,
+                grow_step: 64 << 10,
+                ..config(3, 4096, false, false)
+            },
+            12,
+        ),
+        (
+            "streams_growing_v3_64k",
+            CrashConfig {
+                scripts: 4,
+                grow_step: 64 << 20,
+                ..config(3, 65536, false, false)
+            },
+            12,
+        ),
+    ] {
+        assert_clean(name, &stream_crash_test(name, cfg, rounds), 500);
+    }
+}
+
 /// Small writes covering whole clusters from their first byte, all in flight at once,
 /// copy nothing from the backing file but the first cluster's tail (its first write does
 /// not continue a stream): the first write of each later cluster allocates it and the
@@ -552,6 +593,16 @@ fn crash_growing_writeback() {
                 scripts: 32,
                 grow_step: 64 << 20,
                 ..config(2, 4096, true, false)
+            },
+        ),
+        (
+            // Steps of 16 clusters, so two counted ahead at a time: allocations often
+            // outrun the counts on disk (they must then wait for a cycle to link).
+            "crash_growing_small_steps_v3_4k",
+            CrashConfig {
+                scripts: 48,
+                grow_step: 64 << 10,
+                ..config(3, 4096, false, false)
             },
         ),
     ] {

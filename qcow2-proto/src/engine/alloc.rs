@@ -314,6 +314,23 @@ impl Image {
         Ok(())
     }
 
+    /// Whether host clusters `c..c + count` are counted on disk already, by a write-back
+    /// copy of the reserved refcount block that went out before now: durable by the
+    /// barrier that follows its level, which comes before any L2 write-back taken later
+    /// (rule A holds for an entry pointing at them whenever it is set).
+    pub(super) fn counted_ahead(&self, c: u64, count: u64) -> bool {
+        let r = self.reserve;
+        let ri = c >> self.geo.rb_bits;
+        count > 0
+            && r.block != 0
+            && (c + count - 1) >> self.geo.rb_bits == ri
+            && c + count <= r.written
+            && self
+                .reftable
+                .get(ri as usize)
+                .is_some_and(|&e| e & REFTABLE_OFFSET_MASK == r.block)
+    }
+
     /// A write-back copy of refcount block `key` is about to go out in `buf`: the
     /// reservation's clusters are counted in it.
     pub(super) fn count_reserve(&mut self, key: u64, buf: &mut [u8]) {

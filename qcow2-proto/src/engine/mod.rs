@@ -17,7 +17,11 @@
 //!    entries, syncs, then the header, syncs (rules A, C, D; a count is durable only once
 //!    the refcount-table entry reaching its block is).
 //! 4. While a cycle takes its copies (`window`), no reference-creating change is made, so a
-//!    cycle never writes a reference whose target it did not make durable first.
+//!    cycle never writes a reference whose target it did not make durable first. One
+//!    exception: a data allocation into fresh space whose counts a write-back copy took
+//!    already (written ahead) and that replaces no host cluster is linked then
+//!    (`Image::links_in_window`): its count is durable before any L2 write-back that can
+//!    carry the entry, and its data need not be (rule C, [`Alloc::fresh`]).
 //! 5. A clean slot or table is not a durable one while a cycle is in progress (the cycle
 //!    marked it clean when it took its copy): close and check wait for the cycle to end, and
 //!    close is done only with no op outstanding, since the runtime then closes the file.

@@ -1705,9 +1705,46 @@ impl Image {
         }
     }
 
+    /// Whether data allocation `a` may be linked while a write-back cycle takes its copies
+    /// (the window, when reference-creating changes otherwise wait): its clusters are
+    /// fresh (rule C asks nothing of their data), counted on disk ahead
+    /// ([`counted_ahead`](Self::counted_ahead): rule A holds whichever L2 write-back
+    /// carries the entry), and replace nothing with a host cluster (no decrement queued
+    /// mid-cycle: rule B). A growing image's allocating writes then finish while a flush
+    /// cycle runs, instead of waiting for its barriers.
+    fn links_in_window(&mut self, a: u32) -> bool {
+        let cb = self.geo.cluster_bits;
+        let alloc = self.allocs[a as usize].as_ref().expect("live allocation");
+        let AllocWhat::Data { guest_cluster, .. } = alloc.what else {
+            return false;
+        };
+        if !alloc.fresh || !self.counted_ahead(alloc.host >> cb, alloc.count) {
+            return false;
+        }
+        let raw = self.l1[(guest_cluster >> self.geo.l2_bits) as usize];
+        if raw & COPIED == 0 {
+            return false;
+        }
+        let (count, w) = (alloc.count as usize, self.geo.l2_entry_bytes());
+        let byte = (guest_cluster & (self.geo.l2_entries() - 1)) * w;
+        let unit = self.l2.unit as u64;
+        let super::cache::Lookup::Hit(slot) =
+            self.l2.lookup((raw & OFFSET_MASK) + byte / unit * unit)
+        else {
+            return false;
+        };
+        let idx = ((byte % unit) / w) as usize;
+        (0..count).all(|i| {
+            matches!(
+                self.decode(self.entry(slot, idx + i)),
+                Mapping::Unallocated | Mapping::Zero { host: 0, .. }
+            )
+        })
+    }
+
     /// Publishes a finished data allocation in its L2 table and frees what it replaced.
     fn link_data(&mut self, a: u32) -> Result<(), Block> {
-        if self.window {
+        if self.window && !self.links_in_window(a) {
             return Err(Block::Park);
         }
         let cb = self.geo.cluster_bits;

@@ -24,7 +24,10 @@
 //! before the L2 slices, so the first barrier is skipped and the last covers that data.
 //! A guest's writes in place wait for the cycle's last barrier too (no mapping depends on
 //! them); an image operation's stay ordered (a resize's zeroes past the old end come before
-//! the new size).
+//! the new size). Allocating writes into such fresh, counted-ahead space do not wait for a
+//! cycle at all: they are linked while it takes its copies (the engine's invariant 4), so
+//! with flushes back to back a growing image's writes still finish at the speed of their
+//! data.
 //!
 //! Refcount-table entries get a level of their own: an L2 entry written next to the
 //! refcount-table entry of the block holding its cluster's count could reach the disk
