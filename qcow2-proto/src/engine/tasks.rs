@@ -1725,15 +1725,11 @@ impl Image {
         if raw & COPIED == 0 {
             return false;
         }
-        let (count, w) = (alloc.count as usize, self.geo.l2_entry_bytes());
-        let byte = (guest_cluster & (self.geo.l2_entries() - 1)) * w;
-        let unit = self.l2.unit as u64;
-        let super::cache::Lookup::Hit(slot) =
-            self.l2.lookup((raw & OFFSET_MASK) + byte / unit * unit)
-        else {
+        let count = alloc.count as usize;
+        // (A slice not cached waits for the window to close: `link_data` loads it then.)
+        let Ok((slot, idx)) = self.l2_entry_slot(raw & OFFSET_MASK, guest_cluster) else {
             return false;
         };
-        let idx = ((byte % unit) / w) as usize;
         (0..count).all(|i| {
             matches!(
                 self.decode(self.entry(slot, idx + i)),
