@@ -267,6 +267,21 @@ impl Harness {
         self.submit(Request::Read { offset, len }, vec![0xee; len as usize])
     }
 
+    /// Runs a write of `len` bytes of `fill` at `offset` (and everything else) to the end.
+    fn write_now(&mut self, offset: u64, len: u64, fill: u8) {
+        self.finish(Request::Write { offset, len }, vec![fill; len as usize]);
+    }
+
+    /// Submits a flush and keeps every op it started outstanding: its write-back cycle holds
+    /// its copy window. Returns the flush and the cycle's ops (for `run_all_but`).
+    fn stalled_flush(&mut self) -> (ReqId, Vec<OpId>) {
+        let flush = self.submit(Request::Flush, Vec::new());
+        let cycle = self.pending_ids();
+        assert!(!cycle.is_empty(), "the flush started a cycle");
+        assert!(!self.is_done(flush));
+        (flush, cycle)
+    }
+
     fn read_now(&mut self, offset: u64, len: u64) -> Vec<u8> {
         self.finish(Request::Read { offset, len }, vec![0xee; len as usize])
             .1
@@ -846,27 +861,12 @@ fn fresh_allocating_write_finishes_while_a_flush_cycle_runs() {
         let mut h = Harness::growing(256 << 10, seed);
         // The first writes make the L2 table, allocate host space ahead and count the next
         // clusters ahead; a flush makes all of it durable.
-        h.finish(Request::Write { offset: 0, len: CS }, vec![1; CS as usize]);
-        h.finish(
-            Request::Write {
-                offset: CS,
-                len: CS,
-            },
-            vec![2; CS as usize],
-        );
+        h.write_now(0, CS, 1);
+        h.write_now(CS, CS, 2);
         h.finish(Request::Flush, Vec::new());
         // Dirty the L2 slice, then stall a flush inside its cycle.
-        h.finish(
-            Request::Write {
-                offset: 2 * CS,
-                len: CS,
-            },
-            vec![3; CS as usize],
-        );
-        let flush = h.submit(Request::Flush, Vec::new());
-        let cycle = h.pending_ids();
-        assert!(!cycle.is_empty(), "the flush started a cycle");
-        assert!(!h.is_done(flush));
+        h.write_now(2 * CS, CS, 3);
+        let (flush, cycle) = h.stalled_flush();
 
         let fresh = h.write(5 * CS, CS, 4);
         h.run_all_but(&cycle);
@@ -895,18 +895,10 @@ fn fresh_allocating_write_finishes_while_a_flush_cycle_runs() {
 fn fresh_writes_beyond_the_counts_on_disk_wait_for_the_cycle() {
     for seed in 0..4 {
         let mut h = Harness::growing(64 << 10, seed);
-        h.finish(Request::Write { offset: 0, len: CS }, vec![1; CS as usize]);
+        h.write_now(0, CS, 1);
         h.finish(Request::Flush, Vec::new());
-        h.finish(
-            Request::Write {
-                offset: CS,
-                len: CS,
-            },
-            vec![2; CS as usize],
-        );
-        let flush = h.submit(Request::Flush, Vec::new());
-        let cycle = h.pending_ids();
-        assert!(!cycle.is_empty(), "the flush started a cycle");
+        h.write_now(CS, CS, 2);
+        let (flush, cycle) = h.stalled_flush();
 
         let writes: Vec<_> = (0..8u64)
             .map(|k| h.write((8 + k) * CS, CS, 0x10 + k as u8))
