@@ -282,6 +282,34 @@ impl Harness {
         (flush, cycle)
     }
 
+    /// A growing image whose cluster 0 is durable, with a flush whose cycle wrote its L2
+    /// slice (a new mapping for cluster 1) and holds its barrier; then an in-place write of
+    /// 3s to cluster 0 that finished behind that barrier. Returns the flush, the log's
+    /// length when it was sent, and the write.
+    fn write_behind_a_cycle_barrier(seed: u64) -> (Self, ReqId, usize, ReqId) {
+        let mut h = Self::growing(256 << 10, seed);
+        h.write_now(0, CS, 1);
+        h.finish(Request::Flush, Vec::new());
+        h.write_now(CS, CS, 2);
+        let mark = h.log.len();
+        let (flush, cycle) = h.stalled_flush();
+        for id in cycle {
+            h.complete(id);
+        }
+        let barrier: Vec<OpId> = h
+            .pending
+            .iter()
+            .filter(|o| o.kind == IoKind::Flush)
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(barrier.len(), 1, "seed {seed}: the cycle's barrier");
+        let write = h.write(0, CS, 3);
+        h.run_all_but(&barrier);
+        assert!(h.is_done(write), "seed {seed}: the write waited");
+        assert!(!h.is_done(flush));
+        (h, flush, mark, write)
+    }
+
     fn read_now(&mut self, offset: u64, len: u64) -> Vec<u8> {
         self.finish(Request::Read { offset, len }, vec![0xee; len as usize])
             .1
@@ -919,6 +947,97 @@ fn fresh_writes_beyond_the_counts_on_disk_wait_for_the_cycle() {
                 vec![0x10 + k as u8; CS as usize]
             );
         }
+        h.close_and_check();
+    }
+}
+
+/// "A guest flush costs one barrier once the counts and tables exist": a cycle that writes
+/// L2 slices ends with the barrier after them, even when data completes while it runs. Such
+/// data belongs to later flushes (whoever waits for this cycle asked before it began); the
+/// next flush's cycle issues the barrier that covers it, and the data survives a reopen.
+#[test]
+fn data_completed_during_a_cycle_is_left_to_the_next_barrier() {
+    let flushes_since = |h: &Harness, from: usize| {
+        h.log[from..]
+            .iter()
+            .filter(|l| {
+                matches!(
+                    l,
+                    Log::Issued {
+                        kind: IoKind::Flush,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    for seed in 0..4 {
+        let (mut h, flush, mark, write) = Harness::write_behind_a_cycle_barrier(seed);
+        assert!(h.take_done(write).is_some());
+        h.run_all();
+        assert!(h.take_done(flush).is_some());
+        assert_eq!(
+            flushes_since(&h, mark),
+            1,
+            "seed {seed}: the cycle added a barrier for data completed after it began"
+        );
+        // The next flush makes that write durable: one barrier, nothing else to write.
+        let mark = h.log.len();
+        h.finish(Request::Flush, Vec::new());
+        assert_eq!(
+            flushes_since(&h, mark),
+            1,
+            "seed {seed}: the write completed during the cycle was never made durable"
+        );
+        let mut h = h.reopen(None);
+        assert_eq!(h.read_now(0, CS), vec![3; CS as usize]);
+        assert_eq!(h.read_now(CS, CS), vec![2; CS as usize]);
+        h.close_and_check();
+    }
+}
+
+/// Whether the log shows a flush issued after the data write of request `write` completed
+/// and completed itself before request `by`, sent at log index `sent`, was done (request
+/// ids are reused).
+fn flushed_between(log: &[Log], write: ReqId, by: ReqId, sent: usize) -> bool {
+    let mut ops: HashMap<OpId, (IoKind, Option<ReqId>, usize)> = HashMap::new();
+    let mut written = None;
+    for (t, l) in log.iter().enumerate() {
+        match *l {
+            Log::Issued { id, kind, req } => {
+                ops.insert(id, (kind, req, t));
+            }
+            Log::Completed(id) => match ops.remove(&id) {
+                Some((IoKind::Write, Some(r), _)) if r == write => written = Some(t),
+                Some((IoKind::Flush, _, issued)) if written.is_some_and(|w| issued > w) => {
+                    return true
+                }
+                _ => {}
+            },
+            Log::Done(r) if r == by && t >= sent => return false,
+            Log::Done(_) => {}
+        }
+    }
+    false
+}
+
+/// "A guest flush covers every write completed before it was sent": sent while a cycle's
+/// barrier is in flight, after a write that completed behind that barrier, the flush waits
+/// for a barrier issued after the write (the running cycle's does not cover it).
+#[test]
+fn a_flush_sent_during_a_cycle_waits_for_a_barrier_after_its_writes() {
+    for seed in 0..4 {
+        let (mut h, first, _, write) = Harness::write_behind_a_cycle_barrier(seed);
+        assert!(h.take_done(write).is_some());
+        let mark = h.log.len();
+        let second = h.submit(Request::Flush, Vec::new());
+        h.run_all();
+        assert!(h.take_done(first).is_some() && h.take_done(second).is_some());
+        let log = &h.log[mark - 4..];
+        assert!(
+            flushed_between(&h.log, write, second, mark),
+            "seed {seed}: the flush finished before the write was durable: {log:?}"
+        );
         h.close_and_check();
     }
 }

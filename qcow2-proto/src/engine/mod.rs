@@ -1253,7 +1253,8 @@ impl Image {
             // Done, or nothing completed before now still waits to be made durable.
             return true;
         }
-        self.cycle_wanted = true;
+        // (Once the cycle waited for runs, another is wanted only by whoever asks for it.)
+        self.cycle_wanted |= target > self.cycles_started;
         false
     }
 

@@ -16,6 +16,10 @@
 //! queued refcount decrements applied in memory     rule B: written by the next cycle
 //! ```
 //!
+//! A cycle covers what completed before it began: whoever waits for it asked then (a flush
+//! sent while one runs waits for the next). Data completed while it runs is left to the
+//! next cycle, so a cycle that wrote L2 slices ends with their barrier and adds none.
+//!
 //! Empty levels are skipped with their barrier, so any number of allocating writes followed
 //! by one guest flush costs two `fdatasync`s once the L2 tables exist; a cycle that links a
 //! new refcount block costs one more. While the image grows into fresh space it costs one:
@@ -67,6 +71,9 @@ pub(super) struct Cycle {
     issued: bool,
     /// Whether anything was written since the last barrier.
     wrote: bool,
+    /// Whether a barrier went out in this cycle: it covers every write completed before
+    /// the cycle began, the only ones a task waiting for this cycle may have completed.
+    synced: bool,
     /// Whether this cycle wrote a relocated refcount table (the header switches to it in
     /// the refcount-table level).
     rt_moved: bool,
@@ -102,6 +109,7 @@ impl Image {
                     pending: 0,
                     issued: false,
                     wrote: false,
+                    synced: false,
                     rt_moved: false,
                     covers: 0,
                 });
@@ -310,12 +318,14 @@ impl Image {
 
     /// A barrier, when something was written since the last one. Completed data needs
     /// one too: before the mappings when it is ordered (rule C: the first barrier), else
-    /// by the end of the cycle (the last).
+    /// by the end of the cycle (the last) unless an earlier barrier of the cycle covered
+    /// it. Data completed while the cycle runs is left to the next: whoever waits for this
+    /// cycle asked before it began.
     fn wb_sync(&mut self, level: Level) -> bool {
         let cycle = self.cycle.as_ref().expect("cycle in progress");
         let data = match level {
             Level::Sync1 => self.ordered_data || self.unsynced_data && self.has_data_file(),
-            Level::Sync4 => self.unsynced_data,
+            Level::Sync4 => self.unsynced_data && !cycle.synced,
             _ => false,
         };
         if !(cycle.wrote || data) {
@@ -328,6 +338,7 @@ impl Image {
         let covers = self.len_done;
         let cycle = self.cycle.as_mut().expect("cycle in progress");
         cycle.wrote = false;
+        cycle.synced = true;
         cycle.pending += 1;
         cycle.covers = covers;
         self.unsynced_data = false;
