@@ -516,12 +516,13 @@ fn read_of_allocated_cluster_waits_on_nothing_unrelated() {
     }
 }
 
-/// "Requests that miss the same L2 slice share one load": with 4 KiB clusters and a cache
-/// holding whole tables, and with 64 KiB clusters and a budget that forces 4 KiB slices.
+/// "Requests that miss the same L2 slice share one load": with 4 KiB clusters (slices are
+/// whole tables), and with 64 KiB clusters (4 KiB slices) under the default budget and a
+/// small one.
 #[test]
 fn misses_on_the_same_l2_slice_share_one_load() {
     const N: u64 = 12;
-    for (cs, budget) in [(CS, None), (65536, Some(16384))] {
+    for (cs, budget) in [(CS, None), (65536, None), (65536, Some(16384))] {
         let mut h = Harness::create_with(CacheMode::WriteBack, cs, 7);
         for k in 0..N {
             h.finish(

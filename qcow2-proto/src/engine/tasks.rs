@@ -1897,9 +1897,13 @@ impl Image {
         let AllocWhat::L2Table { l1_index, old } = alloc.what else {
             return;
         };
-        if old == 0 && self.l2.unit as u64 == self.geo.cluster_size() {
-            // The table was just written as zeroes: cache it without reading it back.
-            self.l2.insert_clean_zeroed(alloc.host);
+        if old == 0 {
+            // The table was just written as zeroes: cache its slices without reading them
+            // back.
+            let unit = self.l2.unit as u64;
+            for s in 0..self.geo.cluster_size() / unit {
+                self.l2.insert_clean_zeroed(alloc.host + s * unit);
+            }
         }
         self.set_l1(l1_index as usize, L1Entry::new(alloc.host, true).0);
         self.l1_dirty[l1_index as usize * 8 / TABLE_CHUNK] = true;
