@@ -195,3 +195,17 @@ fn regression_image_refcounts_past_eof_become_leaks() {
     regression("image", "refcounts_past_eof_become_leaks", fuzzing::image);
     regression("image", "refcounts_past_eof_become_leaks_2", fuzzing::image);
 }
+
+/// A v2 image in write-through mode, 64 KiB clusters: a discard drops a cluster's mapping
+/// (not yet written back: discards are not writes), then zeroes are written over part of
+/// it with `unmap: false`. The range already read as zeroes, so the write changed nothing
+/// and completed without a barrier; the crash after the script brought the discarded data
+/// back under the completed write. (Found by the nightly fuzz run in CI; not minimised.)
+#[test]
+fn regression_crash_write_through_zeroes_over_unflushed_discard() {
+    regression(
+        "crash",
+        "write_through_zeroes_over_unflushed_discard",
+        fuzzing::crash,
+    );
+}

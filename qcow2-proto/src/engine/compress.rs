@@ -134,7 +134,6 @@ impl Image {
                     self.issue(Purpose::AllocWrite { alloc: a }, IoKind::Write, host, segs);
                     let task = self.task(t);
                     task.alloc = Some(a);
-                    task.wrote = true;
                     task.sub = sub::LINK;
                 }
                 _ => {

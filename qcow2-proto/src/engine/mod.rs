@@ -270,8 +270,6 @@ struct Task {
     status: Option<BlockStatus>,
     /// The report of a check task.
     report: Option<Box<CheckReport>>,
-    /// Whether the task changed guest-visible data (write-through flushes after it).
-    wrote: bool,
     /// The bits a bitmap read gathered.
     bitmap: Option<Box<crate::info::BitmapData>>,
 }
@@ -784,7 +782,6 @@ impl Image {
             aux: 0,
             status: None,
             report: None,
-            wrote: false,
             bitmap: None,
         });
         self.make_runnable(t);

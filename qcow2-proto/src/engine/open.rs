@@ -681,7 +681,6 @@ impl Image {
             aux: 0,
             status: None,
             report: None,
-            wrote: false,
             bitmap: None,
         });
         self.phase = Phase::Open;

@@ -688,8 +688,12 @@ impl Image {
                 if task.inflight > 0 || task.join.is_some() {
                     return false;
                 }
-                let wrote = task.wrote && task.error.is_none();
-                if wrote && self.config.cache_mode == CacheMode::WriteThrough {
+                // Write-through: what the range reads is durable before the request
+                // completes, even when this request changed nothing (a range that reads as
+                // zeroes because of a discard not yet written back still needs that
+                // discard's write-back).
+                let ok = task.error.is_none();
+                if ok && self.config.cache_mode == CacheMode::WriteThrough {
                     return self.wait_for_cycle(t);
                 }
                 return true;
@@ -777,7 +781,6 @@ impl Image {
         }
         let task = self.task(t);
         task.pos = zero_end;
-        task.wrote = true;
         Ok(())
     }
 
@@ -1024,7 +1027,6 @@ impl Image {
             let task = self.task(t);
             task.inflight += 1;
             task.pos = run_end;
-            task.wrote = true;
             return Ok(());
         }
         let ext = self.geo.extended_l2();
@@ -1245,7 +1247,6 @@ impl Image {
         let task = self.task(t);
         task.alloc = Some(a);
         task.pos = plan.body_end;
-        task.wrote = true;
         if !later {
             self.issue_cow_reads(a, [(cow_head, plan.head), (cow_tail, plan.tail)]);
         }
@@ -1587,7 +1588,6 @@ impl Image {
         let task = self.task(t);
         task.inflight += 1;
         task.pos = piece_end;
-        task.wrote = true;
         task.join = Some(a);
         true
     }
@@ -1987,7 +1987,6 @@ impl Image {
         }
         let task = self.task(t);
         task.pos = end.min((gc + n.max(1) as u64) << cb);
-        task.wrote = true;
         Ok(())
     }
 
