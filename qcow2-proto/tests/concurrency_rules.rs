@@ -1069,11 +1069,15 @@ fn write_through_zeroes_over_an_unflushed_discard_wait_for_it() {
             .iter()
             .position(|l| matches!(l, Log::Done(r) if *r == zeroes))
             .expect("done");
-        let flushed = log[..done].iter().any(|l| match l {
-            Log::Completed(id) => log
-                .iter()
-                .any(|i| matches!(i, Log::Issued { id: j, kind: IoKind::Flush, .. } if j == id)),
-            _ => false,
+        // (Op ids are reused: the kind is the one of the id's latest issue.)
+        let mut kinds: HashMap<OpId, IoKind> = HashMap::new();
+        let flushed = log[..done].iter().any(|l| match *l {
+            Log::Issued { id, kind, .. } => {
+                kinds.insert(id, kind);
+                false
+            }
+            Log::Completed(id) => kinds.get(&id) == Some(&IoKind::Flush),
+            Log::Done(_) => false,
         });
         assert!(
             flushed,
