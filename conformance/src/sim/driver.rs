@@ -201,16 +201,18 @@ impl Sim {
     /// op completes, the rest one by one, each after a random number of op completions (as
     /// a guest queue refills). Ops complete in random order, calling `boundary` after each,
     /// until every request is done. Returns each request's result and buffer, in order.
+    ///
+    /// `done(i, before)` is called as request `i` is seen done (before the next op
+    /// completes), with `before` the requests of the batch seen done before `i` was
+    /// submitted: what a flush `i` must have made durable.
     pub fn run_batch(
         &mut self,
         requests: Vec<(Request, Option<Vec<u8>>)>,
         at_once: usize,
         boundary: &mut dyn FnMut(&SimDisk),
+        done: &mut dyn FnMut(usize, &[usize]),
     ) -> SimResult<Vec<Ran>> {
-        let total = requests.len();
-        let mut results: Vec<Option<Ran>> = (0..total).map(|_| None).collect();
-        // Requests in flight by id (ids are reused once a request is done).
-        let mut live: HashMap<ReqId, usize> = HashMap::new();
+        let mut batch = Batch::new(requests.len());
         let mut queue = requests.into_iter().enumerate().peekable();
         let mut submitted = 0;
         loop {
@@ -218,8 +220,9 @@ impl Sim {
                 && (submitted < at_once || self.pending.is_empty() || self.rng.below(2) == 0)
             {
                 // (First: a finished request's id may be given out again.)
-                self.collect_done(&mut live, &mut results);
+                batch.collect(self, done);
                 let (i, (request, buf)) = queue.next().expect("peeked");
+                batch.seen_at_submit[i] = batch.finished.len();
                 let id = self
                     .engine
                     .submit(request)
@@ -227,7 +230,7 @@ impl Sim {
                 if let Some(b) = buf {
                     self.bufs.insert(id, b);
                 }
-                live.insert(id, i);
+                batch.live.insert(id, i);
                 submitted += 1;
                 if submitted >= at_once {
                     break;
@@ -236,24 +239,21 @@ impl Sim {
             while let Some(op) = self.engine.poll_io() {
                 self.pending.push((op, self.disk.mark()));
             }
-            self.collect_done(&mut live, &mut results);
-            if queue.peek().is_none() && live.is_empty() {
-                return Ok(results.into_iter().map(|r| r.expect("done")).collect());
+            batch.collect(self, done);
+            if queue.peek().is_none() && batch.live.is_empty() {
+                return Ok(batch
+                    .results
+                    .into_iter()
+                    .map(|r| r.expect("done"))
+                    .collect());
+            }
+            // (Nothing to complete, say after a flush with nothing to write back: the next
+            // request goes in.)
+            if self.pending.is_empty() && queue.peek().is_some() {
+                continue;
             }
             if !self.step(boundary) {
                 return Err("the engine stalled running a batch".into());
-            }
-        }
-    }
-
-    /// Takes the results of the finished requests of a batch (`live`: in flight by id,
-    /// with their places in `results`).
-    fn collect_done(&mut self, live: &mut HashMap<ReqId, usize>, results: &mut [Option<Ran>]) {
-        while let Some(ev) = self.engine.poll_event() {
-            if let Event::Done { req, result } = ev {
-                if let Some(i) = live.remove(&req) {
-                    results[i] = Some((result, self.bufs.remove(&req)));
-                }
             }
         }
     }
@@ -460,6 +460,41 @@ impl Sim {
                 0
             }
             _ => 0,
+        }
+    }
+}
+
+/// A batch's requests in flight and done ([`Sim::run_batch`]).
+struct Batch {
+    /// Requests in flight by id (ids are reused once a request is done).
+    live: HashMap<ReqId, usize>,
+    results: Vec<Option<Ran>>,
+    /// The requests seen done, in order.
+    finished: Vec<usize>,
+    /// How many were seen done when each request was submitted.
+    seen_at_submit: Vec<usize>,
+}
+
+impl Batch {
+    fn new(total: usize) -> Self {
+        Self {
+            live: HashMap::new(),
+            results: (0..total).map(|_| None).collect(),
+            finished: Vec::with_capacity(total),
+            seen_at_submit: vec![0; total],
+        }
+    }
+
+    /// Takes the results of the requests the engine finished, telling `done` of each.
+    fn collect(&mut self, sim: &mut Sim, done: &mut dyn FnMut(usize, &[usize])) {
+        while let Some(ev) = sim.engine.poll_event() {
+            if let Event::Done { req, result } = ev {
+                if let Some(i) = self.live.remove(&req) {
+                    self.results[i] = Some((result, sim.bufs.remove(&req)));
+                    done(i, &self.finished[..self.seen_at_submit[i]]);
+                    self.finished.push(i);
+                }
+            }
         }
     }
 }

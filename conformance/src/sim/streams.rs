@@ -5,8 +5,8 @@
 //! write-back cycle takes its copies.
 //!
 //! Each round submits a batch: one to three streams in disjoint regions, each a run of
-//! consecutive writes (sizes from one sector to two clusters, aligned or not), sometimes a
-//! flush or a read of a region behind them. Ops complete in random order with a crash point
+//! consecutive writes (sizes from one sector to two clusters, aligned or not), sometimes one
+//! or two flushes among them. Ops complete in random order with a crash point
 //! after every completion, as in [`crash_test`](super::crash_test); after the batch every
 //! region must read back as the model says.
 
@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use qcow2_proto::{Request, RequestError};
 
 use super::driver::Sim;
+use super::oracle::Oracle;
 use super::rng::Rng;
 use super::START_SIZE;
 use super::{completed, create_options, engine_config, new_oracle, verify, CrashConfig, Tally};
@@ -28,8 +29,11 @@ struct Piece {
     seed: u32,
 }
 
-/// A batch: the streams' writes in submission order (stream by stream), then maybe a flush.
-fn batch(rng: &mut Rng, cs: u64, round: u32) -> (Vec<Piece>, bool) {
+/// A batch: the streams' writes in submission order (stream by stream), and where flushes
+/// go among them (a flush at `k` is sent after the first `k` writes): none, one at the
+/// end, or one at the end and one or two among the writes, so that a flush can arrive
+/// while the write-back cycle of the one before still runs.
+fn batch(rng: &mut Rng, cs: u64, round: u32) -> (Vec<Piece>, Vec<usize>) {
     let streams = 1 + rng.below(3);
     // (Sector-aligned: concurrent writes sharing a sector could land in either order,
     // which the oracle's history of contents does not describe.)
@@ -40,7 +44,8 @@ fn batch(rng: &mut Rng, cs: u64, round: u32) -> (Vec<Piece>, bool) {
         // Cluster-aligned half the time: a stream that starts a cluster can cover it all.
         let mut at = base + rng.below(region / 2) / 512 * 512;
         if rng.below(2) == 0 {
-            at = at / cs * cs;
+            // (Up: down could cross into the stream before, whose writes then overlap.)
+            at = at.div_ceil(cs) * cs;
         }
         let writes = 2 + rng.below(10);
         let size = match rng.below(3) {
@@ -62,7 +67,19 @@ fn batch(rng: &mut Rng, cs: u64, round: u32) -> (Vec<Piece>, bool) {
             at += len;
         }
     }
-    (pieces, rng.below(4) == 0)
+    let n = pieces.len();
+    let mut flushes = match rng.below(8) {
+        0 | 1 => vec![n],
+        2..=4 => vec![rng.below(n as u64 + 1) as usize, n],
+        5 => vec![
+            rng.below(n as u64 + 1) as usize,
+            rng.below(n as u64 + 1) as usize,
+            n,
+        ],
+        _ => vec![],
+    };
+    flushes.sort_unstable();
+    (pieces, flushes)
 }
 
 /// Runs `rounds` batches on one image with a crash point after every op completion.
@@ -73,9 +90,17 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
     let mut rng = Rng::new(seed);
     let cs = u64::from(cfg.cluster_size);
     for round in 0..rounds {
-        let (pieces, flush) = batch(&mut rng, cs, round);
+        let (pieces, flushes) = batch(&mut rng, cs, round);
+        let before = oracle.clone();
         let mut requests = Vec::new();
-        for p in &pieces {
+        // Each request's piece (`None`: a flush).
+        let mut piece_of = Vec::new();
+        for (j, p) in pieces.iter().enumerate() {
+            for _ in flushes.iter().filter(|&&k| k == j) {
+                requests.push((Request::Flush, None));
+                piece_of.push(None);
+            }
+            piece_of.push(Some(j));
             let data = pattern(p.seed, p.offset, p.len as usize);
             oracle.write(p.offset, &data);
             requests.push((
@@ -86,8 +111,9 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
                 Some(data),
             ));
         }
-        if flush {
+        for _ in flushes.iter().filter(|&&k| k == pieces.len()) {
             requests.push((Request::Flush, None));
+            piece_of.push(None);
         }
         // All at once, or as a queue refills (joins then also come while the
         // copy-on-write of an allocation is being read).
@@ -95,10 +121,28 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
             0 => requests.len(),
             _ => 1 + rng.below(4) as usize,
         };
-        let frozen = oracle.clone();
+        // What a crash may find, as the batch's requests finish: a flush makes durable
+        // everything before the batch and the writes seen done before it was sent; in
+        // write-through mode each write is durable once done.
+        let live = RefCell::new(oracle.clone());
+        let mut durable = vec![false; pieces.len()];
+        let mut flushed = false;
+        let mut done = |i: usize, seen: &[usize]| {
+            match piece_of[i] {
+                None => {
+                    flushed = true;
+                    for &w in seen.iter().filter_map(|&r| piece_of[r].as_ref()) {
+                        durable[w] = true;
+                    }
+                }
+                Some(w) if cfg.write_through => durable[w] = true,
+                Some(_) => return,
+            }
+            *live.borrow_mut() = settled_batch(&before, &pieces, &durable, flushed);
+        };
         let mut failure = None;
         let mut point = |d: &super::disk::SimDisk| {
-            let found = verify(d.crash(&mut rng), &frozen, seed, MAX_OFFSET);
+            let found = verify(d.crash(&mut rng), &live.borrow(), seed, MAX_OFFSET);
             let problem = tally.borrow_mut().point(found);
             if let Some(p) = problem {
                 failure.get_or_insert_with(|| format!("seed {seed}, round {round}: {p}"));
@@ -106,13 +150,16 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
         };
         if std::env::var("QCOW2_SIM_TRACE").is_ok() {
             let list: Vec<_> = pieces.iter().map(|p| (p.offset, p.len)).collect();
-            eprintln!("round {round}: writes {list:?}, flush {flush}");
+            eprintln!("round {round}: writes {list:?}, flushes after {flushes:?}");
         }
-        let results = sim.run_batch(requests, at_once, &mut point)?;
+        let results = sim
+            .run_batch(requests, at_once, &mut point, &mut done)
+            .map_err(|e| format!("seed {seed}, round {round}: {e}"))?;
         if let Some(f) = failure {
             tally.borrow_mut().first.get_or_insert_with(|| f.clone());
             return Err(f);
         }
+        oracle = live.into_inner();
         for (r, _) in &results {
             if let Err(e) = r {
                 return Err(format!("seed {seed}, round {round}: a request failed: {e}"));
@@ -125,8 +172,8 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
             };
             completed(request, &mut oracle, cfg);
         }
-        // (The flush in the batch promised nothing about the writes beside it: it covers
-        // what completed before it was issued. One after the batch covers them all.)
+        // (A flush in the batch covered only the writes done before it was sent; one after
+        // the batch covers them all.)
         if rng.below(3) == 0 {
             let frozen = oracle.clone();
             let mut failure = None;
@@ -161,6 +208,23 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
         }
     }
     Ok(sim.backing_reads)
+}
+
+/// The oracle while a batch of `pieces` (sector-disjoint writes) runs over `before`: every
+/// piece's data allowed, the `durable` ones only theirs, and with `flushed` everything
+/// before the batch durable.
+fn settled_batch(before: &Oracle, pieces: &[Piece], durable: &[bool], flushed: bool) -> Oracle {
+    let mut o = before.clone();
+    if flushed {
+        o.flushed();
+    }
+    for p in pieces {
+        o.write(p.offset, &pattern(p.seed, p.offset, p.len as usize));
+    }
+    for (p, _) in pieces.iter().zip(durable).filter(|(_, d)| **d) {
+        o.settled(p.offset, p.len);
+    }
+    o
 }
 
 /// Runs `cfg.scripts` images of `rounds` batches each (seeds from `QCOW2_SIM_SEED` or the
@@ -203,7 +267,7 @@ pub fn covered_clusters_copy_nothing(cfg: &CrashConfig) -> Result<u64, String> {
         at += piece;
     }
     let n = requests.len();
-    for (r, _) in sim.run_batch(requests, n, &mut |_| {})? {
+    for (r, _) in sim.run_batch(requests, n, &mut |_| {}, &mut |_, _| {})? {
         r.map_err(|e: RequestError| e.to_string())?;
     }
     let buf = vec![0u8; (8 * cs) as usize];
