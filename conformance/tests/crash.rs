@@ -659,3 +659,69 @@ fn crash_growing_resize_zeroes_old_tail_first() {
     let t = crash_script(cfg, &script, 64);
     assert_clean("crash_growing_resize_zeroes_old_tail_first", &t, 100);
 }
+
+/// Random scripts with several requests in flight: consecutive steps that share no sector go
+/// in as one batch (flushes among them, each held to what completed before it was sent,
+/// also while the cycle of the flush before still runs), with a crash point after every op
+/// completion, in both cache modes, over a backing file, growing and with subclusters.
+#[test]
+fn crash_with_requests_in_flight() {
+    use qcow2_conformance::sim::concurrent::concurrent_crash_test;
+    for (name, cfg) in [
+        (
+            "concurrent_writeback_v3_64k",
+            CrashConfig {
+                scripts: 24,
+                script_len: 80,
+                ..config(3, 65536, false, false)
+            },
+        ),
+        (
+            "concurrent_writethrough_v3_4k",
+            CrashConfig {
+                scripts: 24,
+                script_len: 80,
+                ..config(3, 4096, true, false)
+            },
+        ),
+        (
+            "concurrent_backing_writeback_v2_4k",
+            CrashConfig {
+                scripts: 16,
+                script_len: 80,
+                backing: true,
+                ..config(2, 4096, false, false)
+            },
+        ),
+        (
+            "concurrent_growing_writeback_v3_4k",
+            CrashConfig {
+                scripts: 24,
+                script_len: 80,
+                grow_step: 64 << 10,
+                ..config(3, 4096, false, false)
+            },
+        ),
+        (
+            "concurrent_extended_l2_backing_writeback_32k",
+            CrashConfig {
+                scripts: 16,
+                script_len: 80,
+                backing: true,
+                extended_l2: true,
+                ..config(3, 32768, false, false)
+            },
+        ),
+        (
+            "concurrent_small_cache_writeback_v3_512",
+            CrashConfig {
+                scripts: 16,
+                script_len: 80,
+                l2_cache_bytes: Some(1024),
+                ..config(3, 512, false, false)
+            },
+        ),
+    ] {
+        assert_clean(name, &concurrent_crash_test(name, cfg), 300);
+    }
+}

@@ -7,6 +7,10 @@
 //! `check` must find no corruption (leaks are allowed), and every guest sector must hold one
 //! of the contents the [`oracle::Oracle`] allows since the last completed flush.
 //!
+//! [`concurrent`] runs the same scripts with several requests in flight (steps that share
+//! no sector go in as one batch), and [`streams`] runs sequential write streams so; there a
+//! flush is held to what completed before it was sent.
+//!
 //! Each run prints `crash points: N, corruptions: C, lost writes: L`. The CI run covers more
 //! than ten thousand crash points; a soak is the same tests with more scripts:
 //!
@@ -16,6 +20,7 @@
 
 pub mod amend;
 pub mod bitmaps;
+pub mod concurrent;
 pub mod disk;
 pub mod driver;
 pub mod oracle;
@@ -185,7 +190,7 @@ fn repair(img: Vec<u8>, seed: u64) -> SimResult<(Sim, qcow2_proto::ImageInfo)> {
 
 /// The request for script step `op`, with its buffer, after telling the oracle what it may
 /// change; `None` when the step falls outside the disk.
-fn prepare(
+pub(crate) fn prepare(
     op: &Op,
     oracle: &mut Oracle,
     cs: u64,
@@ -332,6 +337,15 @@ fn run_script(
 /// Runs `cfg.scripts` random scripts with a crash point after every op completion; panics
 /// (with a shrunk script) on the first corruption or lost write, and returns the tally.
 pub fn crash_test(name: &str, cfg: CrashConfig) -> Tally {
+    check_scripts(name, &cfg, run_script)
+}
+
+/// A script runner: the script, its seed, and the tally its crash points go to.
+pub(crate) type ScriptRun = fn(&CrashConfig, &Script, u64, &RefCell<Tally>) -> Result<(), String>;
+
+/// Runs `cfg.scripts` random scripts through `run` (each with its own seed), shrinking the
+/// first that fails; prints the tally line and returns the tally (panics on a failure).
+pub(crate) fn check_scripts(name: &str, cfg: &CrashConfig, run: ScriptRun) -> Tally {
     let tally = RefCell::new(Tally::default());
     let seeds = RefCell::new(0u64);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -345,7 +359,7 @@ pub fn crash_test(name: &str, cfg: CrashConfig) -> Tally {
                     *s += 1;
                     *s
                 };
-                run_script(&cfg, script, seed, &tally)
+                run(cfg, script, seed, &tally)
             },
         );
     }));
