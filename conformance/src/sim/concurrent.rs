@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use qcow2_proto::Request;
 
 use super::driver::Sim;
-use super::oracle::Oracle;
+use super::oracle::BatchDurability;
 use super::rng::Rng;
 use super::{
     check_scripts, completed, create_options, engine_config, new_oracle, prepare, verify,
@@ -50,36 +50,6 @@ fn joins(op: &Op, size: u64, cs: u64) -> Joins {
         Op::Flush => Joins::Always,
         Op::Reopen | Op::Resize { .. } => Joins::Alone,
     }
-}
-
-/// The oracle while a batch of `steps` runs over `before`: every step's effect allowed,
-/// with `flushed` everything before the batch durable, and the requests marked `durable`
-/// holding only their new contents.
-fn settled_batch(
-    before: &Oracle,
-    steps: &[&Op],
-    requests: &[Request],
-    durable: &[bool],
-    flushed: bool,
-    cfg: &CrashConfig,
-) -> Oracle {
-    let mut o = before.clone();
-    if flushed {
-        o.flushed();
-    }
-    let cs = u64::from(cfg.cluster_size);
-    for op in steps {
-        prepare(op, &mut o, cs, cfg);
-    }
-    for (r, _) in requests.iter().zip(durable).filter(|(_, d)| **d) {
-        match *r {
-            Request::Write { offset, len }
-            | Request::WriteZeroes { offset, len, .. }
-            | Request::Discard { offset, len } => o.settled(offset, len),
-            _ => {}
-        }
-    }
-    o
 }
 
 /// Runs `script` in batches, taking a crash point after every op completion.
@@ -126,23 +96,17 @@ fn run_script(
         }
         let kinds: Vec<Request> = requests.iter().map(|(r, _)| *r).collect();
         let at_once = 1 + rng.below(requests.len().max(1) as u64) as usize;
+        // What a crash may find, as the batch's requests finish.
         let live = RefCell::new(oracle.clone());
-        let mut durable = vec![false; kinds.len()];
-        let mut flushed = false;
+        let mut made = BatchDurability::new(kinds.clone(), cfg.write_through);
         let mut done = |i: usize, seen: &[usize]| {
-            match kinds[i] {
-                Request::Flush => {
-                    flushed = true;
-                    for &j in seen {
-                        durable[j] = true;
+            if made.done(i, seen) {
+                *live.borrow_mut() = made.oracle(&before, |o| {
+                    for op in &steps {
+                        prepare(op, o, cs, cfg);
                     }
-                }
-                Request::Write { .. } | Request::WriteZeroes { .. } if cfg.write_through => {
-                    durable[i] = true
-                }
-                _ => return,
+                });
             }
-            *live.borrow_mut() = settled_batch(&before, &steps, &kinds, &durable, flushed, cfg);
         };
         let mut failure = None;
         let mut point = |d: &super::disk::SimDisk| {

@@ -5,6 +5,8 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
+use qcow2_proto::Request;
+
 use super::disk::SECTOR;
 
 /// Allowed contents per guest sector, as hashes.
@@ -155,5 +157,69 @@ impl Oracle {
         self.allowed
             .get(s)
             .is_some_and(|a| a.contains(&hash(content)))
+    }
+}
+
+/// What has become durable while a batch of concurrent requests runs
+/// ([`Sim::run_batch`](super::driver::Sim::run_batch)): a flush of the batch makes durable
+/// everything before the batch and the requests seen done before it was sent; in
+/// write-through mode a write or write-zeroes is durable once done.
+pub(crate) struct BatchDurability {
+    requests: Vec<Request>,
+    durable: Vec<bool>,
+    flushed: bool,
+    write_through: bool,
+}
+
+impl BatchDurability {
+    /// Nothing durable yet of the batch `requests`.
+    pub(crate) fn new(requests: Vec<Request>, write_through: bool) -> Self {
+        let durable = vec![false; requests.len()];
+        Self {
+            requests,
+            durable,
+            flushed: false,
+            write_through,
+        }
+    }
+
+    /// Request `i` finished, with `seen` the requests seen done before it was sent.
+    /// Returns whether that made anything durable.
+    pub(crate) fn done(&mut self, i: usize, seen: &[usize]) -> bool {
+        match self.requests[i] {
+            Request::Flush => {
+                self.flushed = true;
+                for &j in seen {
+                    self.durable[j] = true;
+                }
+                true
+            }
+            Request::Write { .. } | Request::WriteZeroes { .. } if self.write_through => {
+                self.durable[i] = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What a crash may find now: `before` (the oracle before the batch) with the batch's
+    /// effects (`apply`) allowed, everything before the batch durable once a flush
+    /// finished, and the durable requests' ranges (sector-disjoint) holding only their
+    /// new contents.
+    pub(crate) fn oracle(&self, before: &Oracle, apply: impl FnOnce(&mut Oracle)) -> Oracle {
+        let mut o = before.clone();
+        if self.flushed {
+            o.flushed();
+        }
+        apply(&mut o);
+        for (r, _) in self.requests.iter().zip(&self.durable).filter(|(_, d)| **d) {
+            if let Request::Write { offset, len }
+            | Request::WriteZeroes { offset, len, .. }
+            | Request::Discard { offset, len } = *r
+            {
+                o.settled(offset, len);
+            }
+        }
+        o
     }
 }

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use qcow2_proto::{Request, RequestError};
 
 use super::driver::Sim;
-use super::oracle::Oracle;
+use super::oracle::BatchDurability;
 use super::rng::Rng;
 use super::START_SIZE;
 use super::{completed, create_options, engine_config, new_oracle, verify, CrashConfig, Tally};
@@ -93,14 +93,10 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
         let (pieces, flushes) = batch(&mut rng, cs, round);
         let before = oracle.clone();
         let mut requests = Vec::new();
-        // Each request's piece (`None`: a flush).
-        let mut piece_of = Vec::new();
         for (j, p) in pieces.iter().enumerate() {
             for _ in flushes.iter().filter(|&&k| k == j) {
                 requests.push((Request::Flush, None));
-                piece_of.push(None);
             }
-            piece_of.push(Some(j));
             let data = pattern(p.seed, p.offset, p.len as usize);
             oracle.write(p.offset, &data);
             requests.push((
@@ -113,7 +109,6 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
         }
         for _ in flushes.iter().filter(|&&k| k == pieces.len()) {
             requests.push((Request::Flush, None));
-            piece_of.push(None);
         }
         // All at once, or as a queue refills (joins then also come while the
         // copy-on-write of an allocation is being read).
@@ -121,24 +116,20 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
             0 => requests.len(),
             _ => 1 + rng.below(4) as usize,
         };
-        // What a crash may find, as the batch's requests finish: a flush makes durable
-        // everything before the batch and the writes seen done before it was sent; in
-        // write-through mode each write is durable once done.
+        // What a crash may find, as the batch's requests finish.
         let live = RefCell::new(oracle.clone());
-        let mut durable = vec![false; pieces.len()];
-        let mut flushed = false;
+        let mut made = BatchDurability::new(
+            requests.iter().map(|(r, _)| *r).collect(),
+            cfg.write_through,
+        );
         let mut done = |i: usize, seen: &[usize]| {
-            match piece_of[i] {
-                None => {
-                    flushed = true;
-                    for &w in seen.iter().filter_map(|&r| piece_of[r].as_ref()) {
-                        durable[w] = true;
+            if made.done(i, seen) {
+                *live.borrow_mut() = made.oracle(&before, |o| {
+                    for p in &pieces {
+                        o.write(p.offset, &pattern(p.seed, p.offset, p.len as usize));
                     }
-                }
-                Some(w) if cfg.write_through => durable[w] = true,
-                Some(_) => return,
+                });
             }
-            *live.borrow_mut() = settled_batch(&before, &pieces, &durable, flushed);
         };
         let mut failure = None;
         let mut point = |d: &super::disk::SimDisk| {
@@ -208,23 +199,6 @@ fn run(cfg: &CrashConfig, seed: u64, rounds: u32, tally: &RefCell<Tally>) -> Res
         }
     }
     Ok(sim.backing_reads)
-}
-
-/// The oracle while a batch of `pieces` (sector-disjoint writes) runs over `before`: every
-/// piece's data allowed, the `durable` ones only theirs, and with `flushed` everything
-/// before the batch durable.
-fn settled_batch(before: &Oracle, pieces: &[Piece], durable: &[bool], flushed: bool) -> Oracle {
-    let mut o = before.clone();
-    if flushed {
-        o.flushed();
-    }
-    for p in pieces {
-        o.write(p.offset, &pattern(p.seed, p.offset, p.len as usize));
-    }
-    for (p, _) in pieces.iter().zip(durable).filter(|(_, d)| **d) {
-        o.settled(p.offset, p.len);
-    }
-    o
 }
 
 /// Runs `cfg.scripts` images of `rounds` batches each (seeds from `QCOW2_SIM_SEED` or the
