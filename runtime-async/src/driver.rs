@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use async_channel::{Receiver, RecvError, Sender, TryRecvError};
+use async_channel::{Receiver, RecvError, TryRecvError};
 use hashbrown::HashMap;
 use qcow2_proto::{Event, ImageInfo, IoOp, Outcome, ReqId, Request, Segment, SubmitError};
 
@@ -61,7 +61,7 @@ impl GuestSlot {
 
 /// A request the engine is running.
 struct Pending {
-    reply: Option<Sender<Reply>>,
+    reply: Option<oneshot::Sender<Reply>>,
     slot: GuestSlot,
     base: usize,
 }
@@ -71,7 +71,7 @@ impl Pending {
         if let Some(tx) = self.reply.take() {
             let buf = self.slot.take_box();
             // The caller may have stopped waiting: the buffer is dropped with the reply.
-            let _ = tx.try_send(Reply { result, buf });
+            let _ = tx.send(Reply { result, buf });
         }
     }
 }
@@ -198,7 +198,7 @@ impl Driver {
             }
             Err(SubmitError::Busy) => Some(cmd),
             Err(e) => {
-                let _ = cmd.reply.try_send(Reply {
+                let _ = cmd.reply.send(Reply {
                     result: Err(e.into()),
                     buf: cmd.buf,
                 });
@@ -244,7 +244,7 @@ impl Driver {
         if self.disconnected && !self.backlog.is_empty() && self.reqs.is_empty() {
             // Nothing in flight can make room any more; answer what is left.
             for cmd in self.backlog.drain(..) {
-                let _ = cmd.reply.try_send(Reply {
+                let _ = cmd.reply.send(Reply {
                     result: Err(Error::Closed),
                     buf: cmd.buf,
                 });
@@ -305,7 +305,7 @@ impl Driver {
         self.rx.close();
         let queued = std::iter::from_fn(|| self.rx.try_recv().ok());
         for cmd in self.backlog.drain(..).chain(queued) {
-            let _ = cmd.reply.try_send(Reply {
+            let _ = cmd.reply.send(Reply {
                 result: Err(Error::Closed),
                 buf: cmd.buf,
             });

@@ -1,11 +1,11 @@
 //! [`Image`]: the cloneable handle callers hold; every method is one command to the driver.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_channel::{Receiver, Sender, TryRecvError};
+use async_channel::{Receiver, Sender};
 use qcow2_proto::{BlockStatus, CheckReport, ImageInfo, Outcome, Repair, Request};
 
 use crate::buf::{unbox, BufResult, GuestBuf};
@@ -49,7 +49,7 @@ pub struct Cmd {
     pub(crate) buf: Option<Box<dyn GuestBuf>>,
     /// Byte offset into `buf` of the request's first byte (large buffers go in pieces).
     pub(crate) base: usize,
-    pub(crate) reply: Sender<Reply>,
+    pub(crate) reply: oneshot::Sender<Reply>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -136,7 +136,7 @@ impl Image {
         buf: Option<Box<dyn GuestBuf>>,
         base: usize,
     ) -> (Result<Outcome, Error>, Option<Box<dyn GuestBuf>>) {
-        let (reply, rx) = async_channel::bounded(1);
+        let (reply, rx) = oneshot::channel();
         let cmd = Cmd {
             req,
             buf,
@@ -151,22 +151,25 @@ impl Image {
         if let Some(p) = pump {
             p.kick();
         }
-        let reply = loop {
-            match rx.try_recv() {
-                Ok(r) => break Some(r),
-                Err(TryRecvError::Closed) => break None,
-                Err(TryRecvError::Empty) => {}
-            }
-            let Some(step) = pump.and_then(|p| p.step()) else {
-                break rx.recv().await.ok();
-            };
-            let replied = async { Some(rx.recv().await.ok()) };
-            let stepped = async {
-                step.await;
-                None
-            };
-            if let Some(r) = futures_lite::future::or(replied, stepped).await {
-                break r;
+        let reply = match rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(oneshot::TryRecvError::Disconnected) => None,
+            Err(oneshot::TryRecvError::Empty) => {
+                let mut rx = rx.into_future();
+                loop {
+                    let Some(step) = pump.and_then(|p| p.step()) else {
+                        break (&mut rx).await.ok();
+                    };
+                    // (The reply is polled first: a step is dropped unpolled once it is there.)
+                    let replied = async { Some((&mut rx).await.ok()) };
+                    let stepped = async {
+                        step.await;
+                        None
+                    };
+                    if let Some(r) = futures_lite::future::or(replied, stepped).await {
+                        break r;
+                    }
+                }
             }
         };
         if let Some(p) = pump {

@@ -190,7 +190,9 @@ impl Hub {
         if self.no_reactor.load(Ordering::Relaxed) {
             return self.leave_to_ring_thread().await;
         }
-        loop {
+        // (Listening only when the role is taken: a release before the listener was in
+        // place is seen by the second look.)
+        while !self.take_reaper() {
             let free = self.reaper_free.listen();
             if self.take_reaper() {
                 break;
